@@ -1,0 +1,1 @@
+"""idla: an intelligent deep-learning agent for heterogeneous devices."""
