@@ -1,0 +1,356 @@
+"""The façade a user's training script touches: `Agent`.
+
+    agent = idla.Agent(model, optimizer, train_set, global_batch_size=512)
+    for epoch in range(3):
+        for x, y in agent.batches(epoch):
+            loss = F.cross_entropy(model(x), y)   # mean over this rank's share
+            agent.backward(loss)
+            optimizer.step()
+
+Run as one process, or under `torchrun --nproc-per-node N`: the agent measures every worker,
+gives each the share of the global batch it can carry, and keeps the replicas exactly in sync.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset
+
+from idla.errors import ConfigError, PlanError, ReplicaMismatchError
+from idla.plan.controller import ControllerConfig, RebalanceController
+from idla.plan.costs import cpu_bound_comm_s, effective_comm_s
+from idla.plan.shares import allocate_shares, proportional_shares
+from idla.plan.topology import Topology, choose_topology
+from idla.profile.meters import EmaMeter, StepTimes, WorkerMeter
+from idla.profile.perf_model import StepModel, StepTimeFit
+from idla.report import diagnose_stragglers
+from idla.runtime.data import BatchFetcher, GlobalBatch, GlobalBatchSampler, local_slice
+from idla.runtime.group import Group
+from idla.runtime.stats import WIDTH, Stat, row
+from idla.sync.allreduce import GradientSync
+
+
+@dataclass(kw_only=True, slots=True)
+class AgentConfig:
+    """How the agent plans and checks; every field has a default except the global batch."""
+
+    global_batch_size: int
+    """Samples per optimizer step, summed over all workers."""
+    seed: int = 0
+    """Seeds the data order (one permutation per epoch); the same seed gives the same run."""
+    rebalance: bool = True
+    """Re-plan shares from measurements; False keeps equal shares (the DDP-like baseline)."""
+    check_every_steps: int = 50
+    """Compare a hash of the parameters across ranks every this many steps (0: never)."""
+    bucket_cap_bytes: int = 256 * 1024
+    """Gradient bytes per all-reduce bucket; smaller buckets overlap more with backward."""
+    leaf_ratio: float = 2.0
+    """A worker whose communication costs this many times the cheapest one's leaves the ring."""
+    max_local_batch: int | None = None
+    """This rank's memory cap on its local batch (None: no cap)."""
+    initial_shares: list[int] | None = None
+    """Local batch per rank before anything is measured (None: equal shares)."""
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    """When to apply a new plan (hysteresis)."""
+
+    def __post_init__(self) -> None:
+        if self.global_batch_size < 1:
+            raise ConfigError(f"global_batch_size must be at least 1, got {self.global_batch_size}")
+        if self.check_every_steps < 0:
+            raise ConfigError("check_every_steps must be 0 or more")
+        if self.bucket_cap_bytes < 1:
+            raise ConfigError("bucket_cap_bytes must be positive")
+        if self.leaf_ratio <= 1.0:
+            raise ConfigError("leaf_ratio must be greater than 1")
+        if self.max_local_batch is not None and self.max_local_batch < 0:
+            raise ConfigError("max_local_batch must be 0 or more")
+        shares = self.initial_shares
+        if shares is not None and (
+            any(s < 0 for s in shares) or sum(shares) != self.global_batch_size
+        ):
+            raise ConfigError(
+                f"initial_shares {shares} must be non-negative and sum to the global batch "
+                f"{self.global_batch_size}"
+            )
+
+
+class Agent:
+    """Observe, plan, run and compensate for one data-parallel training job."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        dataset: Dataset | Sequence[torch.Tensor],
+        *,
+        global_batch_size: int | None = None,
+        config: AgentConfig | None = None,
+        group: Group | None = None,
+    ) -> None:
+        if config is None:
+            if global_batch_size is None:
+                raise ConfigError("give global_batch_size (or a config)")
+            config = AgentConfig(global_batch_size=global_batch_size)
+        self.config = config
+        self.group = group or Group()
+        self.model = model.to(self.group.device)
+        self.optimizer = optimizer
+        world = self.group.world_size
+        if config.global_batch_size < world:
+            raise ConfigError(
+                f"the global batch {config.global_batch_size} is smaller than the number of "
+                f"workers {world}"
+            )
+        self._fetcher = BatchFetcher(dataset)
+        self.sampler = GlobalBatchSampler(
+            self._fetcher.size, config.global_batch_size, config.seed
+        )
+        self._broadcast_initial_state()
+        self.caps = self._gather_caps()
+        self.sync = GradientSync(
+            list(self.model.parameters()), self.group, WIDTH, config.bucket_cap_bytes
+        )
+        equal = [StepModel(compute_fixed_s=0.0, compute_per_sample_s=1.0)] * world
+        self.shares = allocate_shares(config.global_batch_size, equal, self.caps)
+        if config.initial_shares is not None:
+            if len(config.initial_shares) != world:
+                raise ConfigError(
+                    f"initial_shares lists {len(config.initial_shares)} shares for {world} ranks"
+                )
+            self.shares = list(config.initial_shares)
+        self.topology = Topology.ring(world)
+        self._fits = [StepTimeFit() for _ in range(world)]
+        self._own_comm = [EmaMeter(0.7) for _ in range(world)]
+        self._cpu_fraction = [EmaMeter(0.7) for _ in range(world)]
+        self.meters = [WorkerMeter() for _ in range(world)]
+        self._controller = RebalanceController(config.controller)
+        self.step = 0
+        self.history: dict[str, list[Any]] = {
+            "step": [], "shares": [], "samples_per_s": [], "loss": [], "compute_s": [],
+            "topology": [],
+        }
+        self._batch: GlobalBatch | None = None
+        self._batch_shares: list[int] = []
+        self._awaiting_backward = False
+        self._step_start = 0.0
+        self._step_cpu = 0.0
+        self._sync_end: float | None = None
+        self._prev_sync_s = 0.0
+        self._prev_comm_cpu_s = 0.0
+        self._prev_other_s = 0.0
+        self._prev_wait_s = [0.0] * world
+        self._prev_topology = self.topology
+
+    @property
+    def rank(self) -> int:
+        return self.group.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.group.world_size
+
+    def _broadcast_initial_state(self) -> None:
+        """Every replica starts from rank 0's parameters and buffers."""
+        if self.group.world_size == 1:
+            return
+        with torch.no_grad():
+            for tensor in [*self.model.parameters(), *self.model.buffers()]:
+                dist.broadcast(tensor.data, src=0)
+
+    def _gather_caps(self) -> list[int] | None:
+        mine = -1 if self.config.max_local_batch is None else self.config.max_local_batch
+        cap = torch.tensor([mine], dtype=torch.int64, device=self.group.device)
+        caps = [int(t.item()) for t in self.group.all_gather(cap)]
+        if all(c < 0 for c in caps):
+            return None
+        big = self.config.global_batch_size
+        result = [big if c < 0 else c for c in caps]
+        if sum(result) < big:
+            raise PlanError(
+                f"memory caps hold at most {sum(result)} samples but the global batch is {big}"
+            )
+        return result
+
+    def _shares_for(self, batch_size: int) -> list[int]:
+        if batch_size == self.config.global_batch_size:
+            return list(self.shares)
+        models = [fit.model() for fit in self._fits]
+        if self.config.rebalance and all(m is not None for m in models):
+            return allocate_shares(batch_size, models, self.caps)  # type: ignore[arg-type]
+        return proportional_shares(batch_size, [float(s) for s in self.shares])
+
+    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        """This rank's part of every global batch of `epoch`, in order."""
+        for global_batch in self.sampler.epoch(epoch):
+            shares = self._shares_for(global_batch.size)
+            now = time.perf_counter()
+            if self._sync_end is not None:
+                self._prev_other_s = now - self._sync_end
+                self.history["samples_per_s"].append(
+                    self._batch.size / (now - self._step_start) if self._batch else 0.0
+                )
+            every = self.config.check_every_steps
+            if every and self.step and self.step % every == 0:
+                self.check_replicas()
+            self._step_start = time.perf_counter()
+            self._step_cpu = time.process_time()
+            self._batch, self._batch_shares = global_batch, shares
+            self.sync.start_step()
+            indices = global_batch.indices[local_slice(shares, self.rank)]
+            parts = self._fetcher.fetch(indices)
+            self._awaiting_backward = True
+            yield tuple(t.to(self.group.device, non_blocking=True) for t in parts)
+            if self._awaiting_backward:
+                raise RuntimeError("call agent.backward(loss) once for every batch")
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of this rank's mean loss, then the exact weighted sync of all gradients."""
+        if not self._awaiting_backward or self._batch is None:
+            raise RuntimeError("agent.backward() must follow a batch from agent.batches()")
+        local = self._batch_shares[self.rank]
+        loss_sum, nonfinite = 0.0, False
+        if local > 0:
+            loss_sum = float(loss.detach()) * local
+            nonfinite = not math.isfinite(loss_sum)
+            (loss * (local / self._batch.size)).backward()
+        compute_end, compute_cpu_end = time.perf_counter(), time.process_time()
+        stats_row = row(
+            compute_s=compute_end - self._step_start,
+            compute_cpu_s=compute_cpu_end - self._step_cpu,
+            prev_sync_s=self._prev_sync_s,
+            prev_comm_cpu_s=self._prev_comm_cpu_s,
+            prev_other_s=self._prev_other_s,
+            samples=local,
+            loss_sum=loss_sum,
+            nonfinite=nonfinite,
+        )
+        stats = self.sync.finish(stats_row.to(self.sync.flat.device))
+        self._sync_end = time.perf_counter()
+        self._prev_sync_s = self._sync_end - compute_end
+        self._prev_comm_cpu_s = time.process_time() - compute_cpu_end
+        self._awaiting_backward = False
+        self._absorb(stats.double().cpu().tolist())
+        self.step += 1
+
+    def _absorb(self, stats: list[list[float]]) -> None:
+        """Learn from everybody's statistics; identical on every rank, so the plan is too."""
+        world = self.world_size
+        shares = self._batch_shares
+        compute = [r[Stat.COMPUTE_S] for r in stats]
+        slowest = max(compute)
+        has_prev = self.step > 0
+        own = [
+            cpu_bound_comm_s(r[Stat.PREV_COMM_CPU_S], r[Stat.COMPUTE_CPU_S], r[Stat.COMPUTE_S])
+            for r in stats
+        ]
+        effective = effective_comm_s(own, [r[Stat.PREV_OTHER_S] for r in stats],
+                                     self._prev_topology)
+        for rank, r in enumerate(stats):
+            self._fits[rank].observe(shares[rank], compute[rank],
+                                     effective[rank] if has_prev else None)
+            if has_prev:
+                self._own_comm[rank].update(own[rank])
+            if r[Stat.COMPUTE_S] > 0 and shares[rank] > 0:
+                self._cpu_fraction[rank].update(r[Stat.COMPUTE_CPU_S] / r[Stat.COMPUTE_S])
+            wait = self._prev_wait_s[rank]
+            self.meters[rank].update(StepTimes(
+                compute_s=compute[rank],
+                comm_s=max(r[Stat.PREV_SYNC_S] - wait, 0.0),
+                wait_s=wait,
+                samples=shares[rank],
+            ))
+        self._prev_wait_s = [slowest - c for c in compute]
+        self._prev_topology = self.topology
+        total = sum(r[Stat.SAMPLES] for r in stats)
+        self.history["step"].append(self.step)
+        self.history["shares"].append(list(shares))
+        self.history["loss"].append(sum(r[Stat.LOSS_SUM] for r in stats) / max(total, 1))
+        self.history["compute_s"].append(compute)
+        self.history["topology"].append(self.topology.describe())
+        if self.config.rebalance and world > 1:
+            self._replan()
+
+    def _replan(self) -> None:
+        models = [fit.model() for fit in self._fits]
+        forced = False
+        if self.step >= 2 and all(m.count >= 2 for m in self._cpu_fraction):
+            slowness = [1.0 / max(m.value, 1e-3) for m in self._cpu_fraction]
+            topology = choose_topology(slowness, self.config.leaf_ratio, previous=self.topology)
+            if topology != self.topology:
+                self.topology = topology
+                self.sync.set_topology(topology)
+                forced = True
+        if forced and all(m is not None for m in models):
+            self.shares = allocate_shares(
+                self.config.global_batch_size, models, self.caps  # type: ignore[arg-type]
+            )
+            return
+        new = self._controller.decide(
+            self.step, self.shares, models, self.config.global_batch_size, self.caps
+        )
+        if new is not None:
+            self.shares = list(new)
+
+    def check_replicas(self) -> None:
+        """Stop with a clear error if any rank's parameters differ from rank 0's."""
+        with torch.no_grad():
+            flat = torch.cat([p.detach().reshape(-1) for p in self.model.parameters()])
+        digest = hashlib.blake2b(flat.cpu().numpy().tobytes(), digest_size=8).digest()
+        mine = torch.tensor([int.from_bytes(digest, "little", signed=True)],
+                            dtype=torch.int64, device=self.group.device)
+        hashes = [int(t.item()) for t in self.group.all_gather(mine)]
+        differ = [rank for rank, h in enumerate(hashes) if h != hashes[0]]
+        if differ:
+            raise ReplicaMismatchError(
+                f"replicas diverged by step {self.step}: parameters on rank(s) "
+                f"{', '.join(map(str, differ))} differ from rank 0's"
+            )
+
+    def stragglers(self) -> list[str]:
+        snaps = [m.snapshot() for m in self.meters]
+        return diagnose_stragglers(
+            [s["compute_s"] for s in snaps], [s["comm_s"] for s in snaps],
+            [s["wait_s"] for s in snaps],
+        )
+
+    def report(self) -> dict[str, Any]:
+        """A JSON-ready summary of the run so far (identical on every rank)."""
+        snaps = [m.snapshot() for m in self.meters]
+        return {
+            "world_size": self.world_size,
+            "backend": self.group.backend,
+            "global_batch_size": self.config.global_batch_size,
+            "steps": self.step,
+            "shares": list(self.shares),
+            "topology": self.topology.describe(),
+            "replan_steps": self._controller.changes,
+            "workers": [
+                {"rank": rank, "share": self.shares[rank], **snap,
+                 "own_comm_s": self._own_comm[rank].value,
+                 "cpu_fraction": self._cpu_fraction[rank].value}
+                for rank, snap in enumerate(snaps)
+            ],
+            "stragglers": self.stragglers(),
+            "history": self.history,
+        }
+
+    def close(self) -> None:
+        """Finish pending sends, check the replicas one last time, release the group."""
+        if self._sync_end is not None and self._batch is not None:
+            self.history["samples_per_s"].append(
+                self._batch.size / max(time.perf_counter() - self._step_start, 1e-9)
+            )
+            self._sync_end = None
+        self.sync.close()
+        if self.config.check_every_steps and self.step:
+            self.check_replicas()
+        self.group.close()

@@ -1,0 +1,199 @@
+"""`idla bench hetero`: plain DDP (equal shares) vs idla under emulated heterogeneous speeds.
+
+Both runs use the same data (digits), model (the demo CNN), global batch, seed and step count,
+under the same cgroup throttling, launched the same way. The ideal is the sum of each worker's
+standalone throughput (training alone on the whole global batch at its speed).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from idla.agent import Agent, AgentConfig
+from idla.bench.machine import machine_info
+from idla.errors import ConfigError
+from idla.plan.shares import proportional_shares
+from idla.runtime.data import GlobalBatchSampler, local_slice
+from idla.runtime.demo import DigitsCNN, accuracy, load_digits_split
+from idla.runtime.group import Group
+from idla.runtime.launch import launch_local
+
+
+@dataclass(kw_only=True, slots=True)
+class HeteroConfig:
+    """Settings of one `idla bench hetero` invocation."""
+
+    speeds: list[float]  # relative CPU speed per worker
+    base_cores: float = 0.5  # cores of a speed-1 worker
+    steps: int = 60  # optimizer steps per run
+    warmup_steps: int = 10  # steps excluded from the throughput (both kinds)
+    repeats: int = 3  # runs of each kind; medians are reported
+    global_batch: int = 512  # samples per step, summed over workers
+    seed: int = 0
+    lr: float = 3e-3  # Adam
+
+    def __post_init__(self) -> None:
+        if self.steps <= self.warmup_steps:
+            raise ConfigError(f"--steps must exceed the {self.warmup_steps} warm-up steps")
+        if self.global_batch < len(self.speeds):
+            raise ConfigError("--global-batch is smaller than the number of workers")
+
+
+def _setup(config: HeteroConfig) -> tuple[Any, Any, torch.nn.Module, torch.optim.Optimizer]:
+    torch.set_num_threads(1)
+    train_set, test_set = load_digits_split(seed=config.seed)
+    torch.manual_seed(config.seed)
+    model = DigitsCNN()
+    return train_set, test_set, model, torch.optim.Adam(model.parameters(), lr=config.lr)
+
+
+def _timed_steps(config: HeteroConfig, step_fn: Any, sizes: list[int]) -> float:
+    """Run the steps; samples/s over the steps after the warm-up."""
+    start = 0.0
+    for step, size in enumerate(sizes):
+        if step == config.warmup_steps:
+            start = time.perf_counter()
+        step_fn(step)
+    elapsed_s = time.perf_counter() - start
+    return sum(sizes[config.warmup_steps :]) / elapsed_s
+
+
+def ddp_worker(config: HeteroConfig) -> dict[str, Any]:
+    """Plain DistributedDataParallel with its defaults; equal shares of the same batches."""
+    train_set, test_set, model, optimizer = _setup(config)
+    group = Group()
+    ddp = DistributedDataParallel(model)
+    sampler = GlobalBatchSampler(len(train_set), config.global_batch, config.seed)
+    batches = _first_batches(sampler, config.steps)
+    images, labels = train_set.tensors
+
+    def step_fn(step: int) -> None:
+        indices = batches[step].indices
+        shares = proportional_shares(indices.numel(), [1.0] * group.world_size)
+        mine = indices[local_slice(shares, group.rank)]
+        optimizer.zero_grad()
+        F.cross_entropy(ddp(images[mine]), labels[mine]).backward()
+        optimizer.step()
+
+    dist.barrier()
+    rate = _timed_steps(config, step_fn, [b.size for b in batches])
+    result = {"samples_per_s": rate, "test_accuracy": accuracy(model, test_set, group.device)}
+    group.close()
+    return result
+
+
+def idla_worker(config: HeteroConfig) -> dict[str, Any]:
+    """The same job through idla's Agent."""
+    train_set, test_set, model, optimizer = _setup(config)
+    agent = Agent(model, optimizer, train_set, config=AgentConfig(
+        global_batch_size=config.global_batch, seed=config.seed))
+    agent.group.barrier()
+    sizes: list[int] = []
+    start, epoch = 0.0, 0
+    while len(sizes) < config.steps:
+        for x, y in agent.batches(epoch):
+            if len(sizes) == config.warmup_steps:
+                start = time.perf_counter()
+            sizes.append(x.shape[0])
+            agent.backward(F.cross_entropy(model(x), y))
+            optimizer.step()
+            if agent.step == config.steps:
+                break
+        epoch += 1
+    elapsed_s = time.perf_counter() - start
+    history = agent.history
+    samples = sum(sum(s) for s in history["shares"][config.warmup_steps :])
+    agent.close()
+    return {
+        "samples_per_s": samples / elapsed_s,
+        "test_accuracy": accuracy(model, test_set, agent.group.device),
+        "final_shares": agent.shares,
+        "topology": agent.topology.describe(),
+        "replan_steps": agent.report()["replan_steps"],
+    }
+
+
+def standalone_worker(config: HeteroConfig) -> dict[str, Any]:
+    """One worker alone: forward, backward and Adam on the whole global batch."""
+    train_set, _, model, optimizer = _setup(config)
+    sampler = GlobalBatchSampler(len(train_set), config.global_batch, config.seed)
+    batches = _first_batches(sampler, config.steps)
+    images, labels = train_set.tensors
+
+    def step_fn(step: int) -> None:
+        indices = batches[step].indices
+        optimizer.zero_grad()
+        F.cross_entropy(model(images[indices]), labels[indices]).backward()
+        optimizer.step()
+
+    return {"samples_per_s": _timed_steps(config, step_fn, [b.size for b in batches])}
+
+
+def _first_batches(sampler: GlobalBatchSampler, steps: int) -> list[Any]:
+    batches: list[Any] = []
+    epoch = 0
+    while len(batches) < steps:
+        batches.extend(sampler.epoch(epoch))
+        epoch += 1
+    return batches[:steps]
+
+
+def run_hetero(config: HeteroConfig) -> dict[str, Any]:
+    world = len(config.speeds)
+    runs: dict[str, list[dict[str, Any]]] = {"ddp": [], "idla": []}
+    for _ in range(config.repeats):  # interleaved, so drift in the machine hits both alike
+        runs["ddp"].append(
+            launch_local(ddp_worker, (config,), world, config.speeds, config.base_cores)[0])
+        runs["idla"].append(
+            launch_local(idla_worker, (config,), world, config.speeds, config.base_cores)[0])
+    standalone: dict[float, float] = {}
+    for speed in sorted(set(config.speeds)):
+        rates = [launch_local(standalone_worker, (config,), 1, [speed],
+                              config.base_cores)[0]["samples_per_s"]
+                 for _ in range(config.repeats)]
+        standalone[speed] = statistics.median(rates)
+    ideal = sum(standalone[s] for s in config.speeds)
+    result: dict[str, Any] = {"settings": asdict(config), "machine": machine_info()}
+    for name, rows in runs.items():
+        result[name] = {
+            "samples_per_s": statistics.median(r["samples_per_s"] for r in rows),
+            "test_accuracy": statistics.median(r["test_accuracy"] for r in rows),
+            "runs": rows,
+        }
+    result["standalone_samples_per_s"] = {str(s): v for s, v in standalone.items()}
+    result["ideal_samples_per_s"] = ideal
+    result["speedup_vs_ddp"] = result["idla"]["samples_per_s"] / result["ddp"]["samples_per_s"]
+    result["efficiency"] = result["idla"]["samples_per_s"] / ideal
+    return result
+
+
+def print_hetero(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    settings, machine = result["settings"], result["machine"]
+    table = Table(title="idla bench hetero (medians of "
+                  f"{settings['repeats']} runs, {settings['steps']} steps each)")
+    for column in ("run", "samples/s", "vs DDP", "of ideal", "test acc"):
+        table.add_column(column, justify="right")
+    ddp, ideal = result["ddp"]["samples_per_s"], result["ideal_samples_per_s"]
+    for name in ("ddp", "idla"):
+        row = result[name]
+        table.add_row(name, f"{row['samples_per_s']:.0f}", f"{row['samples_per_s'] / ddp:.2f}×",
+                      f"{row['samples_per_s'] / ideal:.2f}", f"{100 * row['test_accuracy']:.2f}%")
+    table.add_row("ideal (Σ standalone)", f"{ideal:.0f}", f"{ideal / ddp:.2f}×", "1.00", "")
+    console = Console()
+    console.print(table)
+    console.print(
+        f"speeds {settings['speeds']} × {settings['base_cores']} core, global batch "
+        f"{settings['global_batch']}, warm-up {settings['warmup_steps']} steps excluded; "
+        f"{machine['cpu_model']}, {machine['cpu_count']} cores, torch {machine['torch']}"
+    )

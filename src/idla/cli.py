@@ -1,0 +1,222 @@
+"""`idla train | profile | bench`: the command line.
+
+User mistakes end with one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from idla.errors import ConfigError, IdlaError
+
+
+def _speeds(text: str, option: str = "--emulate-speeds") -> list[float] | None:
+    from idla.emulate.cgroup import parse_speeds
+
+    if text.strip().lower() in {"", "none", "off"}:
+        return None
+    return parse_speeds(text, option)
+
+
+def _caps(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        caps = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ConfigError(
+            f"--max-local-batch: {text!r} is not a comma-separated list of integers"
+        ) from None
+    if any(c < 0 for c in caps):
+        raise ConfigError(f"--max-local-batch: {text!r} has a negative cap")
+    return caps
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _add_emulation(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--emulate-speeds", default=default, metavar="LIST",
+        help="relative CPU speed per local worker, e.g. 1,1,0.5,0.25: each worker runs in its "
+        "own cgroup with quota base-cores × speed (real OS throttling; the agent is not told). "
+        f"'none' disables it. Default: {default}",
+    )
+    parser.add_argument(
+        "--base-cores", type=float, default=0.5, metavar="CORES",
+        help="CPU cores a speed-1 worker gets when emulating (default: 0.5)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="idla",
+        description="idla, an intelligent deep-learning agent: measures every worker, gives "
+        "each the share of the global batch it can carry, and keeps replicas exactly in sync.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train", help="train the demo CNN on digits with N local workers",
+        description="Train the demo CNN (scikit-learn digits) on local workers with "
+        "heterogeneity-aware shares. With no options: 4 workers at speeds 1,1,0.5,0.25.",
+    )
+    train.add_argument("--workers", type=_positive_int, default=4, metavar="N",
+                       help="local worker processes (default: 4)")
+    _add_emulation(train, "1,1,0.5,0.25")
+    train.add_argument("--global-batch", type=_positive_int, default=512, metavar="B",
+                       help="samples per optimizer step summed over workers (default: 512)")
+    train.add_argument("--epochs", type=_positive_int, default=20, metavar="E",
+                       help="passes over the training set (default: 20)")
+    train.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default: 3e-3)")
+    train.add_argument("--seed", type=int, default=0, metavar="S",
+                       help="seed for the model, the split and the data order (default: 0)")
+    train.add_argument("--max-local-batch", metavar="LIST",
+                       help="memory cap on each worker's local batch, e.g. 256,256,128,64")
+    train.add_argument("--no-rebalance", action="store_true",
+                       help="keep equal shares (what DDP does) instead of planning them")
+    train.add_argument("--out", default="runs/train", metavar="DIR",
+                       help="write report.json and training.png here (default: runs/train)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    profile = commands.add_parser(
+        "profile", help="probe local workers: CPU, memory, GPU, link bandwidth, step time",
+        description="Start N local workers, probe each (CPU, memory, GPU, measured link "
+        "bandwidth) and fit its step time as a function of batch size; print a table.",
+    )
+    profile.add_argument("--workers", type=_positive_int, default=4, metavar="N",
+                         help="local worker processes (default: 4)")
+    _add_emulation(profile, "none")
+    profile.add_argument("--json", metavar="PATH", help="also write the table as JSON here")
+
+    bench = commands.add_parser("bench", help="benchmarks (each prints a table; --json)")
+    benches = bench.add_subparsers(dest="bench", metavar="BENCH")
+    hetero = benches.add_parser(
+        "hetero", help="idla vs plain DDP under emulated heterogeneous speeds",
+        description="Run plain DistributedDataParallel (equal shares) and idla on the same "
+        "data, model, global batch, seed and step count under the same emulated speeds; "
+        "measure each worker alone for the ideal. Medians over repeats.",
+    )
+    hetero.add_argument("--speeds", default="1,1,0.5,0.25", metavar="LIST",
+                        help="relative CPU speed per worker (default: 1,1,0.5,0.25)")
+    hetero.add_argument("--base-cores", type=float, default=0.5, metavar="CORES",
+                        help="CPU cores a speed-1 worker gets (default: 0.5)")
+    hetero.add_argument("--steps", type=_positive_int, default=60,
+                        help="optimizer steps per run (default: 60)")
+    hetero.add_argument("--repeats", type=_positive_int, default=3,
+                        help="runs of each kind; the table shows medians (default: 3)")
+    hetero.add_argument("--global-batch", type=_positive_int, default=512, metavar="B",
+                        help="global batch (default: 512)")
+    hetero.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    hetero.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    plan = benches.add_parser(
+        "plan", help="time the share allocator for many workers",
+        description="Time allocate_shares on random step-time models (target: 10,000 "
+        "workers in at most 10 ms).",
+    )
+    plan.add_argument("--workers", type=_positive_int, default=10_000, metavar="N",
+                      help="number of workers (default: 10000)")
+    plan.add_argument("--repeats", type=_positive_int, default=50, help="timed runs (default: 50)")
+    plan.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from idla.runtime.launch import launch_local
+    from idla.runtime.summary import print_summary
+    from idla.runtime.trainer import TrainConfig, train_worker, write_outputs
+
+    speeds = _speeds(args.emulate_speeds)
+    config = TrainConfig(
+        workers=args.workers, emulate_speeds=speeds, base_cores=args.base_cores,
+        global_batch=args.global_batch, epochs=args.epochs, lr=args.lr, seed=args.seed,
+        rebalance=not args.no_rebalance, out=args.out,
+        max_local_batch=_caps(args.max_local_batch),
+    )
+    _check_dataset_size(config.global_batch)
+    reports = launch_local(train_worker, (config, not args.quiet), config.workers, speeds,
+                           config.base_cores)
+    report = reports[0]
+    out = write_outputs(report, args.out) if args.out else None
+    print_summary(report, out)
+    return 0
+
+
+def _check_dataset_size(global_batch: int) -> None:
+    from idla.runtime.demo import load_digits_split
+
+    train_set, _ = load_digits_split()
+    if len(train_set) < global_batch:
+        raise ConfigError(
+            f"--global-batch {global_batch} is larger than the data set "
+            f"({len(train_set)} training samples)"
+        )
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from idla.profile.survey import print_profiles, survey_workers
+
+    speeds = _speeds(args.emulate_speeds)
+    rows = survey_workers(args.workers, speeds, args.base_cores)
+    print_profiles(rows)
+    if args.json:
+        from idla.report import write_json_atomic
+
+        write_json_atomic(args.json, {"workers": rows})
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.bench == "hetero":
+        from idla.bench.hetero import HeteroConfig, print_hetero, run_hetero
+
+        config = HeteroConfig(
+            speeds=_speeds(args.speeds, "--speeds") or [1.0], base_cores=args.base_cores, steps=args.steps,
+            repeats=args.repeats, global_batch=args.global_batch, seed=args.seed,
+        )
+        result: dict[str, Any] = run_hetero(config)
+        print_hetero(result)
+    elif args.bench == "plan":
+        from idla.bench.plan_speed import bench_allocate
+
+        result = bench_allocate(args.workers, args.repeats)
+        print(json.dumps(result, indent=2))
+    else:
+        raise ConfigError("name a benchmark: idla bench hetero | plan (see idla bench --help)")
+    if args.json:
+        from idla.report import write_json_atomic
+
+        write_json_atomic(args.json, result)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"train": _train, "profile": _profile, "bench": _bench}
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return handlers[args.command](args)
+    except IdlaError as error:
+        print(f"idla: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("idla: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Splitting a global batch into per-worker local batches.
+
+``allocate_shares`` solves the min-max problem
+
+    minimize    max_i  c_i + [b_i > 0] (α_i + β_i b_i)
+    subject to  Σ b_i = B,   0 ≤ b_i ≤ cap_i,   b_i integer,
+
+which is water-filling (as in hivemind's ``averaging/load_balancing.py``, solved there with an LP):
+every worker is filled up to a common time level. With ``n(T)`` the number of samples worker
+``i`` can take while finishing by ``T``, the optimal level is the smallest float ``T*`` with
+``Σ n_i(T*) ≥ B``. It is found by bisection on the bit patterns of non-negative floats, which
+reaches two adjacent floats in at most 64 vectorized passes; the result is exact in floating
+point, not just within a tolerance. Every worker is then given the samples it can take strictly
+below ``T*`` and the few missing ones go to the workers at ``T*`` in index order, which is what
+trimming the excess one sample at a time from the slowest workers gives. Cost: O(n) memory and
+O(64 n) time; every rank computes the same list from the same models.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Callable, Sequence
+from operator import attrgetter
+
+import numpy as np
+import numpy.typing as npt
+
+from idla.errors import PlanError
+from idla.profile.perf_model import StepModel
+
+_FloatArray = npt.NDArray[np.float64]
+_Counter = Callable[[float], float]  # samples the workers take by a time level
+
+_MIN_RESOLUTION = 1e-12
+"""β must exceed this fraction of α + c, so that one more sample changes the predicted time by
+many float ulps and the closed-form count below is off by at most one."""
+
+
+def allocate_shares(
+    global_batch: int, models: Sequence[StepModel], caps: Sequence[int] | None = None
+) -> list[int]:
+    """Local batch sizes that minimize the predicted slowest step.
+
+    Args:
+        global_batch: Samples per step across all workers (≥ 1).
+        models: One step-time model per worker.
+        caps: Largest local batch each worker's memory holds, or None for no limit.
+
+    Returns:
+        Non-negative local batches, one per worker, summing exactly to ``global_batch``.
+
+    Raises:
+        PlanError: If the batch, the models or the caps are invalid, or the caps cannot hold the
+            global batch.
+    """
+    if global_batch < 1:
+        raise PlanError(f"global_batch must be >= 1, got {global_batch}")
+    fleet = _Fleet(models, caps, global_batch)
+    level = fleet.water_level(global_batch)
+    upper = fleet.counts(level)
+    lower = fleet.counts(math.nextafter(level, -math.inf))
+    extra = upper - lower
+    before = np.cumsum(extra) - extra
+    taken = np.clip(global_batch - lower.sum() - before, 0.0, extra)
+    shares: list[int] = (lower + taken).astype(np.int64).tolist()
+    return shares
+
+
+def predicted_step_s(shares: Sequence[int], models: Sequence[StepModel]) -> float:
+    """Predicted time of the slowest worker, in seconds, when worker ``i`` gets ``shares[i]``."""
+    if len(shares) != len(models) or not models:
+        raise PlanError(f"shares has {len(shares)} entries but there are {len(models)} models")
+    return max(model.predict_step_s(int(b)) for b, model in zip(shares, models, strict=True))
+
+
+def proportional_shares(total: int, weights: Sequence[float]) -> list[int]:
+    """Splits ``total`` in proportion to ``weights`` by the largest-remainder method.
+
+    Every worker gets the floor of its quota; the remaining samples go to the largest fractional
+    parts, ties to the lower index. The result sums exactly to ``total``.
+
+    Raises:
+        PlanError: If ``total`` is negative, ``weights`` is empty, a weight is negative or not
+            finite, or all weights are zero while ``total`` is positive.
+    """
+    if total < 0:
+        raise PlanError(f"total must be >= 0, got {total}")
+    if not weights:
+        raise PlanError("weights is empty: at least one worker is needed")
+    for i, w in enumerate(weights):
+        if not (math.isfinite(w) and w >= 0.0):
+            raise PlanError(f"weights[{i}] must be finite and >= 0, got {w}")
+    weight_sum = math.fsum(weights)
+    if weight_sum <= 0.0:
+        if total == 0:
+            return [0] * len(weights)
+        raise PlanError("weights are all zero, so no worker can take a share")
+    quotas = [total * w / weight_sum for w in weights]
+    shares = [math.floor(q) for q in quotas]
+    missing = total - sum(shares)
+    order = sorted(range(len(quotas)), key=lambda i: (shares[i] - quotas[i], i))
+    for i in order[:missing]:
+        shares[i] += 1
+    return shares
+
+
+class _Fleet:
+    """The workers' models and caps as arrays, with the counting passes of the bisection."""
+
+    def __init__(
+        self, models: Sequence[StepModel], caps: Sequence[int] | None, global_batch: int
+    ) -> None:
+        if not models:
+            raise PlanError("models is empty: at least one worker is needed")
+        self.comm_s = _field(models, "comm_s")  # c, seconds
+        self.fixed_s = _field(models, "compute_fixed_s")  # α, seconds
+        self.per_sample_s = _field(models, "compute_per_sample_s")  # β, seconds per sample
+        _check_models(self.comm_s, self.fixed_s, self.per_sample_s)
+        self.base_s: _FloatArray = self.comm_s + self.fixed_s  # c + α, seconds
+        self.cap: _FloatArray = _cap_array(caps, len(models), global_batch)  # samples
+
+    def estimate(self, level_s: float) -> float:
+        """Samples the workers take by ``level_s`` from the closed form, each within ±1."""
+        k = np.floor((level_s - self.base_s) / self.per_sample_s)
+        return float(np.minimum(np.maximum(k, 0.0, out=k), self.cap, out=k).sum())
+
+    def counts(self, level_s: float) -> _FloatArray:
+        """Largest ``k ≤ cap`` per worker with ``c + (α + β·k) ≤ level_s``, exactly as
+        ``StepModel.predict_step_s`` evaluates it; 0 if even one sample is too slow."""
+        k = np.floor((level_s - self.base_s) / self.per_sample_s)
+        np.minimum(np.maximum(k, 0.0, out=k), self.cap, out=k)
+        k += (k < self.cap) & (self._step_s(k + 1.0) <= level_s)
+        k -= (k > 0.0) & (self._step_s(k) > level_s)
+        return k
+
+    def _step_s(self, k: _FloatArray) -> _FloatArray:
+        return self.comm_s + (self.fixed_s + self.per_sample_s * k)
+
+    def total(self, level_s: float) -> float:
+        return float(self.counts(level_s).sum())
+
+    def water_level(self, global_batch: int) -> float:
+        """The smallest float ``T`` at which the workers can take ``global_batch`` samples."""
+        inverse_sum = float(np.sum(1.0 / self.per_sample_s))
+        lo = float(self.base_s.min()) + 0.5 * global_batch / inverse_sum
+        if self.total(lo) >= global_batch:
+            lo = 0.0  # no sample finishes by 0 s because β > 0
+        hi = float(self.base_s.max()) + (global_batch + 2.0 * len(self.cap)) / inverse_sum
+        if self.total(hi) < global_batch:
+            hi = float(self._step_s(self.cap).max())  # every worker full; caps hold the batch
+        # The closed-form estimate is cheaper; it may disagree with the exact count within a
+        # few ulps of a breakpoint, so its bracket is checked and widened before finishing.
+        lo_est, hi_est = _bisect(lo, hi, global_batch, self.estimate)
+        lo_est = _widen(lo_est, lo, global_batch, self.total, below=True)
+        hi_est = _widen(hi_est, hi, global_batch, self.total, below=False)
+        return _bisect(lo_est, hi_est, global_batch, self.total)[1]
+
+
+def _field(models: Sequence[StepModel], name: str) -> _FloatArray:
+    return np.fromiter(map(attrgetter(name), models), dtype=np.float64, count=len(models))
+
+
+def _check_models(comm_s: _FloatArray, fixed_s: _FloatArray, per_sample_s: _FloatArray) -> None:
+    for name, values, positive in (
+        ("comm_s", comm_s, False),
+        ("compute_fixed_s", fixed_s, False),
+        ("compute_per_sample_s", per_sample_s, True),
+    ):
+        bad = ~np.isfinite(values) | ((values <= 0.0) if positive else (values < 0.0))
+        if bad.any():
+            i = int(np.argmax(bad))
+            bound = "> 0" if positive else ">= 0"
+            raise PlanError(f"models[{i}].{name} must be finite and {bound}, got {values[i]}")
+    coarse = per_sample_s <= _MIN_RESOLUTION * (comm_s + fixed_s)
+    if coarse.any():
+        i = int(np.argmax(coarse))
+        raise PlanError(
+            f"models[{i}].compute_per_sample_s is below {_MIN_RESOLUTION:g} of its fixed costs"
+        )
+
+
+def _cap_array(caps: Sequence[int] | None, n_workers: int, global_batch: int) -> _FloatArray:
+    """Per-worker caps as floats, lowered to ``global_batch`` (no worker needs more)."""
+    if caps is None:
+        return np.full(n_workers, float(global_batch))
+    if len(caps) != n_workers:
+        raise PlanError(f"caps has {len(caps)} entries but there are {n_workers} workers")
+    cap = np.asarray(caps, dtype=np.int64)
+    if (cap < 0).any():
+        i = int(np.argmax(cap < 0))
+        raise PlanError(f"caps[{i}] must be >= 0, got {cap[i]}")
+    total = int(cap.sum())
+    if total < global_batch:
+        raise PlanError(
+            f"memory caps hold at most {total} samples but the global batch is {global_batch}"
+        )
+    return np.minimum(cap, global_batch).astype(np.float64)
+
+
+def _bits(x: float) -> int:
+    return int(struct.unpack("<q", struct.pack("<d", x))[0])
+
+
+def _from_bits(bits: int) -> float:
+    return float(struct.unpack("<d", struct.pack("<q", bits))[0])
+
+
+def _bisect(lo: float, hi: float, target: int, total: _Counter) -> tuple[float, float]:
+    """Adjacent non-negative floats ``lo < hi`` with ``total(lo) < target <= total(hi)``,
+    given a monotone ``total`` and a bracket that satisfies it."""
+    lo_bits, hi_bits = _bits(lo), _bits(hi)
+    while hi_bits - lo_bits > 1:
+        mid_bits = (lo_bits + hi_bits) // 2
+        if total(_from_bits(mid_bits)) >= target:
+            hi_bits = mid_bits
+        else:
+            lo_bits = mid_bits
+    return _from_bits(lo_bits), _from_bits(hi_bits)
+
+
+def _widen(x: float, bound: float, target: int, total: _Counter, *, below: bool) -> float:
+    """Moves ``x`` towards ``bound`` by doubling steps in ulps until ``total(x) < target``
+    (``below``) or ``total(x) >= target``; ``bound`` itself satisfies it."""
+    step = 1
+    bound_bits = _bits(bound)
+    while (total(x) >= target) if below else (total(x) < target):
+        x_bits = _bits(x)
+        x_bits = max(x_bits - step, bound_bits) if below else min(x_bits + step, bound_bits)
+        x = _from_bits(x_bits)
+        step *= 2
+    return x

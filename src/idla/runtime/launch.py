@@ -1,0 +1,117 @@
+"""Start N local worker processes the way torchrun would (RANK, WORLD_SIZE, MASTER_*)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from typing import Any
+
+from idla.emulate.cgroup import CpuThrottle
+from idla.errors import ConfigError, IdlaError
+
+
+class WorkerFailed(RuntimeError):
+    """A worker process raised an unexpected exception (its traceback is in the message)."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _child(
+    fn: Callable[..., Any], args: tuple[Any, ...], rank: int, world_size: int, port: int,
+    store_path: str, results: Any,
+) -> None:
+    # Local workers meet through a file store and talk over loopback only: torch's TCPStore
+    # would listen on every interface, and gloo would pick the host's outward address.
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        IDLA_INIT_METHOD=f"file://{store_path}", GLOO_SOCKET_IFNAME="lo",
+    )
+    try:
+        results.put(("ok", rank, fn(*args)))
+    except IdlaError as error:
+        results.put(("user", rank, str(error)))
+    except BaseException:
+        results.put(("crash", rank, traceback.format_exc()))
+
+
+def launch_local(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    world_size: int,
+    speeds: Sequence[float] | None = None,
+    base_cores: float = 0.5,
+    timeout_s: float = 3600.0,
+) -> list[Any]:
+    """Run fn(*args) in `world_size` processes; return each rank's result, in rank order.
+
+    With `speeds`, each process runs in its own throttled cgroup (real OS throttling; the
+    workers are not told their speed). A worker's user error is re-raised as that IdlaError;
+    any failure stops the other workers too.
+    """
+    if world_size < 1:
+        raise ConfigError(f"--workers must be at least 1, got {world_size}")
+    if speeds is not None and len(speeds) != world_size:
+        raise ConfigError(
+            f"--emulate-speeds lists {len(speeds)} speeds for {world_size} workers"
+        )
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    with ExitStack() as stack:
+        store_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="idla-"))
+        store_path = os.path.join(store_dir, "store")
+        throttle = stack.enter_context(CpuThrottle(speeds, base_cores)) if speeds else None
+        procs = [
+            context.Process(
+                target=_child, args=(fn, args, rank, world_size, port, store_path, results)
+            )
+            for rank in range(world_size)
+        ]
+        try:
+            for rank, proc in enumerate(procs):
+                proc.start()
+                if throttle is not None and proc.pid is not None:
+                    throttle.attach(rank, proc.pid)
+            return _collect(procs, results, timeout_s)
+        finally:
+            for proc in procs:
+                if proc.is_alive():
+                    proc.terminate()
+            for proc in procs:
+                proc.join(timeout=10)
+
+
+def _collect(procs: list[Any], results: Any, timeout_s: float) -> list[Any]:
+    outcome: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(outcome) < len(procs):
+        try:
+            kind, rank, value = results.get(timeout=0.5)
+        except queue.Empty:
+            dead = [r for r, p in enumerate(procs) if r not in outcome and p.exitcode is not None]
+            if dead:
+                raise WorkerFailed(
+                    f"worker {dead[0]} exited with code {procs[dead[0]].exitcode} "
+                    "without a result"
+                ) from None
+            if time.monotonic() > deadline:
+                raise WorkerFailed(f"workers did not finish within {timeout_s:.0f} s") from None
+            continue
+        if kind == "user":
+            raise IdlaError(value)
+        if kind == "crash":
+            raise WorkerFailed(f"worker {rank} failed:\n{value}")
+        outcome[rank] = value
+    return [outcome[r] for r in range(len(procs))]

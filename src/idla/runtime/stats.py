@@ -1,0 +1,58 @@
+"""The per-rank statistics row that rides with the gradients, and what the agent learns from it."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+
+class Stat(enum.IntEnum):
+    """Columns of the statistics matrix (world_size × WIDTH), one row per rank."""
+
+    COMPUTE_S = 0  # wall seconds from the start of this step to the end of backward
+    COMPUTE_CPU_S = 1  # process CPU seconds over the same interval
+    PREV_SYNC_S = 2  # wall seconds the previous step spent finishing communication
+    PREV_COMM_CPU_S = 3  # process CPU seconds over that same interval
+    PREV_OTHER_S = 4  # wall seconds of the previous step after its sync (optimizer, bookkeeping)
+    SAMPLES = 5  # local batch of this step
+    LOSS_SUM = 6  # local mean loss × local batch
+    NONFINITE = 7  # 1 if this rank's loss was not finite
+
+
+WIDTH = len(Stat)
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """What the whole job did in one step, identical on every rank."""
+
+    step: int  # global step number, from 0
+    shares: tuple[int, ...]  # local batch per rank
+    compute_s: tuple[float, ...]  # per rank
+    loss: float  # mean loss over the global batch
+    topology: str  # the reduction topology used
+
+
+def row(
+    compute_s: float,
+    compute_cpu_s: float,
+    prev_sync_s: float,
+    prev_comm_cpu_s: float,
+    prev_other_s: float,
+    samples: int,
+    loss_sum: float,
+    nonfinite: bool,
+) -> torch.Tensor:
+    values = [
+        compute_s,
+        compute_cpu_s,
+        prev_sync_s,
+        prev_comm_cpu_s,
+        prev_other_s,
+        float(samples),
+        loss_sum,
+        1.0 if nonfinite else 0.0,
+    ]
+    return torch.tensor(values, dtype=torch.float32)

@@ -1,0 +1,34 @@
+"""The one-screen summary printed at the end of `idla train`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_summary(report: dict[str, Any], out: Path | None) -> None:
+    console = Console()
+    table = Table(title="idla train: per-worker summary (moving averages)")
+    for column in ("rank", "share", "compute ms", "comm ms", "wait ms", "samples/s"):
+        table.add_column(column, justify="right")
+    for worker in report["workers"]:
+        table.add_row(
+            str(worker["rank"]), str(worker["share"]), f"{1e3 * worker['compute_s']:.1f}",
+            f"{1e3 * worker['comm_s']:.1f}", f"{1e3 * worker['wait_s']:.1f}",
+            f"{worker['samples_per_s']:.0f}",
+        )
+    console.print(table)
+    console.print(
+        f"steps {report['steps']}  global batch {report['global_batch_size']}  "
+        f"throughput {report['samples_per_s']:.0f} samples/s  "
+        f"elapsed {report['elapsed_s']:.1f} s  topology: {report['topology']}"
+    )
+    console.print(f"re-planned at steps {report['replan_steps'] or 'none'}")
+    for line in report["stragglers"] or ["no straggler: the workers are balanced"]:
+        console.print(f"straggler: {line}")
+    console.print(f"[bold]test accuracy {100 * report['test_accuracy']:.2f}%[/bold]")
+    if out is not None:
+        console.print(f"report: {out / 'report.json'}  plot: {out / 'training.png'}")

@@ -1,0 +1,156 @@
+"""`idla train`: the demo job on N local workers, with progress, summary and report."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from idla.agent import Agent, AgentConfig
+from idla.errors import ConfigError
+from idla.runtime.demo import DigitsCNN, accuracy, load_digits_split
+from idla.runtime.group import Group
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """What `idla train` runs; each field is a CLI option of the same name."""
+
+    workers: int = 4
+    """Local worker processes."""
+    emulate_speeds: list[float] | None = field(default_factory=lambda: [1.0, 1.0, 0.5, 0.25])
+    """Relative CPU speed of each worker (cgroup throttling); None runs at full speed."""
+    base_cores: float = 0.5
+    """CPU cores a worker of speed 1 gets when emulating."""
+    global_batch: int = 512
+    """Samples per optimizer step, summed over workers."""
+    epochs: int = 20
+    """Passes over the training set."""
+    lr: float = 3e-3
+    """Adam learning rate."""
+    seed: int = 0
+    """Seeds the model, the data order and the split."""
+    rebalance: bool = True
+    """Let the agent re-plan shares (False: equal shares)."""
+    max_local_batch: list[int] | None = None
+    """Memory cap on each worker's local batch (None: no caps)."""
+    out: str | None = "runs/train"
+    """Directory for report.json and plots (None: none written)."""
+    threads: int = 1
+    """torch threads per worker."""
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
+        if self.emulate_speeds is not None and len(self.emulate_speeds) != self.workers:
+            raise ConfigError(
+                f"--emulate-speeds lists {len(self.emulate_speeds)} speeds for "
+                f"{self.workers} workers"
+            )
+        if self.global_batch < self.workers:
+            raise ConfigError(
+                f"--global-batch {self.global_batch} is smaller than the number of workers "
+                f"{self.workers}"
+            )
+        caps = self.max_local_batch
+        if caps is not None:
+            if len(caps) != self.workers:
+                raise ConfigError(
+                    f"--max-local-batch lists {len(caps)} caps for {self.workers} workers"
+                )
+            if sum(caps) < self.global_batch:
+                raise ConfigError(
+                    f"--max-local-batch: the caps hold at most {sum(caps)} samples but the "
+                    f"global batch is {self.global_batch}"
+                )
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs must be at least 1, got {self.epochs}")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if self.base_cores <= 0:
+            raise ConfigError(f"--base-cores must be positive, got {self.base_cores}")
+        if self.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {self.threads}")
+
+
+def train_worker(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
+    """One worker of the demo job; rank 0 draws the progress and returns the full report."""
+    torch.set_num_threads(config.threads)
+    group = Group()
+    train_set, test_set = load_digits_split(seed=config.seed)
+    torch.manual_seed(config.seed)
+    model = DigitsCNN()
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    agent = Agent(
+        model, optimizer, train_set,
+        config=AgentConfig(
+            global_batch_size=config.global_batch, seed=config.seed, rebalance=config.rebalance,
+            max_local_batch=None if config.max_local_batch is None
+            else config.max_local_batch[group.rank],
+        ),
+        group=group,
+    )
+    steps = config.epochs * agent.sampler.steps_per_epoch()
+    progress = _Progress(steps, agent.world_size) if show_progress and agent.rank == 0 else None
+    start = time.perf_counter()
+    try:
+        for epoch in range(config.epochs):
+            for x, y in agent.batches(epoch):
+                loss = F.cross_entropy(model(x), y)
+                agent.backward(loss)
+                optimizer.step()
+                if progress is not None:
+                    progress.update(agent)
+    finally:
+        if progress is not None:
+            progress.stop()
+    elapsed_s = time.perf_counter() - start
+    agent.close()
+    report = agent.report()
+    report.update(
+        test_accuracy=accuracy(model, test_set, agent.group.device),
+        elapsed_s=elapsed_s,
+        samples_per_s=steps and config.epochs * len(train_set) / elapsed_s,
+        config=asdict(config),
+    )
+    return report if agent.rank == 0 else {}
+
+
+class _Progress:
+    """A rich progress bar whose description shows every worker's current share."""
+
+    def __init__(self, steps: int, world_size: int) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TimeRemainingColumn(), TextColumn("{task.description}"),
+        )
+        self._task = self._progress.add_task("", total=steps)
+        self._progress.start()
+
+    def update(self, agent: Agent) -> None:
+        history = agent.history
+        loss = history["loss"][-1] if history["loss"] else float("nan")
+        shares = "/".join(str(s) for s in agent.shares)
+        self._progress.update(
+            self._task, advance=1, description=f"shares {shares}  loss {loss:.3f}"
+        )
+
+    def stop(self) -> None:
+        self._progress.stop()
+
+
+def write_outputs(report: dict[str, Any], out: str | Path) -> Path:
+    """report.json and training.png in `out` (both written atomically)."""
+    from idla.report import plot_history, write_json_atomic
+
+    directory = Path(out)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(directory / "report.json", report)
+    plot_history(report["history"], directory / "training.png")
+    return directory

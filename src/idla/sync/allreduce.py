@@ -1,0 +1,176 @@
+"""Exact synchronous gradient sync for uneven shares: a weighted all-reduce.
+
+Each rank scales its mean loss by local_batch / global_batch before backward, so its gradient
+is its *weighted* contribution; their sum is exactly the gradient of the whole global batch,
+whatever the shares. Gradients live in one flat buffer (each ``param.grad`` is a view into it,
+as DDP's ``gradient_as_bucket_view``), cut into buckets in backward order. A bucket's
+all-reduce starts as soon as its gradients are ready, overlapping communication with the rest
+of backward. A small matrix of per-rank statistics (world_size × width) rides at the end of the
+last bucket: each rank fills its own row and the sum hands every rank everybody's timings, so
+all ranks plan identically without an extra collective.
+
+Ranks that are leaves of the `Topology` do not join the ring: they send their whole buffer to
+their hub, which adds it in before reducing, and receive the reduced buffer back. The result is
+bit-identical on every rank: the ring's output is identical on its members and hubs copy it.
+
+Cost per step: one pass of all-reduce over the parameters (ring: 2(N-1)/N × size per core
+rank), plus, per leaf, one send and one receive of the buffer through its hub.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from idla.plan.topology import Topology
+from idla.runtime.group import Group, Work
+
+
+class GradientSync:
+    """Owns the flat gradient buffer, its buckets and the exchange of one step."""
+
+    def __init__(
+        self,
+        params: Sequence[nn.Parameter],
+        group: Group,
+        stats_width: int,
+        bucket_cap_bytes: int = 256 * 1024,
+    ) -> None:
+        self.group = group
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters")
+        dtype = self.params[0].dtype
+        if any(p.dtype != dtype for p in self.params):
+            raise ValueError("all trainable parameters must share one dtype")
+        device = self.params[0].device
+        stats_numel = group.world_size * stats_width
+        self.buckets: list[list[nn.Parameter]] = [[]]
+        size_bytes = 0
+        for p in reversed(self.params):  # backward produces gradients roughly in reverse order
+            if self.buckets[-1] and size_bytes >= bucket_cap_bytes:
+                self.buckets.append([])
+                size_bytes = 0
+            self.buckets[-1].append(p)
+            size_bytes += p.numel() * p.element_size()
+        total = sum(p.numel() for p in self.params) + stats_numel
+        self.flat = torch.zeros(total, dtype=dtype, device=device)  # (params + stats,)
+        self._grad_views: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self._bucket_slices: list[slice] = []
+        self._bucket_index: dict[int, int] = {}
+        offset = 0
+        for index, bucket in enumerate(self.buckets):
+            start = offset
+            for p in bucket:
+                self._grad_views.append((p, self.flat[offset : offset + p.numel()].view_as(p)))
+                self._bucket_index[id(p)] = index
+                offset += p.numel()
+            end = total if index == len(self.buckets) - 1 else offset
+            self._bucket_slices.append(slice(start, end))
+        self.stats = self.flat[total - stats_numel :].view(group.world_size, stats_width)
+        self._bucket_size = [len(b) for b in self.buckets]
+        self._ready = [0] * len(self.buckets)
+        self._next_launch = 0
+        self._works: list[Work] = []
+        self._leaf_bufs: dict[int, torch.Tensor] = {}
+        self._leaf_recvs: list[Work] = []
+        self._leaves_added = False
+        self._send_buf: torch.Tensor | None = None
+        self._pending_sends: list[Work] = []
+        self.topology = Topology.ring(group.world_size)
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._on_grad_ready)
+
+    @property
+    def is_leaf(self) -> bool:
+        return self.group.rank in self.topology.hub_of
+
+    def set_topology(self, topology: Topology) -> None:
+        """Switch topology at a step boundary; every rank must call this with the same value."""
+        if topology.world_size != self.group.world_size:
+            raise ValueError("topology world size differs from the group's")
+        self.group.subgroup(topology.core)  # a collective: all ranks create the group together
+        self.topology = topology
+        for leaf in topology.leaves_of(self.group.rank):
+            if leaf not in self._leaf_bufs:
+                self._leaf_bufs[leaf] = torch.empty_like(self.flat)
+
+    def start_step(self) -> None:
+        """Zero the buffer, point every ``.grad`` into it and post the receives from leaves."""
+        self.flat.zero_()
+        for p, view in self._grad_views:
+            p.grad = view
+        self._ready = [0] * len(self.buckets)
+        self._next_launch = 0
+        self._works = []
+        self._leaves_added = False
+        leaves = self.topology.leaves_of(self.group.rank)
+        self._leaf_recvs = [self.group.irecv(self._leaf_bufs[leaf], leaf) for leaf in leaves]
+
+    def _on_grad_ready(self, param: torch.Tensor) -> None:
+        index = self._bucket_index[id(param)]
+        self._ready[index] += 1
+        if not self.is_leaf:
+            self._launch(final=False)
+
+    def _leaves_arrived(self, block: bool) -> bool:
+        if self._leaves_added:
+            return True
+        if block:
+            for work in self._leaf_recvs:
+                work.wait()
+        elif not all(work.is_completed() for work in self._leaf_recvs):
+            return False
+        self._leaves_added = True
+        return True
+
+    def _launch(self, final: bool) -> None:
+        """Start the all-reduce of every ready bucket, strictly in bucket order on all ranks.
+
+        The last bucket carries the statistics, so it starts only when `final` is set."""
+        last = len(self.buckets) - 1
+        while self._next_launch <= last:
+            index = self._next_launch
+            if not final and (index == last or self._ready[index] < self._bucket_size[index]):
+                return
+            if not self._leaves_arrived(block=final):
+                return
+            part = self.flat[self._bucket_slices[index]]
+            for buf in self._leaf_bufs_of_this_step():
+                part.add_(buf[self._bucket_slices[index]])
+            work = self.group.all_reduce(part, self.topology.core)
+            if work is not None:
+                self._works.append(work)
+            self._next_launch += 1
+
+    def _leaf_bufs_of_this_step(self) -> list[torch.Tensor]:
+        return [self._leaf_bufs[leaf] for leaf in self.topology.leaves_of(self.group.rank)]
+
+    def finish(self, stats_row: torch.Tensor) -> torch.Tensor:
+        """Write this rank's statistics, complete the exchange and return everybody's
+        statistics (world_size × width); afterwards every ``.grad`` holds the global gradient."""
+        self.stats[self.group.rank].copy_(stats_row)
+        if self.is_leaf:
+            hub = self.topology.hub_of[self.group.rank]
+            self.group.isend(self.flat, hub).wait()
+            self.group.irecv(self.flat, hub).wait()
+            return self.stats.clone()
+        self._launch(final=True)
+        for work in self._works:
+            work.wait()
+        leaves = self.topology.leaves_of(self.group.rank)
+        if leaves:
+            for work in self._pending_sends:
+                work.wait()
+            if self._send_buf is None:
+                self._send_buf = torch.empty_like(self.flat)
+            self._send_buf.copy_(self.flat)
+            self._pending_sends = [self.group.isend(self._send_buf, leaf) for leaf in leaves]
+        return self.stats.clone()
+
+    def close(self) -> None:
+        for work in self._pending_sends:
+            work.wait()
+        self._pending_sends = []

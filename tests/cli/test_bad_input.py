@@ -1,0 +1,70 @@
+"""User mistakes: one clear line on stderr, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from idla import Agent, AgentConfig
+from idla.errors import ConfigError
+
+
+def run_idla(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "idla.cli", *args], capture_output=True, text=True, timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--emulate-speeds", "1,x"], "--emulate-speeds"),
+        (["train", "--workers", "4", "--emulate-speeds", "none", "--global-batch", "3"],
+         "smaller than the number of workers"),
+        (["train", "--workers", "2", "--emulate-speeds", "none", "--max-local-batch", "100,100"],
+         "--max-local-batch"),
+        (["train", "--workers", "2", "--emulate-speeds", "none", "--global-batch", "5000"],
+         "larger than the data set"),
+        (["train", "--workers", "3", "--emulate-speeds", "1,1"], "3 workers"),
+        (["bench", "hetero", "--speeds", "1,-2"], "--speeds"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_2(args: list[str], message: str) -> None:
+    result = run_idla(*args)
+
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0]
+
+
+def test_argparse_mistake_exits_2_without_traceback() -> None:
+    result = run_idla("train", "--workers", "zero")
+
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "--workers" in result.stderr
+
+
+def test_help_explains_every_option() -> None:
+    for command in (["--help"], ["train", "--help"], ["profile", "--help"],
+                    ["bench", "hetero", "--help"], ["bench", "plan", "--help"]):
+        result = run_idla(*command)
+        assert result.returncode == 0
+        assert "usage: idla" in result.stdout
+
+
+def test_wrong_world_size_in_environment_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    model = torch.nn.Linear(2, 2)
+    data = (torch.zeros(8, 2), torch.zeros(8, dtype=torch.long))
+
+    with pytest.raises(ConfigError, match="wrong world size"):
+        Agent(model, None, data, config=AgentConfig(global_batch_size=4))

@@ -1,0 +1,43 @@
+"""The user's script in examples/ under plain torchrun, with 1 and with 3 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "train_torchrun.py"
+
+
+@pytest.mark.parametrize("processes", [1, 3])
+def test_example_runs_under_torchrun(processes: int, tmp_path: Path) -> None:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
+        "--master-addr", "127.0.0.1", "--master-port", "0", "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", "127.0.0.1:0",
+        str(EXAMPLE), "--epochs", "4", "--global-batch", "128",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env,
+                            cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["world_size"] == processes
+    assert sum(summary["shares"]) == 128
+    assert summary["test_accuracy"] > 0.85
+
+
+def test_example_runs_as_a_plain_process(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--epochs", "2", "--global-batch", "128"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["world_size"] == 1

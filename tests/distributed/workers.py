@@ -1,0 +1,80 @@
+"""Worker functions the distributed tests run in real processes (spawned, gloo)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+from idla import Agent, AgentConfig
+from idla.runtime.data import GlobalBatchSampler
+from idla.runtime.demo import DigitsCNN, load_digits_split
+
+
+def _optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
+def param_hash(model: torch.nn.Module) -> str:
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return hashlib.sha256(flat.numpy().tobytes()).hexdigest()
+
+
+def one_step_uneven(shares: list[int], optimizer_name: str) -> dict[str, Any]:
+    """One idla step with fixed uneven shares; rank 0 also runs the single-process reference
+    on the concatenated global batch and returns the largest difference."""
+    torch.set_num_threads(1)
+    train_set, _ = load_digits_split()
+    torch.manual_seed(0)
+    model = DigitsCNN()
+    reference = copy.deepcopy(model)
+    optimizer = _optimizer(optimizer_name, model)
+    agent = Agent(model, optimizer, train_set, config=AgentConfig(
+        global_batch_size=sum(shares), initial_shares=shares, rebalance=False))
+    for x, y in agent.batches(0):
+        agent.backward(F.cross_entropy(model(x), y))
+        optimizer.step()
+        break
+    agent.close()
+    if agent.rank != 0:
+        return {}
+    batch = GlobalBatchSampler(len(train_set), sum(shares), 0).epoch(0)[0].indices
+    images, labels = train_set.tensors
+    ref_optimizer = _optimizer(optimizer_name, reference)
+    F.cross_entropy(reference(images[batch]), labels[batch]).backward()
+    ref_optimizer.step()
+    diff = max(float((p - q).abs().max())
+               for p, q in zip(model.parameters(), reference.parameters(), strict=True))
+    return {"max_abs_diff": diff}
+
+
+def changing_shares(plans: list[list[int]], epochs: int, seed: int) -> dict[str, Any]:
+    """Train with shares forced to change every step (cycling `plans`); record which samples
+    this rank saw per epoch and the final parameter hash."""
+    torch.set_num_threads(1)
+    size = 300
+    images = torch.arange(size, dtype=torch.float32).view(size, 1).repeat(1, 4)
+    labels = torch.arange(size) % 3
+    dataset = TensorDataset(images, labels)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    agent = Agent(model, optimizer, dataset, config=AgentConfig(
+        global_batch_size=sum(plans[0]), seed=seed, rebalance=False, check_every_steps=3))
+    seen: list[list[int]] = []
+    for epoch in range(epochs):
+        seen.append([])
+        for x, y in agent.batches(epoch):
+            seen[-1].extend(int(v) for v in x[:, 0].tolist())
+            agent.backward(F.cross_entropy(model(x / size), y))
+            optimizer.step()
+            agent.shares = list(plans[agent.step % len(plans)])
+    agent.close()
+    return {"rank": int(os.environ["RANK"]), "seen": seen, "hash": param_hash(model)}
