@@ -53,7 +53,7 @@ class AgentConfig:
     """Compare a hash of the parameters across ranks every this many steps (0: never)."""
     bucket_cap_bytes: int = 256 * 1024
     """Gradient bytes per all-reduce bucket; smaller buckets overlap more with backward."""
-    leaf_ratio: float = 2.0
+    leaf_ratio: float = 1.5
     """A worker whose communication costs this many times the cheapest one's leaves the ring."""
     max_local_batch: int | None = None
     """This rank's memory cap on its local batch (None: no cap)."""
@@ -117,7 +117,8 @@ class Agent:
         self._broadcast_initial_state()
         self.caps = self._gather_caps()
         self.sync = GradientSync(
-            list(self.model.parameters()), self.group, WIDTH, config.bucket_cap_bytes
+            list(self.model.parameters()), self.group, WIDTH, config.bucket_cap_bytes,
+            late_column=Stat.LATE_S,
         )
         equal = [StepModel(compute_fixed_s=0.0, compute_per_sample_s=1.0)] * world
         self.shares = allocate_shares(config.global_batch_size, equal, self.caps)
@@ -128,9 +129,11 @@ class Agent:
                 )
             self.shares = list(config.initial_shares)
         self.topology = Topology.ring(world)
-        self._fits = [StepTimeFit() for _ in range(world)]
+        self._fits = [StepTimeFit(forget=0.9) for _ in range(world)]
+        self._topology_votes = 0  # consecutive steps that asked for the same new topology
         self._own_comm = [EmaMeter(0.7) for _ in range(world)]
         self._cpu_fraction = [EmaMeter(0.7) for _ in range(world)]
+        self._late_s = [0.0] * world  # integrated lateness of each leaf, seen by its hub
         self.meters = [WorkerMeter() for _ in range(world)]
         self._controller = RebalanceController(config.controller)
         self.step = 0
@@ -255,6 +258,12 @@ class Agent:
         effective = effective_comm_s(own, [r[Stat.PREV_OTHER_S] for r in stats],
                                      self._prev_topology)
         for rank, r in enumerate(stats):
+            # A leaf whose gradient reaches its hub late costs more than its own measurements
+            # show (throttling stalls, its link): integrate the lateness into its cost, and
+            # let it leak away slowly once the leaf is on time.
+            self._late_s[rank] = 0.9 * self._late_s[rank] + r[Stat.LATE_S]
+            effective[rank] += self._late_s[rank]
+        for rank, r in enumerate(stats):
             self._fits[rank].observe(shares[rank], compute[rank],
                                      effective[rank] if has_prev else None)
             if has_prev:
@@ -282,10 +291,14 @@ class Agent:
     def _replan(self) -> None:
         models = [fit.model() for fit in self._fits]
         forced = False
-        if self.step >= 2 and all(m.count >= 2 for m in self._cpu_fraction):
-            slowness = [1.0 / max(m.value, 1e-3) for m in self._cpu_fraction]
+        if self.step >= 2 and all(f.count >= 2 for f in self._fits):
+            # Per-sample compute time is the role-independent measure of a worker's speed; a
+            # worker several times slower than the fastest stalls every ring phase.
+            slowness = [m.compute_per_sample_s for m in models]  # type: ignore[union-attr]
             topology = choose_topology(slowness, self.config.leaf_ratio, previous=self.topology)
-            if topology != self.topology:
+            self._topology_votes = self._topology_votes + 1 if topology != self.topology else 0
+            if self._topology_votes >= 3:  # a new topology must persist before it is applied
+                self._topology_votes = 0
                 self.topology = topology
                 self.sync.set_topology(topology)
                 forced = True

@@ -182,8 +182,8 @@ def _bench(args: argparse.Namespace) -> int:
         from idla.bench.hetero import HeteroConfig, print_hetero, run_hetero
 
         config = HeteroConfig(
-            speeds=_speeds(args.speeds, "--speeds") or [1.0], base_cores=args.base_cores, steps=args.steps,
-            repeats=args.repeats, global_batch=args.global_batch, seed=args.seed,
+            speeds=_speeds(args.speeds, "--speeds") or [1.0], base_cores=args.base_cores,
+            steps=args.steps, repeats=args.repeats, global_batch=args.global_batch, seed=args.seed,
         )
         result: dict[str, Any] = run_hetero(config)
         print_hetero(result)

@@ -58,7 +58,7 @@ def _setup(config: HeteroConfig) -> tuple[Any, Any, torch.nn.Module, torch.optim
 def _timed_steps(config: HeteroConfig, step_fn: Any, sizes: list[int]) -> float:
     """Run the steps; samples/s over the steps after the warm-up."""
     start = 0.0
-    for step, size in enumerate(sizes):
+    for step in range(len(sizes)):
         if step == config.warmup_steps:
             start = time.perf_counter()
         step_fn(step)

@@ -55,7 +55,7 @@ def choose_topology(
     below 0.75 × `leaf_ratio` × the cheapest, so a cost near the threshold does not flap.
 
     Leaves are spread over the hubs, most expensive leaf first, each to the hub with the fewest
-    leaves so far (ties: the cheapest hub, then the lower rank), so the extra traffic is shared.
+    leaves so far (ties: the lower rank), so the extra traffic is shared.
     Deterministic: every rank computes the same topology from the same measurements.
     """
     world_size = len(comm_cost_s)
@@ -75,7 +75,7 @@ def choose_topology(
     load = {hub: 0 for hub in core}
     hub_of: dict[int, int] = {}
     for leaf in leaves:
-        hub = min(core, key=lambda h: (load[h], comm_cost_s[h], h))
+        hub = min(core, key=lambda h: (load[h], h))
         hub_of[leaf] = hub
         load[hub] += 1
     return Topology(world_size, core, hub_of)

@@ -66,7 +66,7 @@ def local_slice(shares: Sequence[int], rank: int) -> slice:
 
 
 class BatchFetcher:
-    """Turns dataset indices into a batch; tensors are indexed directly, other data sets collated."""
+    """Turns dataset indices into a batch: tensors are indexed directly, other data collated."""
 
     def __init__(self, dataset: Dataset | Sequence[torch.Tensor]) -> None:
         if isinstance(dataset, TensorDataset):
@@ -91,6 +91,6 @@ class BatchFetcher:
             return tuple(t[indices] for t in self._tensors)
         # An empty share still needs the right shapes: collate one sample and keep none of it.
         picked = [int(i) for i in indices] or [0]
-        batch = default_collate([self._dataset[i] for i in picked])  # type: ignore[index]
+        batch = default_collate([self._dataset[i] for i in picked])
         parts = tuple(batch) if isinstance(batch, list | tuple) else (batch,)
         return parts if indices.numel() else tuple(t[:0] for t in parts)

@@ -69,7 +69,7 @@ class Group:
         self._subgroups: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
 
     def _pick_device(self) -> torch.device:
-        if self.backend == "nccl":
+        if self.backend in ("nccl", "none") and torch.cuda.is_available():
             index = self.local_rank % torch.cuda.device_count()
             torch.cuda.set_device(index)
             return torch.device("cuda", index)
@@ -102,10 +102,14 @@ class Group:
         return out
 
     def isend(self, tensor: torch.Tensor, dst: int) -> Work:
-        return dist.isend(tensor, dst)
+        work = dist.isend(tensor, dst)
+        assert work is not None  # only None for ranks outside the group, never here
+        return work
 
     def irecv(self, tensor: torch.Tensor, src: int) -> Work:
-        return dist.irecv(tensor, src)
+        work = dist.irecv(tensor, src)
+        assert work is not None
+        return work
 
     def barrier(self) -> None:
         if self.world_size > 1:

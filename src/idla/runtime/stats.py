@@ -19,6 +19,7 @@ class Stat(enum.IntEnum):
     SAMPLES = 5  # local batch of this step
     LOSS_SUM = 6  # local mean loss × local batch
     NONFINITE = 7  # 1 if this rank's loss was not finite
+    LATE_S = 8  # written by this rank's hub: how long the hub waited for this leaf's gradient
 
 
 WIDTH = len(Stat)
@@ -54,5 +55,6 @@ def row(
         float(samples),
         loss_sum,
         1.0 if nonfinite else 0.0,
+        0.0,  # LATE_S: filled in by the hub
     ]
     return torch.tensor(values, dtype=torch.float32)

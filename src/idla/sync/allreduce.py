@@ -19,6 +19,7 @@ rank), plus, per leaf, one send and one receive of the buffer through its hub.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
@@ -37,7 +38,11 @@ class GradientSync:
         group: Group,
         stats_width: int,
         bucket_cap_bytes: int = 256 * 1024,
+        late_column: int | None = None,
     ) -> None:
+        """`late_column`: the statistics column where a hub records, in each of its leaves'
+        rows, the seconds it sat waiting for that leaf's gradient (None: not recorded)."""
+        self.late_column = late_column
         self.group = group
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
@@ -119,8 +124,12 @@ class GradientSync:
         if self._leaves_added:
             return True
         if block:
-            for work in self._leaf_recvs:
+            leaves = self.topology.leaves_of(self.group.rank)
+            for leaf, work in zip(leaves, self._leaf_recvs, strict=True):
+                start = time.perf_counter()
                 work.wait()
+                if self.late_column is not None:
+                    self.stats[leaf, self.late_column] += time.perf_counter() - start
         elif not all(work.is_completed() for work in self._leaf_recvs):
             return False
         self._leaves_added = True
