@@ -9,23 +9,29 @@ from tests.distributed import workers
 
 
 @pytest.mark.parametrize("optimizer_name", ["sgd", "adam"])
-def test_uneven_step_equals_single_process_step(optimizer_name: str) -> None:
+@pytest.mark.parametrize("leaves", [{}, {2: 0, 3: 1}], ids=["ring", "hub-leaf"])
+def test_uneven_step_equals_single_process_step(
+    optimizer_name: str, leaves: dict[int, int]
+) -> None:
     # Prepare
     shares = [300, 150, 50, 12]
 
     # Execute
-    results = launch_local(workers.one_step_uneven, (shares, optimizer_name), len(shares))
+    results = launch_local(workers.one_step_uneven, (shares, optimizer_name, leaves), 4)
 
     # Assert
     assert results[0]["max_abs_diff"] < 1e-6
 
 
-def test_replicas_identical_and_each_sample_once_with_changing_shares() -> None:
-    # Prepare: shares change every step, so re-plans happen mid-epoch
-    plans = [[40, 30, 20, 10], [10, 20, 30, 40], [97, 1, 1, 1], [25, 25, 25, 25]]
+@pytest.mark.parametrize("leaves", [{}, {3: 0, 2: 0}], ids=["ring", "hub-leaf"])
+def test_replicas_identical_and_each_sample_once_with_changing_shares(
+    leaves: dict[int, int]
+) -> None:
+    # Prepare: shares change every step, so re-plans happen mid-epoch; one share is 0 at times
+    plans = [[40, 30, 20, 10], [10, 20, 30, 40], [97, 3, 0, 0], [25, 25, 25, 25]]
 
     # Execute
-    results = launch_local(workers.changing_shares, (plans, 3, 7), 4)
+    results = launch_local(workers.changing_shares, (plans, 3, 7, leaves), 4)
 
     # Assert
     assert len({r["hash"] for r in results}) == 1

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from idla import Agent, AgentConfig
+from idla.plan.topology import Topology
 from idla.runtime.data import GlobalBatchSampler
 from idla.runtime.demo import DigitsCNN, load_digits_split
 
@@ -27,9 +28,17 @@ def param_hash(model: torch.nn.Module) -> str:
     return hashlib.sha256(flat.numpy().tobytes()).hexdigest()
 
 
-def one_step_uneven(shares: list[int], optimizer_name: str) -> dict[str, Any]:
-    """One idla step with fixed uneven shares; rank 0 also runs the single-process reference
-    on the concatenated global batch and returns the largest difference."""
+def _topology(leaves: dict[int, int], world_size: int) -> Topology:
+    core = tuple(r for r in range(world_size) if r not in leaves)
+    return Topology(world_size, core, leaves)
+
+
+def one_step_uneven(
+    shares: list[int], optimizer_name: str, leaves: dict[int, int]
+) -> dict[str, Any]:
+    """One idla step with fixed uneven shares (and leaves sending to hubs); rank 0 also runs
+    the single-process reference on the concatenated global batch and returns the largest
+    difference."""
     torch.set_num_threads(1)
     train_set, _ = load_digits_split()
     torch.manual_seed(0)
@@ -37,7 +46,9 @@ def one_step_uneven(shares: list[int], optimizer_name: str) -> dict[str, Any]:
     reference = copy.deepcopy(model)
     optimizer = _optimizer(optimizer_name, model)
     agent = Agent(model, optimizer, train_set, config=AgentConfig(
-        global_batch_size=sum(shares), initial_shares=shares, rebalance=False))
+        global_batch_size=sum(shares), initial_shares=shares, rebalance=False,
+        bucket_cap_bytes=64 * 1024))  # several buckets: some all-reduces start mid-backward
+    agent.set_topology(_topology(leaves, agent.world_size))
     for x, y in agent.batches(0):
         agent.backward(F.cross_entropy(model(x), y))
         optimizer.step()
@@ -55,7 +66,9 @@ def one_step_uneven(shares: list[int], optimizer_name: str) -> dict[str, Any]:
     return {"max_abs_diff": diff}
 
 
-def changing_shares(plans: list[list[int]], epochs: int, seed: int) -> dict[str, Any]:
+def changing_shares(
+    plans: list[list[int]], epochs: int, seed: int, leaves: dict[int, int] | None = None
+) -> dict[str, Any]:
     """Train with shares forced to change every step (cycling `plans`); record which samples
     this rank saw per epoch and the final parameter hash."""
     torch.set_num_threads(1)
@@ -67,7 +80,9 @@ def changing_shares(plans: list[list[int]], epochs: int, seed: int) -> dict[str,
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     agent = Agent(model, optimizer, dataset, config=AgentConfig(
-        global_batch_size=sum(plans[0]), seed=seed, rebalance=False, check_every_steps=3))
+        global_batch_size=sum(plans[0]), seed=seed, rebalance=False, check_every_steps=3,
+        bucket_cap_bytes=64))
+    agent.set_topology(_topology(leaves or {}, agent.world_size))
     seen: list[list[int]] = []
     for epoch in range(epochs):
         seen.append([])
@@ -78,3 +93,34 @@ def changing_shares(plans: list[list[int]], epochs: int, seed: int) -> dict[str,
             agent.shares = list(plans[agent.step % len(plans)])
     agent.close()
     return {"rank": int(os.environ["RANK"]), "seen": seen, "hash": param_hash(model)}
+
+
+def diverge_then_check() -> dict[str, Any]:
+    """Rank 1 nudges a parameter behind the agent's back; the replica check must catch it."""
+    torch.set_num_threads(1)
+    model = torch.nn.Linear(4, 2)
+    dataset = (torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    agent = Agent(model, None, dataset, config=AgentConfig(global_batch_size=16))
+    if agent.rank == 1:
+        with torch.no_grad():
+            model.bias[0] += 1e-3
+    agent.check_replicas()
+    return {}
+
+
+def heterogeneous_shares(steps: int) -> dict[str, Any]:
+    """Train the demo CNN for `steps` steps; report the shares the agent settled on."""
+    torch.set_num_threads(1)
+    train_set, _ = load_digits_split()
+    torch.manual_seed(0)
+    model = DigitsCNN()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    agent = Agent(model, optimizer, train_set, global_batch_size=256)
+    epoch = 0
+    while agent.step < steps:
+        for x, y in agent.batches(epoch):
+            agent.backward(F.cross_entropy(model(x), y))
+            optimizer.step()
+        epoch += 1
+    agent.close()
+    return {"shares": agent.shares, "report": agent.report()}

@@ -165,3 +165,18 @@ def test_invalid_forget_raises() -> None:
     # Execute / Assert
     with pytest.raises(ConfigError, match="forget"):
         StepTimeFit(forget=0.0)
+
+
+def test_relative_error_tracks_the_timing_noise() -> None:
+    import random
+
+    rng = random.Random(0)
+    quiet = StepTimeFit(forget=0.9, change_ratio=0.6)
+    noisy = StepTimeFit(forget=0.9, change_ratio=0.6)
+    for _ in range(60):
+        quiet.observe(100, 0.010 * (1 + rng.uniform(-0.01, 0.01)))
+        noisy.observe(100, 0.010 * (1 + rng.uniform(-0.3, 0.3)))
+
+    assert quiet.relative_error < 0.02
+    assert 0.08 < noisy.relative_error < 0.3
+    assert noisy.standard_error() < noisy.relative_error

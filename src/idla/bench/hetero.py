@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -155,8 +155,9 @@ def run_hetero(config: HeteroConfig) -> dict[str, Any]:
         runs["idla"].append(
             launch_local(idla_worker, (config,), world, config.speeds, config.base_cores)[0])
     standalone: dict[float, float] = {}
+    alone = replace(config, steps=config.warmup_steps + 20)  # a steady rate needs few steps
     for speed in sorted(set(config.speeds)):
-        rates = [launch_local(standalone_worker, (config,), 1, [speed],
+        rates = [launch_local(standalone_worker, (alone,), 1, [speed],
                               config.base_cores)[0]["samples_per_s"]
                  for _ in range(config.repeats)]
         standalone[speed] = statistics.median(rates)

@@ -77,6 +77,7 @@ class RebalanceController:
         models: Sequence[StepModel | None],
         global_batch: int,
         caps: Sequence[int] | None = None,
+        noise: float = 0.0,
     ) -> list[int] | None:
         """New shares to apply now, or None to keep ``current``.
 
@@ -93,6 +94,8 @@ class RebalanceController:
             models: Step-time model per worker, None where not yet measured.
             global_batch: Samples per step the shares must sum to.
             caps: Largest local batch per worker, or None for no limit.
+            noise: Relative standard error of the models' predictions; a gain must also exceed
+                twice this, so that noisy timings alone do not move the plan.
 
         Raises:
             PlanError: If ``current`` and ``models`` differ in length, or planning fails.
@@ -113,7 +116,7 @@ class RebalanceController:
         candidate = allocate_shares(global_batch, measured, caps)
         now_s = predicted_step_s(current, measured)
         gain = (now_s - predicted_step_s(candidate, measured)) / now_s if now_s > 0.0 else 0.0
-        if gain <= self._config.min_gain:
+        if gain <= max(self._config.min_gain, 2.0 * noise):
             self._streak = 0
             return None
         self._streak += 1

@@ -75,12 +75,17 @@ class StepTimeFit:
 
     Args:
         forget: Forgetting factor λ in (0, 1]; 1 keeps all history with equal weight.
+        change_ratio: Relative prediction error above which an observation counts as a change
+            of speed (default 0.3); raise it where timings are noisier than that.
     """
 
-    def __init__(self, forget: float = 0.8) -> None:
+    def __init__(self, forget: float = 0.8, change_ratio: float = _CHANGE_RATIO) -> None:
         if not 0.0 < forget <= 1.0:
             raise ConfigError(f"forget must be in (0, 1], got {forget}")
+        if not change_ratio > 0.0:
+            raise ConfigError(f"change_ratio must be positive, got {change_ratio}")
         self._forget = forget
+        self._change_ratio = change_ratio
         self._weight = 0.0  # Σ λ^k over compute observations, unitless
         self._mean_b = 0.0  # weighted mean local batch, samples
         self._mean_t = 0.0  # weighted mean compute time, seconds
@@ -89,6 +94,7 @@ class StepTimeFit:
         self._count = 0  # observations with local_batch > 0
         self._held: tuple[int, float, bool] | None = None  # (samples, seconds, slower) held back
         self._comm_s = EmaMeter(decay=forget)
+        self._abs_error = EmaMeter(decay=forget)  # |relative prediction error| of compute
 
     def observe(self, local_batch: int, compute_s: float, comm_s: float | None = None) -> None:
         """Adds one step's measurements.
@@ -112,7 +118,8 @@ class StepTimeFit:
             return
         predicted_s = model.compute_fixed_s + model.compute_per_sample_s * local_batch
         error = compute_s / predicted_s - 1.0
-        if abs(error) <= _CHANGE_RATIO:
+        self._abs_error.update(min(abs(error), 1.0))
+        if abs(error) <= self._change_ratio:
             self._add(local_batch, compute_s)
         elif held is None or held[2] != (error > 0.0):
             self._held = (local_batch, compute_s, error > 0.0)
@@ -135,6 +142,16 @@ class StepTimeFit:
         self._mean_t += delta_t / self._weight
         self._m2_b += delta_b * (local_batch - self._mean_b)
         self._c_bt += delta_b * (compute_s - self._mean_t)
+
+    @property
+    def relative_error(self) -> float:
+        """Typical |relative error| of one compute prediction (0 before there is any)."""
+        return self._abs_error.value if self._abs_error.count else 0.0
+
+    def standard_error(self) -> float:
+        """Relative standard error of the fitted mean: one error over √(effective samples)."""
+        effective = min(float(self._count), 1.0 / (1.0 - self._forget + 1e-12))
+        return self.relative_error / math.sqrt(max(effective, 1.0))
 
     @property
     def count(self) -> int:

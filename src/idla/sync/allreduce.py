@@ -37,7 +37,7 @@ class GradientSync:
         params: Sequence[nn.Parameter],
         group: Group,
         stats_width: int,
-        bucket_cap_bytes: int = 256 * 1024,
+        bucket_cap_bytes: int = 4 * 1024 * 1024,
         late_column: int | None = None,
     ) -> None:
         """`late_column`: the statistics column where a hub records, in each of its leaves'

@@ -1,0 +1,26 @@
+"""`idla train` end to end: real worker processes, a report and a plot on disk."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_train_writes_report_and_plot(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+
+    result = subprocess.run(
+        [sys.executable, "-m", "idla.cli", "train", "--workers", "2", "--emulate-speeds",
+         "none", "--epochs", "3", "--global-batch", "256", "--out", str(out), "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test accuracy" in result.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["world_size"] == 2
+    assert sum(report["shares"]) == 256
+    assert len(report["history"]["shares"]) == report["steps"]
+    assert (out / "training.png").stat().st_size > 1000
