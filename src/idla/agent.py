@@ -208,7 +208,7 @@ class Agent:
             self._step_start = time.perf_counter()
             self._step_cpu = time.process_time()
             self._batch, self._batch_shares = global_batch, shares
-            self.sync.start_step()
+            self.sync.start_step(shares)
             indices = global_batch.indices[local_slice(shares, self.rank)]
             parts = self._fetcher.fetch(indices)
             self._awaiting_backward = True

@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     from idla.runtime.launch import launch_local
-    from idla.runtime.summary import print_summary
+    from idla.runtime.summary import TrainProgress, print_summary
     from idla.runtime.trainer import TrainConfig, train_worker, write_outputs
 
     speeds = _speeds(args.emulate_speeds)
@@ -145,8 +145,12 @@ def _train(args: argparse.Namespace) -> int:
         max_local_batch=_caps(args.max_local_batch),
     )
     _check_dataset_size(config.global_batch)
-    reports = launch_local(train_worker, (config, not args.quiet), config.workers, speeds,
-                           config.base_cores)
+    if args.quiet:
+        reports = launch_local(train_worker, (config,), config.workers, speeds, config.base_cores)
+    else:
+        with TrainProgress() as progress:
+            reports = launch_local(train_worker, (config,), config.workers, speeds,
+                                   config.base_cores, on_progress=progress.update)
     report = reports[0]
     out = write_outputs(report, args.out) if args.out else None
     print_summary(report, out)

@@ -24,3 +24,18 @@ def test_train_writes_report_and_plot(tmp_path: Path) -> None:
     assert sum(report["shares"]) == 256
     assert len(report["history"]["shares"]) == report["steps"]
     assert (out / "training.png").stat().st_size > 1000
+
+
+def test_profile_prints_a_row_per_worker_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "profile.json"
+
+    result = subprocess.run(
+        [sys.executable, "-m", "idla.cli", "profile", "--workers", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["workers"]
+    assert [row["rank"] for row in rows] == [0, 1]
+    assert all(row["compute_per_sample_s"] > 0 for row in rows)
+    assert all(row["link_bandwidth_bytes_per_s"] > 0 for row in rows)

@@ -43,13 +43,6 @@ def test_zero_median_communication_is_reported_in_seconds() -> None:
     assert lines == ["rank 2: communication 0.5 s while the median is 0 s (its link)"]
 
 
-def test_rank_waited_for_without_a_visible_cause_is_named() -> None:
-    lines = diagnose_stragglers([1.0] * 3, [0.1] * 3, [0.8, 0.8, 0.0])
-
-    assert len(lines) == 1
-    assert lines[0].startswith("rank 2: the others wait for it")
-
-
 def test_write_json_atomic_leaves_only_the_target(tmp_path: Path) -> None:
     target = tmp_path / "report.json"
     target.write_text("old")
@@ -92,3 +85,11 @@ def test_plot_empty_history_writes_png(tmp_path: Path) -> None:
     plot_history({"step": [], "shares": [], "samples_per_s": [], "loss": []}, target)
 
     assert target.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_a_planned_split_is_not_a_straggler() -> None:
+    # fast ranks compute longer on bigger shares, slow leaves compute less and send: equally busy
+    lines = diagnose_stragglers([0.030, 0.030, 0.020, 0.012], [0.004, 0.004, 0.014, 0.022],
+                                [0.001, 0.001, 0.010, 0.018])
+
+    assert lines == []

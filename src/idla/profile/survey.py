@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from idla.profile.perf_model import StepTimeFit
 from idla.profile.probe import probe_all
 from idla.runtime.demo import DigitsCNN
+from idla.runtime.group import Group
 from idla.runtime.launch import launch_local
 
 PROBE_BATCHES = (32, 64, 128, 256)  # local batch sizes timed for the step-time fit
@@ -33,15 +33,17 @@ def _time_compute(batch: int, repeats: int = 3) -> float:
 
 def survey_worker() -> dict[str, Any]:
     torch.set_num_threads(1)
-    profiles = probe_all(int(os.environ.get("RANK", "0")))
+    group = Group()
+    profiles = probe_all(group.rank)
     fit = StepTimeFit(forget=1.0)
     timings = {}
     for batch in PROBE_BATCHES:
         timings[batch] = _time_compute(batch)
         fit.observe(batch, timings[batch])
     model = fit.model()
-    assert model is not None
-    mine = profiles[int(os.environ.get("RANK", "0"))].to_dict()
+    assert model is not None  # observed above
+    mine = profiles[group.rank].to_dict()
+    group.close()
     mine.update(
         compute_fixed_s=model.compute_fixed_s,
         compute_per_sample_s=model.compute_per_sample_s,

@@ -16,6 +16,17 @@ from typing import Any
 from idla.emulate.cgroup import CpuThrottle
 from idla.errors import ConfigError, IdlaError
 
+_progress: Any = None  # in a worker started by launch_local: the queue to its launcher
+
+
+def report_progress(message: dict[str, Any]) -> None:
+    """Hand a progress message to the launching process, which draws it (no-op elsewhere).
+
+    Drawing in the launcher keeps the cost of the display off the (possibly throttled) worker.
+    """
+    if _progress is not None:
+        _progress.put(message)
+
 
 class WorkerFailed(RuntimeError):
     """A worker process raised an unexpected exception (its traceback is in the message)."""
@@ -29,8 +40,10 @@ def free_port() -> int:
 
 def _child(
     fn: Callable[..., Any], args: tuple[Any, ...], rank: int, world_size: int, port: int,
-    store_path: str, results: Any,
+    store_path: str, results: Any, progress: Any,
 ) -> None:
+    global _progress
+    _progress = progress
     # Local workers meet through a file store and talk over loopback only: torch's TCPStore
     # would listen on every interface, and gloo would pick the host's outward address.
     os.environ.update(
@@ -53,12 +66,14 @@ def launch_local(
     speeds: Sequence[float] | None = None,
     base_cores: float = 0.5,
     timeout_s: float = 3600.0,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[Any]:
     """Run fn(*args) in `world_size` processes; return each rank's result, in rank order.
 
     With `speeds`, each process runs in its own throttled cgroup (real OS throttling; the
     workers are not told their speed). A worker's user error is re-raised as that IdlaError;
-    any failure stops the other workers too.
+    any failure stops the other workers too. Messages a worker sends with `report_progress`
+    are passed to `on_progress` here, in the launcher.
     """
     if world_size < 1:
         raise ConfigError(f"--workers must be at least 1, got {world_size}")
@@ -68,6 +83,7 @@ def launch_local(
         )
     context = mp.get_context("spawn")
     results = context.Queue()
+    progress = context.Queue() if on_progress is not None else None
     port = free_port()
     with ExitStack() as stack:
         store_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="idla-"))
@@ -75,7 +91,8 @@ def launch_local(
         throttle = stack.enter_context(CpuThrottle(speeds, base_cores)) if speeds else None
         procs = [
             context.Process(
-                target=_child, args=(fn, args, rank, world_size, port, store_path, results)
+                target=_child,
+                args=(fn, args, rank, world_size, port, store_path, results, progress),
             )
             for rank in range(world_size)
         ]
@@ -84,7 +101,7 @@ def launch_local(
                 proc.start()
                 if throttle is not None and proc.pid is not None:
                     throttle.attach(rank, proc.pid)
-            return _collect(procs, results, timeout_s)
+            return _collect(procs, results, timeout_s, progress, on_progress)
         finally:
             for proc in procs:
                 if proc.is_alive():
@@ -93,12 +110,16 @@ def launch_local(
                 proc.join(timeout=10)
 
 
-def _collect(procs: list[Any], results: Any, timeout_s: float) -> list[Any]:
+def _collect(
+    procs: list[Any], results: Any, timeout_s: float, progress: Any,
+    on_progress: Callable[[dict[str, Any]], None] | None,
+) -> list[Any]:
     outcome: dict[int, Any] = {}
     deadline = time.monotonic() + timeout_s
     while len(outcome) < len(procs):
+        _drain(progress, on_progress)
         try:
-            kind, rank, value = results.get(timeout=0.5)
+            kind, rank, value = results.get(timeout=0.1)
         except queue.Empty:
             dead = [r for r, p in enumerate(procs) if r not in outcome and p.exitcode is not None]
             if dead:
@@ -114,4 +135,15 @@ def _collect(procs: list[Any], results: Any, timeout_s: float) -> list[Any]:
         if kind == "crash":
             raise WorkerFailed(f"worker {rank} failed:\n{value}")
         outcome[rank] = value
+    _drain(progress, on_progress)
     return [outcome[r] for r in range(len(procs))]
+
+
+def _drain(progress: Any, on_progress: Callable[[dict[str, Any]], None] | None) -> None:
+    if progress is None or on_progress is None:
+        return
+    while True:
+        try:
+            on_progress(progress.get_nowait())
+        except queue.Empty:
+            return

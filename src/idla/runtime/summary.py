@@ -9,6 +9,33 @@ from rich.console import Console
 from rich.table import Table
 
 
+class TrainProgress:
+    """A rich progress bar, drawn in the launcher, showing every worker's current share."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TimeRemainingColumn(), TextColumn("{task.description}"),
+        )
+        self._task = self._progress.add_task("starting workers", total=None)
+
+    def __enter__(self) -> TrainProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def update(self, message: dict[str, Any]) -> None:
+        shares = "/".join(str(s) for s in message["shares"])
+        self._progress.update(
+            self._task, completed=message["step"], total=message["steps"],
+            description=f"shares {shares}  loss {message['loss']:.3f}",
+        )
+
+
 def print_summary(report: dict[str, Any], out: Path | None) -> None:
     console = Console()
     table = Table(title="idla train: per-worker summary (moving averages)")

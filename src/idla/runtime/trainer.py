@@ -14,6 +14,7 @@ from idla.agent import Agent, AgentConfig
 from idla.errors import ConfigError
 from idla.runtime.demo import DigitsCNN, accuracy, load_digits_split
 from idla.runtime.group import Group
+from idla.runtime.launch import report_progress
 
 
 @dataclass(kw_only=True, slots=True)
@@ -77,8 +78,8 @@ class TrainConfig:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
 
 
-def train_worker(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
-    """One worker of the demo job; rank 0 draws the progress and returns the full report."""
+def train_worker(config: TrainConfig) -> dict[str, Any]:
+    """One worker of the demo job; rank 0 reports progress and returns the full report."""
     torch.set_num_threads(config.threads)
     group = Group()
     train_set, test_set = load_digits_split(seed=config.seed)
@@ -95,19 +96,15 @@ def train_worker(config: TrainConfig, show_progress: bool = True) -> dict[str, A
         group=group,
     )
     steps = config.epochs * agent.sampler.steps_per_epoch()
-    progress = _Progress(steps, agent.world_size) if show_progress and agent.rank == 0 else None
     start = time.perf_counter()
-    try:
-        for epoch in range(config.epochs):
-            for x, y in agent.batches(epoch):
-                loss = F.cross_entropy(model(x), y)
-                agent.backward(loss)
-                optimizer.step()
-                if progress is not None:
-                    progress.update(agent)
-    finally:
-        if progress is not None:
-            progress.stop()
+    for epoch in range(config.epochs):
+        for x, y in agent.batches(epoch):
+            loss = F.cross_entropy(model(x), y)
+            agent.backward(loss)
+            optimizer.step()
+            if agent.rank == 0:
+                report_progress({"step": agent.step, "steps": steps, "shares": agent.shares,
+                                 "loss": agent.history["loss"][-1]})
     elapsed_s = time.perf_counter() - start
     agent.close()
     report = agent.report()
@@ -118,31 +115,6 @@ def train_worker(config: TrainConfig, show_progress: bool = True) -> dict[str, A
         config=asdict(config),
     )
     return report if agent.rank == 0 else {}
-
-
-class _Progress:
-    """A rich progress bar whose description shows every worker's current share."""
-
-    def __init__(self, steps: int, world_size: int) -> None:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TimeRemainingColumn(), TextColumn("{task.description}"),
-        )
-        self._task = self._progress.add_task("", total=steps)
-        self._progress.start()
-
-    def update(self, agent: Agent) -> None:
-        history = agent.history
-        loss = history["loss"][-1] if history["loss"] else float("nan")
-        shares = "/".join(str(s) for s in agent.shares)
-        self._progress.update(
-            self._task, advance=1, description=f"shares {shares}  loss {loss:.3f}"
-        )
-
-    def stop(self) -> None:
-        self._progress.stop()
 
 
 def write_outputs(report: dict[str, Any], out: str | Path) -> Path:

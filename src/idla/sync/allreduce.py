@@ -79,8 +79,12 @@ class GradientSync:
         self._ready = [0] * len(self.buckets)
         self._next_launch = 0
         self._works: list[Work] = []
-        self._leaf_bufs: dict[int, torch.Tensor] = {}
-        self._leaf_recvs: list[Work] = []
+        self._leaf_bufs: dict[int, torch.Tensor] = {}  # a whole buffer per sending leaf
+        self._leaf_rows: dict[int, torch.Tensor] = {}  # a statistics row per idle leaf
+        self._leaf_recvs: list[tuple[int, Work]] = []
+        self._my_share = 0
+        self._sending_leaves: list[int] = []
+        self._idle_leaves: list[int] = []
         self._leaves_added = False
         self._send_buf: torch.Tensor | None = None
         self._pending_sends: list[Work] = []
@@ -101,9 +105,13 @@ class GradientSync:
         for leaf in topology.leaves_of(self.group.rank):
             if leaf not in self._leaf_bufs:
                 self._leaf_bufs[leaf] = torch.empty_like(self.flat)
+                self._leaf_rows[leaf] = torch.empty_like(self.stats[leaf])
 
-    def start_step(self) -> None:
-        """Zero the buffer, point every ``.grad`` into it and post the receives from leaves."""
+    def start_step(self, shares: Sequence[int]) -> None:
+        """Zero the buffer, point every ``.grad`` into it and post the receives from leaves.
+
+        A leaf with no samples this step has no gradient to give: it sends only its row of
+        statistics, so it costs its hub nothing but a few bytes."""
         self.flat.zero_()
         for p, view in self._grad_views:
             p.grad = view
@@ -112,7 +120,14 @@ class GradientSync:
         self._works = []
         self._leaves_added = False
         leaves = self.topology.leaves_of(self.group.rank)
-        self._leaf_recvs = [self.group.irecv(self._leaf_bufs[leaf], leaf) for leaf in leaves]
+        self._my_share = shares[self.group.rank]
+        self._leaf_recvs = [
+            (leaf, self.group.irecv(
+                self._leaf_bufs[leaf] if shares[leaf] > 0 else self._leaf_rows[leaf], leaf))
+            for leaf in leaves
+        ]
+        self._sending_leaves = [leaf for leaf in leaves if shares[leaf] > 0]
+        self._idle_leaves = [leaf for leaf in leaves if shares[leaf] == 0]
 
     def _on_grad_ready(self, param: torch.Tensor) -> None:
         index = self._bucket_index[id(param)]
@@ -124,13 +139,12 @@ class GradientSync:
         if self._leaves_added:
             return True
         if block:
-            leaves = self.topology.leaves_of(self.group.rank)
-            for leaf, work in zip(leaves, self._leaf_recvs, strict=True):
+            for leaf, work in self._leaf_recvs:
                 start = time.perf_counter()
                 work.wait()
                 if self.late_column is not None:
                     self.stats[leaf, self.late_column] += time.perf_counter() - start
-        elif not all(work.is_completed() for work in self._leaf_recvs):
+        elif not all(work.is_completed() for _, work in self._leaf_recvs):
             return False
         self._leaves_added = True
         return True
@@ -147,15 +161,15 @@ class GradientSync:
             if not self._leaves_arrived(block=final):
                 return
             part = self.flat[self._bucket_slices[index]]
-            for buf in self._leaf_bufs_of_this_step():
-                part.add_(buf[self._bucket_slices[index]])
+            for leaf in self._sending_leaves:
+                part.add_(self._leaf_bufs[leaf][self._bucket_slices[index]])
+            if index == last:
+                for leaf in self._idle_leaves:
+                    self.stats[leaf].add_(self._leaf_rows[leaf])
             work = self.group.all_reduce(part, self.topology.core)
             if work is not None:
                 self._works.append(work)
             self._next_launch += 1
-
-    def _leaf_bufs_of_this_step(self) -> list[torch.Tensor]:
-        return [self._leaf_bufs[leaf] for leaf in self.topology.leaves_of(self.group.rank)]
 
     def finish(self, stats_row: torch.Tensor) -> torch.Tensor:
         """Write this rank's statistics, complete the exchange and return everybody's
@@ -163,7 +177,8 @@ class GradientSync:
         self.stats[self.group.rank].copy_(stats_row)
         if self.is_leaf:
             hub = self.topology.hub_of[self.group.rank]
-            self.group.isend(self.flat, hub).wait()
+            payload = self.flat if self._my_share > 0 else self.stats[self.group.rank]
+            self.group.isend(payload, hub).wait()
             self.group.irecv(self.flat, hub).wait()
             return self.stats.clone()
         self._launch(final=True)
