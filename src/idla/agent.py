@@ -26,11 +26,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from idla.errors import ConfigError, PlanError, ReplicaMismatchError
-from idla.plan.costs import cpu_bound_comm_s, effective_comm_s
 from idla.plan.planner import PlannerConfig, SharePlanner
 from idla.plan.shares import allocate_shares
 from idla.plan.topology import Topology, choose_topology
-from idla.profile.meters import EmaMeter, StepTimes, WorkerMeter
+from idla.profile.observer import JobObserver
 from idla.profile.perf_model import StepModel
 from idla.report import diagnose_stragglers
 from idla.runtime.data import BatchFetcher, GlobalBatch, GlobalBatchSampler, local_slice
@@ -134,10 +133,7 @@ class Agent:
         self.topology = Topology.ring(world)
         self.planner = SharePlanner(world, config.planner)
         self._topology_votes = 0  # consecutive steps that asked for the same new topology
-        self._own_comm = [EmaMeter(0.7) for _ in range(world)]
-        self._cpu_fraction = [EmaMeter(0.7) for _ in range(world)]
-        self._late_s = [0.0] * world  # integrated lateness of each leaf, seen by its hub
-        self.meters = [WorkerMeter() for _ in range(world)]
+        self.observer = JobObserver(world)
         self.step = 0
         self.history: dict[str, list[Any]] = {
             "step": [], "shares": [], "samples_per_s": [], "loss": [], "compute_s": [],
@@ -152,7 +148,6 @@ class Agent:
         self._prev_sync_s = 0.0
         self._prev_comm_cpu_s = 0.0
         self._prev_other_s = 0.0
-        self._prev_wait_s = [0.0] * world
         self._prev_topology = self.topology
 
     @property
@@ -247,38 +242,11 @@ class Agent:
 
     def _absorb(self, stats: list[list[float]]) -> None:
         """Learn from everybody's statistics; identical on every rank, so the plan is too."""
-        world = self.world_size
         shares = self._batch_shares
+        costs = self.observer.absorb(stats, shares, self._prev_topology, self.step == 0)
         compute = [r[Stat.COMPUTE_S] for r in stats]
-        slowest = max(compute)
-        has_prev = self.step > 0
-        own = [
-            cpu_bound_comm_s(r[Stat.PREV_COMM_CPU_S], r[Stat.COMPUTE_CPU_S], r[Stat.COMPUTE_S])
-            for r in stats
-        ]
-        effective = effective_comm_s(own, [r[Stat.PREV_OTHER_S] for r in stats],
-                                     self._prev_topology)
-        for rank, r in enumerate(stats):
-            # A leaf whose gradient reaches its hub late costs more than its own measurements
-            # show (throttling stalls, its link): integrate the lateness into its cost, and
-            # let it leak away slowly once the leaf is on time.
-            self._late_s[rank] = 0.9 * self._late_s[rank] + r[Stat.LATE_S]
-            effective[rank] += self._late_s[rank]
-        for rank, r in enumerate(stats):
-            self.planner.observe(rank, shares[rank], compute[rank],
-                                     effective[rank] if has_prev else None)
-            if has_prev:
-                self._own_comm[rank].update(own[rank])
-            if r[Stat.COMPUTE_S] > 0 and shares[rank] > 0:
-                self._cpu_fraction[rank].update(r[Stat.COMPUTE_CPU_S] / r[Stat.COMPUTE_S])
-            wait = self._prev_wait_s[rank]
-            self.meters[rank].update(StepTimes(
-                compute_s=compute[rank],
-                comm_s=max(r[Stat.PREV_SYNC_S] - wait, 0.0),
-                wait_s=wait,
-                samples=shares[rank],
-            ))
-        self._prev_wait_s = [slowest - c for c in compute]
+        for rank in range(self.world_size):
+            self.planner.observe(rank, shares[rank], compute[rank], costs[rank])
         self._prev_topology = self.topology
         total = sum(r[Stat.SAMPLES] for r in stats)
         self.history["step"].append(self.step)
@@ -286,7 +254,7 @@ class Agent:
         self.history["loss"].append(sum(r[Stat.LOSS_SUM] for r in stats) / max(total, 1))
         self.history["compute_s"].append(compute)
         self.history["topology"].append(self.topology.describe())
-        if self.config.rebalance and world > 1:
+        if self.config.rebalance and self.world_size > 1:
             self._replan()
 
     def _replan(self) -> None:
@@ -333,7 +301,7 @@ class Agent:
             )
 
     def stragglers(self) -> list[str]:
-        snaps = [m.snapshot() for m in self.meters]
+        snaps = [m.snapshot() for m in self.observer.meters]
         return diagnose_stragglers(
             [s["compute_s"] for s in snaps], [s["comm_s"] for s in snaps],
             [s["wait_s"] for s in snaps],
@@ -341,7 +309,7 @@ class Agent:
 
     def report(self) -> dict[str, Any]:
         """A JSON-ready summary of the run so far (identical on every rank)."""
-        snaps = [m.snapshot() for m in self.meters]
+        snaps = [m.snapshot() for m in self.observer.meters]
         return {
             "world_size": self.world_size,
             "backend": self.group.backend,
@@ -352,8 +320,8 @@ class Agent:
             "replan_steps": self.planner.controller.changes,
             "workers": [
                 {"rank": rank, "share": self.shares[rank], **snap,
-                 "own_comm_s": self._own_comm[rank].value,
-                 "cpu_fraction": self._cpu_fraction[rank].value}
+                 "own_comm_s": self.observer.own_comm[rank].value,
+                 "cpu_fraction": self.observer.cpu_fraction[rank].value}
                 for rank, snap in enumerate(snaps)
             ],
             "stragglers": self.stragglers(),
