@@ -29,9 +29,11 @@ def _int_env(name: str, default: int) -> int:
         raise ConfigError(f"environment variable {name}={text!r} is not an integer") from None
 
 
-def pick_backend() -> str:
-    """nccl when this process has a GPU to use, gloo otherwise."""
-    return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+def pick_backend(local_world_size: int) -> str:
+    """nccl when every local process has a GPU of its own, gloo otherwise (NCCL refuses two
+    ranks on one GPU)."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return "nccl" if dist.is_nccl_available() and 0 < local_world_size <= gpus else "gloo"
 
 
 class Group:
@@ -49,7 +51,7 @@ class Group:
         self.backend = "none"
         if self.world_size > 1:
             if not dist.is_initialized():
-                self.backend = pick_backend()
+                self.backend = pick_backend(_int_env("LOCAL_WORLD_SIZE", self.world_size))
                 dist.init_process_group(
                     self.backend,
                     init_method=os.environ.get("IDLA_INIT_METHOD", "env://"),
