@@ -54,7 +54,12 @@ class AgentConfig:
     """Gradient bytes per all-reduce bucket. Smaller buckets start communicating earlier in
     backward, but each collective has a fixed cost: on CPU-starved gloo workers splitting the
     demo CNN's 0.6 MB in two buckets measured 5 % slower than one, so the default keeps small
-    models in one bucket."""
+    models in one bucket. Buckets start during backward only with nan_guard off."""
+    nan_guard: bool = True
+    """Leave a rank whose loss or gradient is not finite out of the step's weighted sum
+    (the others' samples are re-weighted); holds buckets until backward ends to check them."""
+    nan_drop_after: int = 3
+    """A rank non-finite this many steps in a row gets no more samples (0: never drop)."""
     leaf_ratio: float = 1.8
     """A worker whose communication costs this many times the cheapest one's leaves the ring."""
     max_local_batch: int | None = None
@@ -120,7 +125,7 @@ class Agent:
         self.caps = self._gather_caps()
         self.sync = GradientSync(
             list(self.model.parameters()), self.group, WIDTH, config.bucket_cap_bytes,
-            late_column=Stat.LATE_S,
+            late_column=Stat.LATE_S, early_launch=not config.nan_guard,
         )
         equal = [StepModel(compute_fixed_s=0.0, compute_per_sample_s=1.0)] * world
         self.shares = allocate_shares(config.global_batch_size, equal, self.caps)
@@ -134,6 +139,9 @@ class Agent:
         self.planner = SharePlanner(world, config.planner)
         self._topology_votes = 0  # consecutive steps that asked for the same new topology
         self.observer = JobObserver(world)
+        self.nonfinite_steps = [0] * world  # steps each rank's contribution was dropped
+        self._nonfinite_streak = [0] * world
+        self.dropped: set[int] = set()  # ranks planned no more samples (repeat offenders)
         self.step = 0
         self.history: dict[str, list[Any]] = {
             "step": [], "shares": [], "samples_per_s": [], "loss": [], "compute_s": [],
@@ -217,10 +225,17 @@ class Agent:
             raise RuntimeError("agent.backward() must follow a batch from agent.batches()")
         local = self._batch_shares[self.rank]
         loss_sum, nonfinite = 0.0, False
+        guard = self.config.nan_guard
         if local > 0:
             loss_sum = float(loss.detach()) * local
             nonfinite = not math.isfinite(loss_sum)
-            (loss * (local / self._batch.size)).backward()
+            if not (guard and nonfinite):
+                (loss * (local / self._batch.size)).backward()
+            if guard and not nonfinite:
+                nonfinite = not bool(torch.isfinite(self.sync.grads).all())
+            if guard and nonfinite:
+                self.sync.drop_local_gradient()
+                loss_sum, local = 0.0, 0
         compute_end, compute_cpu_end = time.perf_counter(), time.process_time()
         stats_row = row(
             compute_s=compute_end - self._step_start,
@@ -237,8 +252,21 @@ class Agent:
         self._prev_sync_s = self._sync_end - compute_end
         self._prev_comm_cpu_s = time.process_time() - compute_cpu_end
         self._awaiting_backward = False
+        if guard:
+            self._reweight(int(stats[:, Stat.SAMPLES].sum().item()), self._batch.size)
         self._absorb(stats.double().cpu().tolist())
         self.step += 1
+
+    def _reweight(self, valid: int, size: int) -> None:
+        """Make the summed gradient the mean over the samples that were kept: × size / valid;
+        with none kept there is no gradient, and optimizers skip the step."""
+        if valid == size:
+            return
+        if valid == 0:
+            for p in self.sync.params:
+                p.grad = None
+            return
+        self.sync.grads.mul_(size / valid)
 
     def _absorb(self, stats: list[list[float]]) -> None:
         """Learn from everybody's statistics; identical on every rank, so the plan is too."""
@@ -248,6 +276,7 @@ class Agent:
         for rank in range(self.world_size):
             self.planner.observe(rank, shares[rank], compute[rank], costs[rank])
         self._prev_topology = self.topology
+        self._drop_repeat_offenders(stats)
         total = sum(r[Stat.SAMPLES] for r in stats)
         self.history["step"].append(self.step)
         self.history["shares"].append(list(shares))
@@ -256,6 +285,27 @@ class Agent:
         self.history["topology"].append(self.topology.describe())
         if self.config.rebalance and self.world_size > 1:
             self._replan()
+
+    def _drop_repeat_offenders(self, stats: list[list[float]]) -> None:
+        """Count non-finite steps per rank; a repeat offender is planned no more samples."""
+        limit = self.config.nan_drop_after
+        for rank, r in enumerate(stats):
+            if r[Stat.NONFINITE]:
+                self.nonfinite_steps[rank] += 1
+                self._nonfinite_streak[rank] += 1
+            else:
+                self._nonfinite_streak[rank] = 0
+            if limit and self._nonfinite_streak[rank] >= limit and rank not in self.dropped:
+                self.dropped.add(rank)
+                big = self.config.global_batch_size
+                self.caps = [0 if q in self.dropped else (self.caps[q] if self.caps else big)
+                             for q in range(self.world_size)]
+                if sum(self.caps) < big:
+                    raise PlanError(f"rank {rank} was dropped for non-finite gradients and the "
+                                    "remaining ranks cannot hold the global batch")
+                weights = [0 if q in self.dropped else s for q, s in enumerate(self.shares)]
+                self.shares = self.planner.plan_now(big, weights, self.caps,
+                                                    measured=self.config.rebalance)
 
     def _replan(self) -> None:
         models = self.planner.models()
@@ -325,6 +375,8 @@ class Agent:
                 for rank, snap in enumerate(snaps)
             ],
             "stragglers": self.stragglers(),
+            "nonfinite_steps": list(self.nonfinite_steps),
+            "dropped_ranks": sorted(self.dropped),
             "history": self.history,
         }
 

@@ -124,3 +124,66 @@ def heterogeneous_shares(steps: int) -> dict[str, Any]:
         epoch += 1
     agent.close()
     return {"shares": agent.shares, "report": agent.report()}
+
+
+def nan_step(shares: list[int], bad_ranks: list[int], optimizer_name: str) -> dict[str, Any]:
+    """One step in which `bad_ranks` produce a NaN loss; rank 0 compares the result with a
+    single process on the samples of the other ranks, and reports whether anything changed."""
+    torch.set_num_threads(1)
+    train_set, _ = load_digits_split()
+    torch.manual_seed(0)
+    model = DigitsCNN()
+    reference = copy.deepcopy(model)
+    optimizer = _optimizer(optimizer_name, model)
+    agent = Agent(model, optimizer, train_set, config=AgentConfig(
+        global_batch_size=sum(shares), initial_shares=shares, rebalance=False))
+    for x, y in agent.batches(0):
+        loss = F.cross_entropy(model(x), y)
+        if agent.rank in bad_ranks:
+            loss = loss * float("nan")
+        agent.backward(loss)
+        optimizer.step()
+        break
+    agent.close()
+    if agent.rank != 0:
+        return {}
+    batch = GlobalBatchSampler(len(train_set), sum(shares), 0).epoch(0)[0].indices
+    starts = [sum(shares[:r]) for r in range(len(shares))]
+    kept = torch.cat([batch[starts[r]: starts[r] + shares[r]]
+                      for r in range(len(shares)) if r not in bad_ranks] or [batch[:0]])
+    images, labels = train_set.tensors
+    unchanged = all(torch.equal(p, q) for p, q in zip(model.parameters(),
+                                                       reference.parameters(), strict=True))
+    if kept.numel():
+        ref_optimizer = _optimizer(optimizer_name, reference)
+        F.cross_entropy(reference(images[kept]), labels[kept]).backward()
+        ref_optimizer.step()
+    diff = max(float((p - q).detach().abs().max())
+               for p, q in zip(model.parameters(), reference.parameters(), strict=True))
+    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    return {"max_abs_diff": diff, "finite": finite, "unchanged": unchanged,
+            "nonfinite_steps": agent.nonfinite_steps}
+
+
+def nan_every_step_on_rank_1(steps: int) -> dict[str, Any]:
+    """Rank 1's loss is NaN every step: after `nan_drop_after` steps it gets no samples."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    dataset = (torch.randn(400, 4), torch.randint(0, 3, (400,)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    agent = Agent(model, optimizer, dataset, config=AgentConfig(global_batch_size=40))
+    epoch = 0
+    while agent.step < steps:
+        for x, y in agent.batches(epoch):
+            loss = F.cross_entropy(model(x), y)
+            agent.backward(loss * float("nan") if agent.rank == 1 else loss)
+            optimizer.step()
+            if agent.step == steps:
+                break
+        epoch += 1
+    agent.close()
+    report = agent.report()
+    return {"shares": agent.shares, "dropped": report["dropped_ranks"],
+            "nonfinite_steps": report["nonfinite_steps"],
+            "finite": all(bool(torch.isfinite(p).all()) for p in model.parameters())}

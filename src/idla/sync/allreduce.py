@@ -39,10 +39,15 @@ class GradientSync:
         stats_width: int,
         bucket_cap_bytes: int = 4 * 1024 * 1024,
         late_column: int | None = None,
+        early_launch: bool = True,
     ) -> None:
         """`late_column`: the statistics column where a hub records, in each of its leaves'
-        rows, the seconds it sat waiting for that leaf's gradient (None: not recorded)."""
+        rows, the seconds it sat waiting for that leaf's gradient (None: not recorded).
+        `early_launch`: start a bucket's all-reduce during backward as soon as it is ready;
+        False holds every bucket until `finish`, so a gradient can still be checked (and
+        dropped) as a whole before any of it leaves this rank."""
         self.late_column = late_column
+        self.early_launch = early_launch
         self.group = group
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
@@ -75,6 +80,7 @@ class GradientSync:
             end = total if index == len(self.buckets) - 1 else offset
             self._bucket_slices.append(slice(start, end))
         self.stats = self.flat[total - stats_numel :].view(group.world_size, stats_width)
+        self.grads = self.flat[: total - stats_numel]  # this rank's gradient, then the sum
         self._bucket_size = [len(b) for b in self.buckets]
         self._ready = [0] * len(self.buckets)
         self._next_launch = 0
@@ -132,8 +138,14 @@ class GradientSync:
     def _on_grad_ready(self, param: torch.Tensor) -> None:
         index = self._bucket_index[id(param)]
         self._ready[index] += 1
-        if not self.is_leaf:
+        if self.early_launch and not self.is_leaf:
             self._launch(final=False)
+
+    def drop_local_gradient(self) -> None:
+        """Contribute nothing this step (e.g. a non-finite gradient); only before any launch."""
+        if self._next_launch:
+            raise RuntimeError("part of this step's gradient has already been sent")
+        self.grads.zero_()
 
     def _leaves_arrived(self, block: bool) -> bool:
         if self._leaves_added:
