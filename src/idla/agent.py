@@ -311,12 +311,17 @@ class Agent:
         models = self.planner.models()
         forced = False
         if self.step >= 2 and all(f.count >= 2 for f in self.planner.fits):
-            # Per-sample compute time is the role-independent measure of a worker's speed; a
-            # worker several times slower than the fastest stalls every ring phase.
-            slowness = [m.compute_per_sample_s for m in models]  # type: ignore[union-attr]
+            # Compute time per sample at an equal share is the role-independent measure of a
+            # worker's speed (robust to how a noisy fit splits α from β); a worker several times
+            # slower than the fastest stalls every ring phase.
+            equal = self.config.global_batch_size / self.world_size
+            slowness = [
+                (m.compute_fixed_s + m.compute_per_sample_s * equal) / equal  # type: ignore[union-attr]
+                for m in models
+            ]
             topology = choose_topology(slowness, self.config.leaf_ratio, previous=self.topology)
             self._topology_votes = self._topology_votes + 1 if topology != self.topology else 0
-            if self._topology_votes >= 3:  # a new topology must persist before it is applied
+            if self._topology_votes >= 5:  # a new topology must persist before it is applied
                 self._topology_votes = 0
                 self.set_topology(topology)
                 forced = True
