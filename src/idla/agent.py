@@ -110,7 +110,7 @@ class Agent:
         self.config = config
         self.group = group or Group()
         self.model = model.to(self.group.device)
-        self.optimizer = optimizer
+        self.optimizer = optimizer  # stepped by the user's loop; held for checkpoints
         world = self.group.world_size
         if config.global_batch_size < world:
             raise ConfigError(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 
 import torch
 
@@ -23,17 +22,6 @@ class Stat(enum.IntEnum):
 
 
 WIDTH = len(Stat)
-
-
-@dataclass(frozen=True, slots=True)
-class StepRecord:
-    """What the whole job did in one step, identical on every rank."""
-
-    step: int  # global step number, from 0
-    shares: tuple[int, ...]  # local batch per rank
-    compute_s: tuple[float, ...]  # per rank
-    loss: float  # mean loss over the global batch
-    topology: str  # the reduction topology used
 
 
 def row(
