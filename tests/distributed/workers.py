@@ -23,6 +23,17 @@ def _optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=1e-3)
 
 
+def _digits_pair(
+    optimizer_name: str,
+) -> tuple[TensorDataset, torch.nn.Module, torch.nn.Module, torch.optim.Optimizer]:
+    """Digits, the demo CNN, an identical reference copy, and the optimizer of the first."""
+    torch.set_num_threads(1)
+    train_set, _ = load_digits_split()
+    torch.manual_seed(0)
+    model = DigitsCNN()
+    return train_set, model, copy.deepcopy(model), _optimizer(optimizer_name, model)
+
+
 def param_hash(model: torch.nn.Module) -> str:
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     return hashlib.sha256(flat.numpy().tobytes()).hexdigest()
@@ -39,15 +50,11 @@ def one_step_uneven(
     """One idla step with fixed uneven shares (and leaves sending to hubs); rank 0 also runs
     the single-process reference on the concatenated global batch and returns the largest
     difference."""
-    torch.set_num_threads(1)
-    train_set, _ = load_digits_split()
-    torch.manual_seed(0)
-    model = DigitsCNN()
-    reference = copy.deepcopy(model)
-    optimizer = _optimizer(optimizer_name, model)
+    train_set, model, reference, optimizer = _digits_pair(optimizer_name)
     agent = Agent(model, optimizer, train_set, config=AgentConfig(
         global_batch_size=sum(shares), initial_shares=shares, rebalance=False,
-        bucket_cap_bytes=64 * 1024))  # several buckets: some all-reduces start mid-backward
+        # several buckets, and no NaN guard (which holds them): all-reduces start mid-backward
+        bucket_cap_bytes=64 * 1024, nan_guard=False))
     agent.set_topology(_topology(leaves, agent.world_size))
     for x, y in agent.batches(0):
         agent.backward(F.cross_entropy(model(x), y))
@@ -81,7 +88,7 @@ def changing_shares(
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     agent = Agent(model, optimizer, dataset, config=AgentConfig(
         global_batch_size=sum(plans[0]), seed=seed, rebalance=False, check_every_steps=3,
-        bucket_cap_bytes=64))
+        bucket_cap_bytes=64, nan_guard=False))  # buckets start mid-backward
     agent.set_topology(_topology(leaves or {}, agent.world_size))
     seen: list[list[int]] = []
     for epoch in range(epochs):
@@ -129,12 +136,7 @@ def heterogeneous_shares(steps: int) -> dict[str, Any]:
 def nan_step(shares: list[int], bad_ranks: list[int], optimizer_name: str) -> dict[str, Any]:
     """One step in which `bad_ranks` produce a NaN loss; rank 0 compares the result with a
     single process on the samples of the other ranks, and reports whether anything changed."""
-    torch.set_num_threads(1)
-    train_set, _ = load_digits_split()
-    torch.manual_seed(0)
-    model = DigitsCNN()
-    reference = copy.deepcopy(model)
-    optimizer = _optimizer(optimizer_name, model)
+    train_set, model, reference, optimizer = _digits_pair(optimizer_name)
     agent = Agent(model, optimizer, train_set, config=AgentConfig(
         global_batch_size=sum(shares), initial_shares=shares, rebalance=False))
     for x, y in agent.batches(0):
