@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
+from idla.compress import parse_codec
 from idla.errors import ConfigError, PlanError, ReplicaMismatchError
 from idla.plan.planner import PlannerConfig, SharePlanner
 from idla.plan.shares import allocate_shares
@@ -36,6 +37,7 @@ from idla.runtime.data import BatchFetcher, GlobalBatch, GlobalBatchSampler, loc
 from idla.runtime.group import Group
 from idla.runtime.stats import WIDTH, Stat, row
 from idla.sync.allreduce import GradientSync
+from idla.sync.factory import compression_report, make_sync
 
 
 @dataclass(kw_only=True, slots=True)
@@ -68,6 +70,13 @@ class AgentConfig:
     """Local batch per rank before anything is measured (None: equal shares)."""
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     """How measurements become a plan: fit memory, noise and hysteresis."""
+    compress: str = "none"
+    """Gradient codec: "none" (exact, bucketed, hub/leaf topology), "fp16", "topk:0.01",
+    "randk:0.01", "sign", "powersgd:2", or "auto" (chosen from measured link and compute)."""
+    error_feedback: bool = True
+    """Carry what the codec dropped into the next step (per tensor); off only to compare."""
+    min_compress_numel: int = 1024
+    """Tensors with fewer elements travel uncompressed (with the statistics)."""
 
     def __post_init__(self) -> None:
         if self.global_batch_size < 1:
@@ -80,6 +89,10 @@ class AgentConfig:
             raise ConfigError("leaf_ratio must be greater than 1")
         if self.max_local_batch is not None and self.max_local_batch < 0:
             raise ConfigError("max_local_batch must be 0 or more")
+        if self.compress != "auto":
+            parse_codec(self.compress)  # raises ConfigError naming the valid forms
+        if self.min_compress_numel < 1:
+            raise ConfigError("min_compress_numel must be at least 1")
         shares = self.initial_shares
         if shares is not None and (
             any(s < 0 for s in shares) or sum(shares) != self.global_batch_size
@@ -123,10 +136,8 @@ class Agent:
         )
         self._broadcast_initial_state()
         self.caps = self._gather_caps()
-        self.sync = GradientSync(
-            list(self.model.parameters()), self.group, WIDTH, config.bucket_cap_bytes,
-            late_column=Stat.LATE_S, early_launch=not config.nan_guard,
-        )
+        self.sync, self.codec_policy = make_sync(config, list(self.model.parameters()),
+                                                 self.group, WIDTH)
         equal = [StepModel(compute_fixed_s=0.0, compute_per_sample_s=1.0)] * world
         self.shares = allocate_shares(config.global_batch_size, equal, self.caps)
         if config.initial_shares is not None:
@@ -277,6 +288,8 @@ class Agent:
             self.planner.observe(rank, shares[rank], compute[rank], costs[rank])
         self._prev_topology = self.topology
         self._drop_repeat_offenders(stats)
+        if self.codec_policy is not None:
+            self.codec_policy.after_step(self.step, stats)
         total = sum(r[Stat.SAMPLES] for r in stats)
         self.history["step"].append(self.step)
         self.history["shares"].append(list(shares))
@@ -310,7 +323,8 @@ class Agent:
     def _replan(self) -> None:
         models = self.planner.models()
         forced = False
-        if self.step >= 2 and all(f.count >= 2 for f in self.planner.fits):
+        ring_only = not isinstance(self.sync, GradientSync)  # compressed sync has no leaves
+        if not ring_only and self.step >= 2 and all(f.count >= 2 for f in self.planner.fits):
             # Compute time per sample at an equal share is the role-independent measure of a
             # worker's speed (robust to how a noisy fit splits α from β); a worker several times
             # slower than the fastest stalls every ring phase.
@@ -382,6 +396,7 @@ class Agent:
             "stragglers": self.stragglers(),
             "nonfinite_steps": list(self.nonfinite_steps),
             "dropped_ranks": sorted(self.dropped),
+            "compression": compression_report(self.sync, self.codec_policy),
             "history": self.history,
         }
 

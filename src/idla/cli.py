@@ -13,6 +13,8 @@ from typing import Any
 
 from idla.errors import ConfigError, IdlaError
 
+_COMM_CODECS = "fp16,topk:0.01,randk:0.01,sign,powersgd:2"
+
 
 def _speeds(text: str, option: str = "--emulate-speeds") -> list[float] | None:
     from idla.emulate.cgroup import parse_speeds
@@ -88,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep equal shares (what DDP does) instead of planning them")
     train.add_argument("--out", default="runs/train", metavar="DIR",
                        help="write report.json and training.png here (default: runs/train)")
+    train.add_argument("--compress", default="none", metavar="CODEC",
+                       help="gradient codec: auto|none|fp16|topk:0.01|randk:0.01|sign|powersgd:2 "
+                       "(default: none)")
+    train.add_argument("--no-error-feedback", action="store_true",
+                       help="drop what the codec loses instead of carrying it to the next step")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
     profile = commands.add_parser(
@@ -120,6 +127,25 @@ def build_parser() -> argparse.ArgumentParser:
                         help="global batch (default: 512)")
     hetero.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     hetero.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    comm = benches.add_parser(
+        "comm", help="gradient compression vs DDP and PyTorch's hooks on shaped links (root)",
+        description="Train to a target accuracy on N network-namespace hosts whose links are "
+        "shaped with tc: DDP, PyTorch's fp16 and PowerSGD hooks, idla's codecs with and "
+        "without error feedback, and auto.",
+    )
+    comm.add_argument("--hosts", type=_positive_int, default=4, metavar="N",
+                      help="hosts (network namespaces), one worker each (default: 4)")
+    comm.add_argument("--bandwidth", default="10mbit", metavar="RATE",
+                      help="link rate each way, tc syntax (default: 10mbit)")
+    comm.add_argument("--steps", type=_positive_int, default=100,
+                      help="optimizer steps per run (default: 100)")
+    comm.add_argument("--target", type=float, default=0.95,
+                      help="test accuracy that stops the clock (default: 0.95)")
+    comm.add_argument("--repeats", type=_positive_int, default=3,
+                      help="runs of each setting (default: 3)")
+    comm.add_argument("--codecs", default=_COMM_CODECS, metavar="LIST",
+                      help=f"idla codecs to compare (default: {_COMM_CODECS})")
+    comm.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     plan = benches.add_parser(
         "plan", help="time the share allocator for many workers",
         description="Time allocate_shares on random step-time models (target: 10,000 "
@@ -142,7 +168,8 @@ def _train(args: argparse.Namespace) -> int:
         workers=args.workers, emulate_speeds=speeds, base_cores=args.base_cores,
         global_batch=args.global_batch, epochs=args.epochs, lr=args.lr, seed=args.seed,
         rebalance=not args.no_rebalance, out=args.out,
-        max_local_batch=_caps(args.max_local_batch),
+        max_local_batch=_caps(args.max_local_batch), compress=args.compress,
+        error_feedback=not args.no_error_feedback,
     )
     _check_dataset_size(config.global_batch)
     if args.quiet:
@@ -191,18 +218,35 @@ def _bench(args: argparse.Namespace) -> int:
         )
         result: dict[str, Any] = run_hetero(config)
         print_hetero(result)
+    elif args.bench == "comm":
+        from idla.bench.comm import CommConfig, print_comm, run_comm
+
+        comm_config = CommConfig(
+            hosts=args.hosts, bandwidth=args.bandwidth, steps=args.steps,
+            target_accuracy=args.target, repeats=args.repeats,
+            codecs=[c.strip() for c in args.codecs.split(",") if c.strip()],
+        )
+        result = run_comm(comm_config, on_run=_print_run)
+        print_comm(result)
     elif args.bench == "plan":
         from idla.bench.plan_speed import bench_allocate
 
         result = bench_allocate(args.workers, args.repeats)
         print(json.dumps(result, indent=2))
     else:
-        raise ConfigError("name a benchmark: idla bench hetero | plan (see idla bench --help)")
+        raise ConfigError("name a benchmark: idla bench hetero | comm | plan (see idla bench --help)")
     if args.json:
         from idla.report import write_json_atomic
 
         write_json_atomic(args.json, result)
     return 0
+
+
+def _print_run(name: str, repeat: int, row: dict[str, Any]) -> None:
+    ttt = row["time_to_target_s"]
+    reached = "not reached" if ttt is None else f"target in {ttt:.1f} s"
+    print(f"  {name} (repeat {repeat + 1}): {reached}, final {100 * row['final_accuracy']:.2f}%, "
+          f"{row['tx_bytes_per_step']:,.0f} B/step on the wire", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

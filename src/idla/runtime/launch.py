@@ -40,18 +40,24 @@ def free_port() -> int:
 
 def _child(
     fn: Callable[..., Any], args: tuple[Any, ...], rank: int, world_size: int, port: int,
-    store_path: str, results: Any, progress: Any,
+    store_path: str, results: Any, progress: Any, netns: str | None,
 ) -> None:
     global _progress
     _progress = progress
     # Local workers meet through a file store and talk over loopback only: torch's TCPStore
-    # would listen on every interface, and gloo would pick the host's outward address.
+    # would listen on every interface, and gloo would pick the host's outward address. In a
+    # network namespace of the multi-host rig, the worker talks over that host's eth0.
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
         LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
         IDLA_INIT_METHOD=f"file://{store_path}", GLOO_SOCKET_IFNAME="lo",
     )
     try:
+        if netns is not None:
+            from idla.emulate.netns import enter_netns
+
+            enter_netns(netns)
+            os.environ.update(GLOO_SOCKET_IFNAME="eth0", LOCAL_WORLD_SIZE="1")
         results.put(("ok", rank, fn(*args)))
     except IdlaError as error:
         results.put(("user", rank, str(error)))
@@ -67,13 +73,15 @@ def launch_local(
     base_cores: float = 0.5,
     timeout_s: float = 3600.0,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    netns: Sequence[str] | None = None,
 ) -> list[Any]:
     """Run fn(*args) in `world_size` processes; return each rank's result, in rank order.
 
     With `speeds`, each process runs in its own throttled cgroup (real OS throttling; the
     workers are not told their speed). A worker's user error is re-raised as that IdlaError;
     any failure stops the other workers too. Messages a worker sends with `report_progress`
-    are passed to `on_progress` here, in the launcher.
+    are passed to `on_progress` here, in the launcher. With `netns`, rank i runs in network
+    namespace netns[i] (the multi-host rig) and its collectives use that host's eth0.
     """
     if world_size < 1:
         raise ConfigError(f"--workers must be at least 1, got {world_size}")
@@ -81,6 +89,8 @@ def launch_local(
         raise ConfigError(
             f"--emulate-speeds lists {len(speeds)} speeds for {world_size} workers"
         )
+    if netns is not None and len(netns) != world_size:
+        raise ConfigError(f"{len(netns)} network namespaces for {world_size} workers")
     context = mp.get_context("spawn")
     results = context.Queue()
     progress = context.Queue() if on_progress is not None else None
@@ -92,7 +102,8 @@ def launch_local(
         procs = [
             context.Process(
                 target=_child,
-                args=(fn, args, rank, world_size, port, store_path, results, progress),
+                args=(fn, args, rank, world_size, port, store_path, results, progress,
+                      None if netns is None else netns[rank]),
             )
             for rank in range(world_size)
         ]

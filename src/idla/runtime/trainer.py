@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from idla.agent import Agent, AgentConfig
+from idla.compress import parse_codec
 from idla.errors import ConfigError
 from idla.runtime.demo import DigitsCNN, accuracy, load_digits_split
 from idla.runtime.group import Group
@@ -43,6 +44,10 @@ class TrainConfig:
     """Directory for report.json and plots (None: none written)."""
     threads: int = 1
     """torch threads per worker."""
+    compress: str = "none"
+    """Gradient codec, or "auto" (see AgentConfig.compress)."""
+    error_feedback: bool = True
+    """Carry what the codec dropped into the next step."""
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -76,6 +81,8 @@ class TrainConfig:
             raise ConfigError(f"--base-cores must be positive, got {self.base_cores}")
         if self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
+        if self.compress != "auto":
+            parse_codec(self.compress)
 
 
 def train_worker(config: TrainConfig) -> dict[str, Any]:
@@ -92,6 +99,7 @@ def train_worker(config: TrainConfig) -> dict[str, Any]:
             global_batch_size=config.global_batch, seed=config.seed, rebalance=config.rebalance,
             max_local_batch=None if config.max_local_batch is None
             else config.max_local_batch[group.rank],
+            compress=config.compress, error_feedback=config.error_feedback,
         ),
         group=group,
     )

@@ -1,0 +1,86 @@
+"""`compress="auto"`: pick the codec from measured bandwidth and compute, and re-check it.
+
+The first `probe_steps` steps run with the leanest candidate (cheap on any link) while the
+agent measures compute time. Then every rank measures its link (a timed ring exchange); the
+slowest link sets the pace of a ring, so all ranks agree on the minimum, and the same pure
+`choose_codec` on the same numbers gives every rank the same choice. Every
+`recheck_every_steps` the measured communication time is compared with the prediction; when it
+is off by more than 2× (the link changed), the link is measured again and the choice redone.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from idla.compress import parse_codec
+from idla.plan.compression import CANDIDATES, CodecChoice, choose_codec, link_changed
+from idla.profile.probe import measure_link_bandwidth
+from idla.runtime.group import Group
+from idla.runtime.stats import Stat
+from idla.sync.compressed import CompressedSync
+
+
+class CodecPolicy:
+    """Owns the codec choice of one run; every rank calls `after_step` with the same stats."""
+
+    def __init__(
+        self,
+        sync: CompressedSync,
+        group: Group,
+        probe_steps: int = 3,
+        recheck_every_steps: int = 20,
+        probe_bytes: int = 128 * 1024,
+    ) -> None:
+        self.sync = sync
+        self.group = group
+        self.probe_steps = probe_steps
+        self.recheck_every_steps = recheck_every_steps
+        self.probe_bytes = probe_bytes
+        self.shapes = [p.shape for p in sync.params]
+        self.choice: CodecChoice | None = None
+        self.bandwidth_bytes_per_s: float | None = None
+        self.decisions: list[dict[str, Any]] = []
+        self._compute_s: list[float] = []  # the slowest rank's compute, per step
+        self._comm_s: list[float] = []  # the least-waiting rank's sync time, per step
+        self._since_step = 0
+        sync.set_codec(parse_codec(CANDIDATES[-1]))
+
+    def _measure_link(self) -> float | None:
+        mine = measure_link_bandwidth(self.probe_bytes, repeats=2)
+        if mine is None:
+            return None
+        value = torch.tensor([mine], dtype=torch.float64, device=self.sync.flat.device)
+        return min(float(t.item()) for t in self.group.all_gather(value))
+
+    def after_step(self, step: int, stats: Sequence[Sequence[float]]) -> None:
+        """Record this step; choose at the end of the probe, re-check at the interval."""
+        self._compute_s.append(max(r[Stat.COMPUTE_S] for r in stats))
+        self._comm_s.append(min(r[Stat.PREV_SYNC_S] for r in stats))
+        done = step + 1
+        if done == self.probe_steps:
+            self._choose(done, "start")
+        elif (self.choice is not None and done - self._since_step >= self.recheck_every_steps
+              and self.bandwidth_bytes_per_s):
+            window = self._comm_s[self._since_step + 1 :]  # PREV_SYNC_S lags one step
+            predicted = self.choice.sent_bytes[self.choice.spec] / self.bandwidth_bytes_per_s
+            if window and link_changed(predicted, statistics.median(window)):
+                self._choose(done, "link changed")
+            else:
+                self._since_step = done
+
+    def _choose(self, step: int, why: str) -> None:
+        self.bandwidth_bytes_per_s = self._measure_link()
+        compute_s = statistics.median(self._compute_s[-self.probe_steps :])
+        choice = choose_codec(self.shapes, self.group.world_size, compute_s,
+                              self.bandwidth_bytes_per_s, self.sync.min_compress_numel)
+        codec = parse_codec(choice.spec)
+        if codec.name != self.sync.codec.name:
+            self.sync.set_codec(codec)
+        self.choice = choice
+        self._since_step = step
+        self.decisions.append({"step": step, "trigger": why, "codec": choice.spec,
+                               "reason": choice.reason})
