@@ -234,7 +234,8 @@ def _bench(args: argparse.Namespace) -> int:
         result = bench_allocate(args.workers, args.repeats)
         print(json.dumps(result, indent=2))
     else:
-        raise ConfigError("name a benchmark: idla bench hetero | comm | plan (see idla bench --help)")
+        raise ConfigError(
+            "name a benchmark: idla bench hetero | comm | plan (see idla bench --help)")
     if args.json:
         from idla.report import write_json_atomic
 

@@ -81,7 +81,8 @@ def choose_codec(
     comm_ms = 1e3 * sent[spec] / bandwidth_bytes_per_s
     reason = (
         f"link {8 * bandwidth_bytes_per_s / 1e6:.1f} Mbit/s, compute "
-        f"{1e3 * compute_s:.1f} ms/step: {spec} sends {sent[spec] / 1e3:.1f} kB/step ({comm_ms:.1f} ms), predicted step "
+        f"{1e3 * compute_s:.1f} ms/step: {spec} sends {sent[spec] / 1e3:.1f} kB/step "
+        f"({comm_ms:.1f} ms), predicted step "
         f"{1e3 * step[spec]:.1f} ms vs {1e3 * step['none']:.1f} ms uncompressed"
     ) if "none" in step else f"{spec}: predicted step {1e3 * step[spec]:.1f} ms"
     return CodecChoice(spec, step, sent, reason)
