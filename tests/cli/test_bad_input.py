@@ -32,6 +32,12 @@ def run_idla(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
          "larger than the data set"),
         (["train", "--workers", "3", "--emulate-speeds", "1,1"], "3 workers"),
         (["bench", "hetero", "--speeds", "1,-2"], "--speeds"),
+        (["train", "--compress", "zip"], "unknown codec 'zip'"),
+        (["train", "--compress", "topk:2"], "ratio must be in (0, 1]"),
+        (["train", "--compress", "topk:0"], "ratio must be in (0, 1]"),
+        (["train", "--compress", "powersgd:0"], "rank must be an integer >= 1"),
+        (["bench", "comm", "--bandwidth", "10potatoes"], "does not parse"),
+        (["bench", "comm", "--codecs", "fp16,bogus"], "unknown codec 'bogus'"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(args: list[str], message: str) -> None:

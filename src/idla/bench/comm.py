@@ -51,7 +51,8 @@ class CommConfig:
     steps: int = 100  # optimizer steps per run (the final accuracy is taken after them)
     eval_every_steps: int = 5  # test accuracy is checked this often
     global_batch: int = 128  # samples per step, summed over hosts
-    lr: float = 3e-3  # Adam
+    optimizer: str = "adam"  # "adam" or "sgd" (momentum 0.9)
+    lr: float = 3e-3  # learning rate of that optimizer
     repeats: int = 3  # runs of each setting (seeds 0..repeats-1); medians reported
     codecs: list[str] = field(default_factory=lambda: list(DEFAULT_CODECS))
     powersgd_start_iter: int = 2  # PyTorch hook: plain all-reduce before this step
@@ -64,6 +65,8 @@ class CommConfig:
             parse_codec(spec)
         if not 0 < self.target_accuracy <= 1:
             raise ConfigError("--target must be in (0, 1]")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
         if self.steps < self.eval_every_steps:
             raise ConfigError("--steps must be at least the evaluation interval")
 
@@ -117,12 +120,18 @@ class _Clock:
         self.eval_s += time.perf_counter() - begin
 
 
+def _optimizer(config: CommConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
+    return torch.optim.Adam(model.parameters(), lr=config.lr)
+
+
 def comm_worker(config: CommConfig, run: CommRun) -> dict[str, Any]:
     torch.set_num_threads(1)
     train_set, test_set = load_digits_split()
     torch.manual_seed(run.seed)
     model = DigitsCNN()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = _optimizer(config, model)
     if run.kind == "idla":
         agent = Agent(model, optimizer, train_set, config=AgentConfig(
             global_batch_size=config.global_batch, seed=run.seed, compress=run.codec,

@@ -118,7 +118,8 @@ def launch_local(
                 if proc.is_alive():
                     proc.terminate()
             for proc in procs:
-                proc.join(timeout=10)
+                if proc.pid is not None:  # started
+                    proc.join(timeout=10)
 
 
 def _collect(

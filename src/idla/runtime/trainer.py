@@ -82,7 +82,10 @@ class TrainConfig:
         if self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
         if self.compress != "auto":
-            parse_codec(self.compress)
+            try:
+                parse_codec(self.compress)
+            except ConfigError as error:
+                raise ConfigError(f"--compress: {error}, or auto") from None
 
 
 def train_worker(config: TrainConfig) -> dict[str, Any]:
