@@ -307,7 +307,7 @@ def print_comm(result: dict[str, Any]) -> None:
             else f"{run['payload_bytes_per_step']:,.0f}",
             "yes" if run["replicas_identical"] else "NO",
         )
-    console = Console()
+    console = Console(width=max(Console().width, 120))
     console.print(table)
     summary = result["summary"]
     console.print(
