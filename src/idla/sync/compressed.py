@@ -29,7 +29,7 @@ re-compress what it sums.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -232,6 +232,35 @@ class CompressedSync:
             offset += q.numel()
             self.warm_q[key] = q_sum.clone()
             grad.copy_(codec.reconstruct(p_hat, q_sum, grad.shape))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint needs to continue exactly: error-feedback residuals (``ef.<key>``),
+        PowerSGD's warm Q (``q.<key>``) and the step counter that seeds random-k. Tensors only,
+        for safetensors."""
+        state = {"steps_done": torch.tensor([self.steps_done], dtype=torch.int64)}
+        if self.error_feedback is not None:
+            state.update({f"ef.{k}": v for k, v in self.error_feedback.state_dict().items()})
+        state.update({f"q.{k}": v.detach().cpu().contiguous() for k, v in self.warm_q.items()})
+        return state
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore `state_dict`'s output; shapes are checked against this model's tensors."""
+        shapes = {self._keys[id(p)]: p.shape for p in self.params}
+        residuals, warm_q = {}, {}
+        for name, tensor in state.items():
+            kind, _, key = name.partition(".")
+            if kind == "ef" and shapes.get(key) == tensor.shape:
+                residuals[key] = tensor
+            elif kind == "q" and key in shapes and tensor.dim() == 2:
+                warm_q[key] = tensor.to(self.flat.device)
+            elif name != "steps_done":
+                raise ValueError(f"compression state '{name}' does not fit this model "
+                                 f"(shape {tuple(tensor.shape)})")
+        if self.error_feedback is not None:
+            self.error_feedback.load_state_dict(residuals)
+        self.warm_q = warm_q
+        if "steps_done" in state:
+            self.steps_done = int(state["steps_done"].item())
 
     def close(self) -> None:
         """Nothing is left in flight after `finish`."""
