@@ -18,14 +18,14 @@ def test_uncompressed_ring_sends_two_n_minus_one_over_n_of_the_model() -> None:
 
 
 def test_gathered_codec_sends_its_payload_to_every_peer() -> None:
-    # top-k 1 %: 8 bytes per kept entry, gathered by 3 peers; small tensors ride the ring
+    # top-k 1 %: 6 bytes per kept entry (fp16 value, int32 position), gathered by 3 peers
     big = [s for s in SHAPES if s.numel() >= 1024]
     small = NUMEL - sum(s.numel() for s in big)
     kept = sum(-(-s.numel() // 100) for s in big)
 
     sent = sent_bytes_per_step("topk:0.01", SHAPES, 4, 1024)
 
-    assert sent == pytest.approx(3 * 8 * kept + 1.5 * 4 * small)
+    assert sent == pytest.approx(3 * 6 * kept + 1.5 * 4 * small)
 
 
 def test_fast_link_keeps_gradients_exact_and_slow_link_compresses() -> None:
