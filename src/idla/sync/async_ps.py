@@ -147,6 +147,7 @@ class ParameterServer:
         optimizer: float | OptimizerFactory,
         total_steps: int,
         record_gradients: bool = False,
+        should_stop: Callable[[int], bool] | None = None,
     ) -> None:
         if group.world_size < 2 or not 0 <= config.server_rank < group.world_size:
             raise ConfigError(
@@ -163,6 +164,7 @@ class ParameterServer:
         self.config = config
         self.total_steps = total_steps
         self.record_gradients = record_gradients
+        self.should_stop = should_stop  # asked after every applied push, with the new version
         self.flat = nn.Parameter(flat_params(model))  # (n,)
         self.optimizer = _optimizer(optimizer, self.flat)
         self.version = 0  # pushes applied
@@ -288,6 +290,8 @@ class ParameterServer:
         )
         self.version += 1
         worker.clock += 1
+        if self.should_stop is not None and self.should_stop(self.version):
+            self.total_steps = self.version  # no more parameters go out; in-flight pushes land
 
     def _check_silence(self, now: float) -> None:
         for rank, worker in self._workers.items():
