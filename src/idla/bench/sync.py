@@ -37,7 +37,7 @@ class SyncBenchConfig:
     lr: float = 3e-3  # Adam (inner optimizer / server optimizer)
     period_steps: int = 20  # H of local SGD and DiLoCo
     staleness_bound: int = 4  # S of async
-    delay_compensation: float = 2.0  # λ of DC-ASGD for the "async_dc" run (off by default in AsyncConfig)
+    delay_compensation: float = 2.0  # λ of DC-ASGD in the "async_dc" run
     jitter_every_steps: int = 5
     eval_every_steps: int = 5
     repeats: int = 3
