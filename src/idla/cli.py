@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: none)")
     train.add_argument("--no-error-feedback", action="store_true",
                        help="drop what the codec loses instead of carrying it to the next step")
+    train.add_argument("--sync", default="allreduce", metavar="MODE",
+                       help="allreduce | local:H | diloco:H | async:S (default: allreduce)")
+    train.add_argument("--delay-compensation", type=float, default=0.0, metavar="LAMBDA",
+                       help="DC-ASGD λ for --sync async (default: 0, off)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
     profile = commands.add_parser(
@@ -146,6 +150,26 @@ def build_parser() -> argparse.ArgumentParser:
     comm.add_argument("--codecs", default=_COMM_CODECS, metavar="LIST",
                       help=f"idla codecs to compare (default: {_COMM_CODECS})")
     comm.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    sync = benches.add_parser(
+        "sync", help="synchronous vs local SGD, DiLoCo and async under speeds and jitter",
+        description="Train to a target accuracy with every synchronization mode under the same "
+        "cgroup throttling, steady and with ±50%% speed jitter.",
+    )
+    sync.add_argument("--speeds", default="1,1,0.5,0.25", metavar="LIST",
+                      help="relative CPU speed per worker (default: 1,1,0.5,0.25)")
+    sync.add_argument("--period", type=_positive_int, default=20, metavar="H",
+                      help="H of local SGD and DiLoCo (default: 20)")
+    sync.add_argument("--staleness", type=int, default=4, metavar="S",
+                      help="staleness bound of async (default: 4)")
+    sync.add_argument("--delay-compensation", type=float, default=2.0, metavar="LAMBDA",
+                      help="DC-ASGD λ of the async_dc run (default: 2.0)")
+    sync.add_argument("--budget", type=float, default=10.0, metavar="SECONDS",
+                      help="training seconds per run (default: 10)")
+    sync.add_argument("--target", type=float, default=0.97,
+                      help="test accuracy that stops the clock (default: 0.97)")
+    sync.add_argument("--repeats", type=_positive_int, default=3,
+                      help="runs of each mode and scenario (default: 3)")
+    sync.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     plan = benches.add_parser(
         "plan", help="time the share allocator for many workers",
         description="Time allocate_shares on random step-time models (target: 10,000 "
@@ -169,9 +193,12 @@ def _train(args: argparse.Namespace) -> int:
         global_batch=args.global_batch, epochs=args.epochs, lr=args.lr, seed=args.seed,
         rebalance=not args.no_rebalance, out=args.out,
         max_local_batch=_caps(args.max_local_batch), compress=args.compress,
-        error_feedback=not args.no_error_feedback,
+        error_feedback=not args.no_error_feedback, sync=args.sync,
+        delay_compensation=args.delay_compensation,
     )
     _check_dataset_size(config.global_batch)
+    if config.sync != "allreduce":
+        return _train_mode(config, speeds, args)
     if args.quiet:
         reports = launch_local(train_worker, (config,), config.workers, speeds, config.base_cores)
     else:
@@ -181,6 +208,23 @@ def _train(args: argparse.Namespace) -> int:
     report = reports[0]
     out = write_outputs(report, args.out) if args.out else None
     print_summary(report, out)
+    return 0
+
+
+def _train_mode(config: Any, speeds: list[float] | None, args: argparse.Namespace) -> int:
+    from idla.runtime.launch import launch_local
+    from idla.runtime.mode_trainer import mode_summary, mode_worker, print_mode_summary
+
+    results = launch_local(mode_worker, (config,), config.workers, speeds, config.base_cores)
+    report = mode_summary(results)
+    print_mode_summary(report)
+    if args.out:
+        from pathlib import Path
+
+        from idla.report import write_json_atomic
+
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(args.out) / "report.json", report)
     return 0
 
 
@@ -228,6 +272,16 @@ def _bench(args: argparse.Namespace) -> int:
         )
         result = run_comm(comm_config, on_run=_print_run)
         print_comm(result)
+    elif args.bench == "sync":
+        from idla.bench.sync import SyncBenchConfig, print_sync_bench, run_sync_bench
+
+        sync_config = SyncBenchConfig(
+            speeds=_speeds(args.speeds, "--speeds") or [1.0], period_steps=args.period,
+            staleness_bound=args.staleness, delay_compensation=args.delay_compensation,
+            budget_s=args.budget, target_accuracy=args.target, repeats=args.repeats,
+        )
+        result = run_sync_bench(sync_config, on_run=_print_sync_run)
+        print_sync_bench(result)
     elif args.bench == "plan":
         from idla.bench.plan_speed import bench_allocate
 
@@ -235,7 +289,7 @@ def _bench(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         raise ConfigError(
-            "name a benchmark: idla bench hetero | comm | plan (see idla bench --help)")
+            "name a benchmark: idla bench hetero | comm | sync | plan (see idla bench --help)")
     if args.json:
         from idla.report import write_json_atomic
 
@@ -248,6 +302,13 @@ def _print_run(name: str, repeat: int, row: dict[str, Any]) -> None:
     reached = "not reached" if ttt is None else f"target in {ttt:.1f} s"
     print(f"  {name} (repeat {repeat + 1}): {reached}, final {100 * row['final_accuracy']:.2f}%, "
           f"{row['tx_bytes_per_step']:,.0f} B/step on the wire", flush=True)
+
+
+def _print_sync_run(scenario: str, name: str, repeat: int, row: dict[str, Any]) -> None:
+    ttt = row["time_to_target_s"]
+    reached = "not reached" if ttt is None else f"target in {ttt:.1f} s"
+    print(f"  {scenario} {name} (repeat {repeat + 1}): {reached}, final "
+          f"{100 * row['final_accuracy']:.2f}%", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

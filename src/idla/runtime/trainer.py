@@ -16,6 +16,7 @@ from idla.errors import ConfigError
 from idla.runtime.demo import DigitsCNN, accuracy, load_digits_split
 from idla.runtime.group import Group
 from idla.runtime.launch import report_progress
+from idla.sync.modes import SyncMode, parse_sync
 
 
 @dataclass(kw_only=True, slots=True)
@@ -48,6 +49,10 @@ class TrainConfig:
     """Gradient codec, or "auto" (see AgentConfig.compress)."""
     error_feedback: bool = True
     """Carry what the codec dropped into the next step."""
+    sync: str = "allreduce"
+    """Synchronization mode: allreduce, local:H, diloco:H or async:S."""
+    delay_compensation: float = 0.0
+    """λ of DC-ASGD in async mode (0: off)."""
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -81,6 +86,12 @@ class TrainConfig:
             raise ConfigError(f"--base-cores must be positive, got {self.base_cores}")
         if self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
+        spec = parse_sync(self.sync)
+        if spec.mode is not SyncMode.ALLREDUCE and self.compress != "none":
+            raise ConfigError("--compress applies to --sync allreduce only")
+        if self.delay_compensation < 0:
+            raise ConfigError(f"--delay-compensation must be 0 or more, got "
+                              f"{self.delay_compensation}")
         if self.compress != "auto":
             try:
                 parse_codec(self.compress)
