@@ -38,6 +38,10 @@ def run_idla(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
         (["train", "--compress", "powersgd:0"], "rank must be an integer >= 1"),
         (["bench", "comm", "--bandwidth", "10potatoes"], "does not parse"),
         (["bench", "comm", "--codecs", "fp16,bogus"], "unknown codec 'bogus'"),
+        (["train", "--sync", "bogus"], "unknown sync mode"),
+        (["train", "--sync", "local:0"], "at least 1"),
+        (["train", "--sync", "async:-1"], "0 or more"),
+        (["bench", "sync", "--staleness", "-1"], "--staleness"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(args: list[str], message: str) -> None:

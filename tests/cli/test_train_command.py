@@ -39,3 +39,24 @@ def test_profile_prints_a_row_per_worker_and_writes_json(tmp_path: Path) -> None
     assert [row["rank"] for row in rows] == [0, 1]
     assert all(row["compute_per_sample_s"] > 0 for row in rows)
     assert all(row["link_bandwidth_bytes_per_s"] > 0 for row in rows)
+
+
+def test_train_in_a_relaxed_sync_mode_reports_staleness_or_rounds(tmp_path: Path) -> None:
+    for mode, workers in (("diloco:5", "2"), ("async:2", "3")):
+        out = tmp_path / mode.replace(":", "_")
+
+        result = subprocess.run(
+            [sys.executable, "-m", "idla.cli", "train", "--workers", workers, "--emulate-speeds",
+             "none", "--epochs", "2", "--global-batch", "128", "--sync", mode, "--out", str(out)],
+            capture_output=True, text=True, timeout=300,
+        )
+
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads((out / "report.json").read_text())
+        assert report["sync"] == mode
+        assert 0.1 < report["test_accuracy"] <= 1.0
+        if mode.startswith("async"):
+            assert report["staleness"]["max"] <= 2 * (2 * 2 + 1)  # (N-1)(2S+1), N=2 workers
+            assert report["workers"][0]["role"] == "server"
+        else:
+            assert all(w["rounds"] == report["workers"][0]["rounds"] for w in report["workers"])
