@@ -38,6 +38,7 @@ from idla.runtime.group import Group
 from idla.runtime.stats import WIDTH, Stat, row
 from idla.sync.allreduce import GradientSync
 from idla.sync.factory import compression_report, make_sync
+from idla.sync.modes import advise_from_history
 
 
 @dataclass(kw_only=True, slots=True)
@@ -397,6 +398,8 @@ class Agent:
             "nonfinite_steps": list(self.nonfinite_steps),
             "dropped_ranks": sorted(self.dropped),
             "compression": compression_report(self.sync, self.codec_policy),
+            "sync_advice": advise_from_history(
+                self.history["compute_s"], [s["comm_s"] for s in snaps]).as_dict(),
             "history": self.history,
         }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from idla.errors import ConfigError
-from idla.sync.modes import SyncMode, SyncSpec, parse_sync, suggest_mode
+from idla.sync.modes import SyncMode, SyncSpec, advise_from_history, parse_sync, suggest_mode
 
 
 @pytest.mark.parametrize(("text", "spec"), [
@@ -40,3 +40,13 @@ def test_jittery_step_times_suggest_async() -> None:
 def test_slow_link_suggests_diloco_and_a_steady_fast_job_stays_exact() -> None:
     assert suggest_mode(step_time_cv=0.05, comm_fraction=0.8).spec.mode is SyncMode.DILOCO
     assert suggest_mode(step_time_cv=0.05, comm_fraction=0.1).spec.mode is SyncMode.ALLREDUCE
+
+
+def test_advice_from_a_run_history() -> None:
+    steady = [[0.010, 0.020]] * 20
+    jittery = [[0.010 * (1 + (i % 2)), 0.020] for i in range(20)]
+
+    assert advise_from_history(steady, [0.001, 0.001]).spec.mode is SyncMode.ALLREDUCE
+    assert advise_from_history(steady, [0.2, 0.2]).spec.mode is SyncMode.DILOCO
+    assert advise_from_history(jittery, [0.001, 0.001]).spec.mode is SyncMode.ASYNC
+    assert "too few" in advise_from_history([], []).reason

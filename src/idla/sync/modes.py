@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import enum
+import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from idla.errors import ConfigError
@@ -68,6 +70,9 @@ class ModeAdvice:
     spec: SyncSpec
     reason: str
 
+    def as_dict(self) -> dict[str, str]:
+        return {"mode": self.spec.describe(), "reason": self.reason}
+
 
 def suggest_mode(
     step_time_cv: float, comm_fraction: float, jitter_threshold: float = 0.25,
@@ -75,8 +80,8 @@ def suggest_mode(
 ) -> ModeAdvice:
     """What the measurements argue for.
 
-    `step_time_cv`: coefficient of variation of each worker's step time over recent steps
-    (averaged over workers): when speeds jitter, any barrier waits for the slowest draw, so
+    `step_time_cv`: coefficient of variation of a worker's step time over recent steps
+    (the largest over workers): when speeds jitter, any barrier waits for the slowest draw, so
     asynchronous training (bounded staleness) wins. `comm_fraction`: communication over the
     whole step: when the link dominates, DiLoCo cuts the bytes by H. Otherwise stay exact.
     """
@@ -97,3 +102,22 @@ def suggest_mode(
         f"steady step times ({100 * step_time_cv:.0f}% variation) and communication at "
         f"{100 * comm_fraction:.0f}% of the step: exact synchronous all-reduce costs little",
     )
+
+
+def advise_from_history(
+    compute_s: Sequence[Sequence[float]], comm_s: Sequence[float], window_steps: int = 50
+) -> ModeAdvice:
+    """`suggest_mode` from a run's measurements: `compute_s` is one row per step of every
+    worker's compute seconds, `comm_s` every worker's mean communication seconds per step."""
+    recent = [row for row in compute_s[-window_steps:] if row]
+    if len(recent) < 2 or not comm_s:
+        return ModeAdvice(SyncSpec(SyncMode.ALLREDUCE), "too few steps measured to advise")
+    variations = []
+    for worker in range(len(recent[0])):
+        times = [row[worker] for row in recent]
+        mean = statistics.fmean(times)
+        if mean > 0:
+            variations.append(statistics.pstdev(times) / mean)
+    step_s = statistics.fmean(max(row) for row in recent) + max(comm_s)
+    cv = max(variations, default=0.0)  # one jittery worker is enough to stall every barrier
+    return suggest_mode(cv, min(1.0, max(comm_s) / step_s) if step_s > 0 else 0.0)
