@@ -56,6 +56,12 @@ def print_summary(report: dict[str, Any], out: Path | None) -> None:
     console.print(f"re-planned at steps {report['replan_steps'] or 'none'}")
     for line in report["stragglers"] or ["no straggler: the workers are balanced"]:
         console.print(f"straggler: {line}")
+    if "sync_advice" in report:
+        advice = report["sync_advice"]
+        console.print(f"sync mode advice: {advice['mode']} — {advice['reason']}")
+    compression = report.get("compression", {})
+    if compression.get("codec", "none") != "none":
+        console.print(f"compression: {compression['codec']} — {compression['reason']}")
     console.print(f"[bold]test accuracy {100 * report['test_accuracy']:.2f}%[/bold]")
     if out is not None:
         console.print(f"report: {out / 'report.json'}  plot: {out / 'training.png'}")
