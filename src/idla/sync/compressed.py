@@ -156,7 +156,9 @@ class CompressedSync:
         if work is not None:
             work.wait()
 
-    def _allreduce_codec(self) -> None:
+    def _compress_all(self) -> list[torch.Tensor]:
+        """Every compressed tensor's payload, in order; error feedback remembers what each
+        payload decompresses to."""
         payloads: list[torch.Tensor] = []
         for index, (key, grad) in enumerate(self._squeezed):
             corrected = self._corrected(key, grad)
@@ -165,7 +167,10 @@ class CompressedSync:
                 sent = self.codec.decompress(payload, grad.shape, seed=self._seed(index))
                 self._remember(key, corrected, sent)
             payloads.extend(payload)
-        buffer = torch.cat(payloads)  # one dtype per linear codec
+        return payloads
+
+    def _allreduce_codec(self) -> None:
+        buffer = torch.cat(self._compress_all())  # one dtype per linear codec
         self._wait(self.group.all_reduce(buffer))
         offset = 0
         for index, (_, grad) in enumerate(self._squeezed):
@@ -176,15 +181,7 @@ class CompressedSync:
             grad.copy_(self.codec.decompress(parts, grad.shape, seed=self._seed(index)))
 
     def _allgather_codec(self) -> None:
-        payloads: list[torch.Tensor] = []
-        for index, (key, grad) in enumerate(self._squeezed):
-            corrected = self._corrected(key, grad)
-            payload = self.codec.compress(corrected, seed=self._seed(index))
-            if self.error_feedback is not None:
-                sent = self.codec.decompress(payload, grad.shape, seed=self._seed(index))
-                self._remember(key, corrected, sent)
-            payloads.extend(payload)
-        mine = pack(payloads)  # (payload bytes,) uint8
+        mine = pack(self._compress_all())  # (payload bytes,) uint8
         gathered = self.group.all_gather(mine)
         specs = [self.codec.payload_spec(grad.shape) for _, grad in self._squeezed]
         flat_spec = [item for spec in specs for item in spec]
