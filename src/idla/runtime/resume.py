@@ -1,0 +1,111 @@
+"""Resume a run of the `Agent` exactly from a checkpoint (`runtime/checkpoint.py`).
+
+`save_agent` and `restore_agent` add what a multi-rank job needs on top of the files: every
+rank's own state (compression residuals differ per rank, as does the torch RNG), gathered before
+rank 0 writes and handed back to each rank on load. Resumption is at an epoch's start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from idla.errors import ConfigError
+from idla.runtime.checkpoint import Checkpoint, restore_rng, save_checkpoint
+from idla.sync.compressed import CompressedSync
+
+if TYPE_CHECKING:
+    from idla.agent import Agent
+
+
+def _gather_per_rank(agent: Agent, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Every rank's `tensors` as ``rank<r>.<key>`` (collective; same keys and shapes on all
+    ranks, which is checked first). Cost: world_size copies of `tensors` on every rank."""
+    keys = sorted(tensors)
+    layout = ";".join(f"{k}:{tuple(tensors[k].shape)}:{tensors[k].dtype}" for k in keys)
+    digest = int.from_bytes(hashlib.blake2b(layout.encode(), digest_size=8).digest(),
+                            "little", signed=True)
+    device = agent.group.device
+    if len({int(t.item()) for t in agent.group.all_gather(
+            torch.tensor([digest], dtype=torch.int64, device=device))}) != 1:
+        raise ConfigError("cannot checkpoint: ranks hold differently shaped per-rank state")
+    out: dict[str, Tensor] = {}
+    for key in keys:
+        parts = agent.group.all_gather(tensors[key].to(device).contiguous())
+        out.update({f"rank{r}.{key}": part.cpu() for r, part in enumerate(parts)})
+    return out
+
+
+def save_agent(directory: str | Path, agent: Agent, *, epoch: int) -> Path:
+    """Checkpoint a run at the start of `epoch` (after the previous epoch's last step).
+
+    Collective: every rank calls it. Each rank's compression state and torch RNG state are
+    gathered (they differ per rank: residuals hold what that rank's codec dropped); rank 0
+    writes; the others wait for its outcome. Cost: one all-gather of the per-rank state.
+
+    Raises:
+        ConfigError: On every rank, if rank 0 could not write the checkpoint.
+    """
+    per_rank: dict[str, Tensor] = {"rng.torch": torch.get_rng_state()}
+    if isinstance(agent.sync, CompressedSync):
+        per_rank.update({f"sync.{k}": v for k, v in agent.sync.state_dict().items()})
+    gathered = _gather_per_rank(agent, per_rank)
+    path, failure = Path(directory) / f"step-{agent.step}", ""
+    if agent.rank == 0:
+        try:
+            path = save_checkpoint(
+                directory, model=agent.model, optimizer=agent.optimizer, step=agent.step,
+                epoch=epoch, batch_in_epoch=0, shares=list(agent.shares),
+                extra_tensors=gathered)
+        except (ConfigError, OSError) as error:
+            failure = str(error)
+    ok = torch.tensor([0 if failure else 1], dtype=torch.int64, device=agent.group.device)
+    if not all(int(t.item()) for t in agent.group.all_gather(ok)):  # doubles as the barrier
+        raise ConfigError(failure or "rank 0 could not write the checkpoint")
+    return path
+
+
+def restore_agent(agent: Agent, checkpoint: Checkpoint) -> int:
+    """Load a `save_agent` checkpoint into a freshly built agent; return the epoch to run next.
+
+    Every rank calls it with a checkpoint it loaded itself. Restores the model, the optimizer,
+    ``agent.step``, ``agent.shares``, this rank's compression state and RNG states. Resuming
+    inside an epoch would need ``Agent.batches`` to start at a later batch, so a checkpoint
+    with ``batch_in_epoch > 0`` is refused.
+
+    Raises:
+        ConfigError: The checkpoint was taken mid-epoch or does not fit this model or job.
+    """
+    where = f"checkpoint {checkpoint.path}"
+    if checkpoint.batch_in_epoch:
+        raise ConfigError(f"{where} was taken at batch {checkpoint.batch_in_epoch} of epoch "
+                          f"{checkpoint.epoch}; the agent resumes only at an epoch's start")
+    if len(checkpoint.shares) != agent.world_size:
+        raise ConfigError(f"{where} was taken with {len(checkpoint.shares)} ranks, this job "
+                          f"has {agent.world_size}")
+    prefix = f"rank{agent.rank}."
+    own = {k[len(prefix):]: v for k, v in checkpoint.extra_tensors.items()
+           if k.startswith(prefix)}
+    sync_state = {k[len("sync."):]: v for k, v in own.items() if k.startswith("sync.")}
+    if sync_state and not isinstance(agent.sync, CompressedSync):
+        raise ConfigError(f"{where} holds compression state but this agent compresses nothing")
+    try:
+        agent.model.load_state_dict(checkpoint.model_state)
+        if agent.optimizer is not None:
+            agent.optimizer.load_state_dict(checkpoint.optimizer_state)
+        if isinstance(agent.sync, CompressedSync) and sync_state:
+            agent.sync.load_state_dict(sync_state)
+    except (RuntimeError, ValueError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ConfigError(f"{where} does not fit this job: {first_line}") from None
+    agent.step = checkpoint.step
+    agent.shares = list(checkpoint.shares)
+    restore_rng(checkpoint)
+    if "rng.torch" in own:
+        torch.set_rng_state(own["rng.torch"])
+    return checkpoint.epoch
