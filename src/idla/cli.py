@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="allreduce | local:H | diloco:H | async:S (default: allreduce)")
     train.add_argument("--delay-compensation", type=float, default=0.0, metavar="LAMBDA",
                        help="DC-ASGD λ for --sync async (default: 0, off)")
+    train.add_argument("--checkpoint-dir", metavar="DIR",
+                       help="save a checkpoint (safetensors + JSON) here after every epoch")
+    train.add_argument("--resume", metavar="DIR",
+                       help="continue from a checkpoint directory (or its parent, via 'latest')")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
     profile = commands.add_parser(
@@ -194,7 +198,8 @@ def _train(args: argparse.Namespace) -> int:
         rebalance=not args.no_rebalance, out=args.out,
         max_local_batch=_caps(args.max_local_batch), compress=args.compress,
         error_feedback=not args.no_error_feedback, sync=args.sync,
-        delay_compensation=args.delay_compensation,
+        delay_compensation=args.delay_compensation, checkpoint_dir=args.checkpoint_dir,
+        resume=args.resume,
     )
     _check_dataset_size(config.global_batch)
     if config.sync != "allreduce":

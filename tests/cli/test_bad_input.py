@@ -39,6 +39,8 @@ def run_idla(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
         (["bench", "comm", "--bandwidth", "10potatoes"], "does not parse"),
         (["bench", "comm", "--codecs", "fp16,bogus"], "unknown codec 'bogus'"),
         (["train", "--sync", "bogus"], "unknown sync mode"),
+        (["train", "--workers", "2", "--emulate-speeds", "none", "--resume", "/nonexistent/ck"],
+         "does not exist"),
         (["train", "--sync", "local:0"], "at least 1"),
         (["train", "--sync", "async:-1"], "0 or more"),
         (["bench", "sync", "--staleness", "-1"], "--staleness"),

@@ -60,3 +60,22 @@ def test_train_in_a_relaxed_sync_mode_reports_staleness_or_rounds(tmp_path: Path
             assert report["workers"][0]["role"] == "server"
         else:
             assert all(w["rounds"] == report["workers"][0]["rounds"] for w in report["workers"])
+
+
+def test_train_checkpoints_every_epoch_and_resumes(tmp_path: Path) -> None:
+    checkpoints = tmp_path / "ckpt"
+    common = [sys.executable, "-m", "idla.cli", "train", "--workers", "2", "--emulate-speeds",
+              "none", "--global-batch", "256", "--no-rebalance", "--quiet"]
+
+    first = subprocess.run([*common, "--epochs", "2", "--checkpoint-dir", str(checkpoints),
+                            "--out", str(tmp_path / "a")], capture_output=True, text=True,
+                           timeout=300)
+    resumed = subprocess.run([*common, "--epochs", "3", "--resume", str(checkpoints),
+                              "--out", str(tmp_path / "b")], capture_output=True, text=True,
+                             timeout=300)
+
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (checkpoints / "latest").read_text().strip() == "step-12"  # 2 epochs × 6 steps
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["steps"] == 18  # continued from step 12 through epoch 3

@@ -13,9 +13,11 @@ import torch.nn.functional as F
 from idla.agent import Agent, AgentConfig
 from idla.compress import parse_codec
 from idla.errors import ConfigError
+from idla.runtime.checkpoint import load_checkpoint
 from idla.runtime.demo import DigitsCNN, accuracy, load_digits_split
 from idla.runtime.group import Group
 from idla.runtime.launch import report_progress
+from idla.runtime.resume import restore_agent, save_agent
 from idla.sync.modes import SyncMode, parse_sync
 
 
@@ -51,6 +53,10 @@ class TrainConfig:
     """Carry what the codec dropped into the next step."""
     sync: str = "allreduce"
     """Synchronization mode: allreduce, local:H, diloco:H or async:S."""
+    checkpoint_dir: str | None = None
+    """Save a checkpoint here at the end of every epoch (None: no checkpoints)."""
+    resume: str | None = None
+    """Continue from this checkpoint (a step directory, or a directory with `latest`)."""
     delay_compensation: float = 0.0
     """λ of DC-ASGD in async mode (0: off)."""
 
@@ -87,6 +93,8 @@ class TrainConfig:
         if self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
         spec = parse_sync(self.sync)
+        if spec.mode is not SyncMode.ALLREDUCE and (self.checkpoint_dir or self.resume):
+            raise ConfigError("--checkpoint-dir and --resume apply to --sync allreduce only")
         if spec.mode is not SyncMode.ALLREDUCE and self.compress != "none":
             raise ConfigError("--compress applies to --sync allreduce only")
         if self.delay_compensation < 0:
@@ -117,9 +125,12 @@ def train_worker(config: TrainConfig) -> dict[str, Any]:
         ),
         group=group,
     )
+    first_epoch = 0
+    if config.resume is not None:
+        first_epoch = restore_agent(agent, load_checkpoint(config.resume))
     steps = config.epochs * agent.sampler.steps_per_epoch()
     start = time.perf_counter()
-    for epoch in range(config.epochs):
+    for epoch in range(first_epoch, config.epochs):
         for x, y in agent.batches(epoch):
             loss = F.cross_entropy(model(x), y)
             agent.backward(loss)
@@ -127,13 +138,15 @@ def train_worker(config: TrainConfig) -> dict[str, Any]:
             if agent.rank == 0:
                 report_progress({"step": agent.step, "steps": steps, "shares": agent.shares,
                                  "loss": agent.history["loss"][-1]})
+        if config.checkpoint_dir is not None:
+            save_agent(config.checkpoint_dir, agent, epoch=epoch + 1)
     elapsed_s = time.perf_counter() - start
     agent.close()
     report = agent.report()
     report.update(
         test_accuracy=accuracy(model, test_set, agent.group.device),
         elapsed_s=elapsed_s,
-        samples_per_s=steps and config.epochs * len(train_set) / elapsed_s,
+        samples_per_s=steps and (config.epochs - first_epoch) * len(train_set) / elapsed_s,
         config=asdict(config),
     )
     return report if agent.rank == 0 else {}
