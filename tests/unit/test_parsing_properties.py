@@ -73,7 +73,8 @@ def test_speed_lists_parse_or_fail_clearly(text: str) -> None:
                                  "--emulate-speeds", "--lr", "--epochs"]), max_size=2),
        st.lists(INPUTS, min_size=2, max_size=2))
 def test_the_train_command_never_shows_a_traceback(options: list[str], values: list[str]) -> None:
-    args = [part for option, value in zip(options, values) for part in (option, value)]
+    pairs = zip(options, values[: len(options)], strict=True)
+    args = [part for option, value in pairs for part in (option, value)]
     args += ["--epochs", "0"]  # an invalid setting last: the command must stop before training
 
     result = subprocess.run([sys.executable, "-m", "idla.cli", "train", *args],
