@@ -207,9 +207,10 @@ class Agent:
             return self.planner.plan_now(batch_size, self.shares, self.caps)
         return self.planner.plan_now(batch_size, self.shares, self.caps, measured=False)
 
-    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        """This rank's part of every global batch of `epoch`, in order."""
-        for global_batch in self.sampler.epoch(epoch):
+    def batches(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
+        """This rank's part of every global batch of `epoch`, in order, from `start_batch` on
+        (a resumed run continues inside the epoch it was saved in)."""
+        for global_batch in self.sampler.epoch(epoch)[start_batch:]:
             shares = self._shares_for(global_batch.size)
             now = time.perf_counter()
             if self._sync_end is not None:

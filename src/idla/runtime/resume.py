@@ -2,7 +2,8 @@
 
 `save_agent` and `restore_agent` add what a multi-rank job needs on top of the files: every
 rank's own state (compression residuals differ per rank, as does the torch RNG), gathered before
-rank 0 writes and handed back to each rank on load. Resumption is at an epoch's start.
+rank 0 writes and handed back to each rank on load. A run resumes at the global batch it was
+saved before (`Agent.batches(epoch, start_batch)`), with the same world size.
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ def _gather_per_rank(agent: Agent, tensors: Mapping[str, Tensor]) -> dict[str, T
     return out
 
 
-def save_agent(directory: str | Path, agent: Agent, *, epoch: int) -> Path:
-    """Checkpoint a run at the start of `epoch` (after the previous epoch's last step).
+def save_agent(
+    directory: str | Path, agent: Agent, *, epoch: int, batch_in_epoch: int = 0
+) -> Path:
+    """Checkpoint a run before global batch `batch_in_epoch` of `epoch` (0: at its start).
 
     Collective: every rank calls it. Each rank's compression state and torch RNG state are
     gathered (they differ per rank: residuals hold what that rank's codec dropped); rank 0
@@ -60,7 +63,7 @@ def save_agent(directory: str | Path, agent: Agent, *, epoch: int) -> Path:
         try:
             path = save_checkpoint(
                 directory, model=agent.model, optimizer=agent.optimizer, step=agent.step,
-                epoch=epoch, batch_in_epoch=0, shares=list(agent.shares),
+                epoch=epoch, batch_in_epoch=batch_in_epoch, shares=list(agent.shares),
                 extra_tensors=gathered)
         except (ConfigError, OSError) as error:
             failure = str(error)
@@ -70,21 +73,17 @@ def save_agent(directory: str | Path, agent: Agent, *, epoch: int) -> Path:
     return path
 
 
-def restore_agent(agent: Agent, checkpoint: Checkpoint) -> int:
-    """Load a `save_agent` checkpoint into a freshly built agent; return the epoch to run next.
+def restore_agent(agent: Agent, checkpoint: Checkpoint) -> tuple[int, int]:
+    """Load a `save_agent` checkpoint into a freshly built agent; return where to continue:
+    (epoch, first global batch), for `agent.batches(epoch, start_batch)`.
 
     Every rank calls it with a checkpoint it loaded itself. Restores the model, the optimizer,
-    ``agent.step``, ``agent.shares``, this rank's compression state and RNG states. Resuming
-    inside an epoch would need ``Agent.batches`` to start at a later batch, so a checkpoint
-    with ``batch_in_epoch > 0`` is refused.
+    ``agent.step``, ``agent.shares``, this rank's compression state and RNG states.
 
     Raises:
-        ConfigError: The checkpoint was taken mid-epoch or does not fit this model or job.
+        ConfigError: The checkpoint does not fit this model or job.
     """
     where = f"checkpoint {checkpoint.path}"
-    if checkpoint.batch_in_epoch:
-        raise ConfigError(f"{where} was taken at batch {checkpoint.batch_in_epoch} of epoch "
-                          f"{checkpoint.epoch}; the agent resumes only at an epoch's start")
     if len(checkpoint.shares) != agent.world_size:
         raise ConfigError(f"{where} was taken with {len(checkpoint.shares)} ranks, this job "
                           f"has {agent.world_size}")
@@ -108,4 +107,4 @@ def restore_agent(agent: Agent, checkpoint: Checkpoint) -> int:
     restore_rng(checkpoint)
     if "rng.torch" in own:
         torch.set_rng_state(own["rng.torch"])
-    return checkpoint.epoch
+    return checkpoint.epoch, checkpoint.batch_in_epoch

@@ -125,13 +125,13 @@ def train_worker(config: TrainConfig) -> dict[str, Any]:
         ),
         group=group,
     )
-    first_epoch = 0
+    first_epoch, first_batch = 0, 0
     if config.resume is not None:
-        first_epoch = restore_agent(agent, load_checkpoint(config.resume))
+        first_epoch, first_batch = restore_agent(agent, load_checkpoint(config.resume))
     steps = config.epochs * agent.sampler.steps_per_epoch()
     start = time.perf_counter()
     for epoch in range(first_epoch, config.epochs):
-        for x, y in agent.batches(epoch):
+        for x, y in agent.batches(epoch, first_batch if epoch == first_epoch else 0):
             loss = F.cross_entropy(model(x), y)
             agent.backward(loss)
             optimizer.step()
