@@ -5,19 +5,11 @@ collective its ``transport`` names, and ``ErrorFeedback`` adds each tensor's res
 the previous step before compressing.
 """
 
-from idla.compress.codecs import (
-    Codec,
-    Fp16,
-    NoCompression,
-    PowerSGD,
-    RandomK,
-    ScaledSign,
-    TopK,
-    Transport,
-    parse_codec,
-)
+from idla.compress.base import Codec, Transport
+from idla.compress.codecs import Fp16, NoCompression, RandomK, ScaledSign, TopK, parse_codec
 from idla.compress.error_feedback import ErrorFeedback
 from idla.compress.packing import pack, unpack
+from idla.compress.powersgd import PowerSGD
 
 __all__ = [
     "Codec",

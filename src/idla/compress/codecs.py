@@ -2,48 +2,22 @@
 
 Codecs work on CPU and CUDA tensors alike and return payloads on the input's device. Random
 choices come from seeded CPU generators so that ranks on different hardware agree. The
-interface lives in ``base``, PowerSGD in ``powersgd`` and byte packing in ``packing``; all are
-re-exported here.
+interface lives in ``base``, PowerSGD in ``powersgd`` and byte packing in ``packing``; the
+package (``idla.compress``) exports them all.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
 import torch
 
 from idla.compress.base import CODEC_FORMS, Codec, Payload, PayloadSpec, Transport
-from idla.compress.packing import pack, unpack
-from idla.compress.powersgd import (
-    DEFAULT_RANK,
-    PowerSGD,
-    matrix_shape,
-    orthonormalize,
-    p_of,
-    q_of,
-    reconstruct,
-)
+from idla.compress.powersgd import DEFAULT_RANK, PowerSGD
 from idla.errors import ConfigError
 
-__all__ = [
-    "Codec",
-    "Fp16",
-    "NoCompression",
-    "PowerSGD",
-    "RandomK",
-    "ScaledSign",
-    "TopK",
-    "Transport",
-    "matrix_shape",
-    "orthonormalize",
-    "p_of",
-    "pack",
-    "parse_codec",
-    "q_of",
-    "reconstruct",
-    "unpack",
-]
-
+_N = TypeVar("_N", int, float)
 _FP16_MAX = 65504.0
 _INT32_MAX = 2**31 - 1
 _DEFAULT_RATIO = 0.01
@@ -268,21 +242,17 @@ def parse_codec(spec: str) -> Codec:
             raise ConfigError(f"codec {spec!r}: {name} takes no argument; {CODEC_FORMS}")
         return plain[name]()
     if name in ("topk", "randk"):
-        ratio = _DEFAULT_RATIO
-        if sep:
-            try:
-                ratio = float(arg)
-            except ValueError:
-                msg = f"codec {spec!r}: ratio is not a number; {CODEC_FORMS}"
-                raise ConfigError(msg) from None
+        ratio = _argument(spec, arg, float, "a number") if sep else _DEFAULT_RATIO
         return TopK(ratio) if name == "topk" else RandomK(ratio)
     if name == "powersgd":
-        rank = DEFAULT_RANK
-        if sep:
-            try:
-                rank = int(arg)
-            except ValueError:
-                msg = f"codec {spec!r}: rank is not an integer; {CODEC_FORMS}"
-                raise ConfigError(msg) from None
-        return PowerSGD(rank)
+        return PowerSGD(_argument(spec, arg, int, "an integer") if sep else DEFAULT_RANK)
     raise ConfigError(f"unknown codec {spec!r}; {CODEC_FORMS}")
+
+
+def _argument(spec: str, text: str, kind: type[_N], what: str) -> _N:
+    """The codec's argument as `kind`, or a ConfigError naming the codec."""
+    try:
+        return kind(text)
+    except ValueError:
+        noun = "ratio" if kind is float else "rank"
+        raise ConfigError(f"codec {spec!r}: {noun} is not {what}; {CODEC_FORMS}") from None

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from idla.compress import Transport, parse_codec
-from idla.compress.codecs import PowerSGD
+from idla.compress import PowerSGD, Transport, parse_codec
 
 STEPS_FACTOR: dict[str, float] = {
     "none": 1.0,  # exact

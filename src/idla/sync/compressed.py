@@ -34,8 +34,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from idla.compress import Codec, ErrorFeedback, Transport, pack, unpack
-from idla.compress.codecs import PowerSGD
+from idla.compress import Codec, ErrorFeedback, PowerSGD, Transport, pack, unpack
 from idla.plan.topology import Topology
 from idla.runtime.group import Group, Work
 
