@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from idla.agent import Agent, AgentConfig
 from idla.bench.machine import machine_info
+from idla.bench.reached import median_reached, seconds
 from idla.compress import parse_codec
 from idla.emulate.netns import NetnsRig, parse_rate
 from idla.errors import ConfigError
@@ -231,24 +232,12 @@ def run_comm(config: CommConfig, on_run: Any = None) -> dict[str, Any]:
     return summarize(config, rows)
 
 
-def _median(values: list[float | None]) -> float | None:
-    """Median with a run that never reached the target counted as infinitely slow."""
-    ordered = sorted(values, key=lambda v: float("inf") if v is None else v)
-    if not ordered:
-        return None
-    middle = ordered[len(ordered) // 2] if len(ordered) % 2 else None
-    if len(ordered) % 2 == 0:
-        low, high = ordered[len(ordered) // 2 - 1], ordered[len(ordered) // 2]
-        middle = None if low is None or high is None else (low + high) / 2
-    return middle
-
-
 def summarize(config: CommConfig, rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     runs: dict[str, Any] = {}
     for name, results in rows.items():
         runs[name] = {
-            "time_to_target_s": _median([r["time_to_target_s"] for r in results]),
-            "steps_to_target": _median([r["steps_to_target"] for r in results]),
+            "time_to_target_s": median_reached(r["time_to_target_s"] for r in results),
+            "steps_to_target": median_reached(r["steps_to_target"] for r in results),
             "final_accuracy": statistics.median(r["final_accuracy"] for r in results),
             "wire_bytes_per_step": statistics.median(r["tx_bytes_per_step"] for r in results),
             "payload_bytes_per_step": results[0]["payload_bytes_per_step"],
@@ -264,8 +253,7 @@ def summarize(config: CommConfig, rows: dict[str, list[dict[str, Any]]]) -> dict
 def headline(runs: dict[str, Any]) -> dict[str, Any]:
     """The targets' ratios: the best idla setting against DDP and PyTorch's PowerSGD hook."""
     def ttt(name: str) -> float:
-        value = runs[name]["time_to_target_s"]
-        return float("inf") if value is None else float(value)
+        return seconds(runs[name]["time_to_target_s"])
 
     idla = [n for n in runs if n.startswith("idla_")]
     best = min(idla, key=ttt)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from idla.bench.reached import median_reached, seconds
 from idla.errors import ConfigError
 from idla.runtime.demo import accuracy
 
@@ -170,11 +171,8 @@ def run_sync_bench(config: SyncBenchConfig, on_run: Any = None) -> dict[str, Any
                     on_run(scenario, name, repeat, row)
         runs = {}
         for name, results in rows.items():
-            times = sorted(r["time_to_target_s"] if r["time_to_target_s"] is not None
-                           else float("inf") for r in results)
-            median_ttt = statistics.median(times)
             runs[name] = {
-                "time_to_target_s": None if median_ttt == float("inf") else median_ttt,
+                "time_to_target_s": median_reached(r["time_to_target_s"] for r in results),
                 "final_accuracy": statistics.median(r["final_accuracy"] for r in results),
                 "bytes_sent_per_worker": statistics.median(
                     r["bytes_sent_per_worker"] for r in results),
@@ -196,8 +194,7 @@ def _settings(config: SyncBenchConfig) -> dict[str, Any]:
 
 def _summary(scenarios: dict[str, Any]) -> dict[str, Any]:
     def ttt(runs: dict[str, Any], name: str) -> float:
-        value = runs[name]["time_to_target_s"]
-        return float("inf") if value is None else float(value)
+        return seconds(runs[name]["time_to_target_s"])
 
     jitter = scenarios["jitter"]["runs"]
     steady = scenarios["steady"]["runs"]
