@@ -107,22 +107,21 @@ def local(config: SyncBenchConfig, mode: str, jitter_on: bool, seed: int) -> dic
     batches = local_batches(train_set, config.local_batch, seed, group.rank)
     group.barrier()
     clock = RunClock(config, model, test_set)
-    steps, round_start, step_s = 0, time.perf_counter(), 0.0
+    steps, round_steps, round_start = 0, 0, time.perf_counter()
     while True:
         x, y = next(batches)
         optimizer.zero_grad()
         dilated_loss(model, x, y, jitter).backward()
         optimizer.step()
-        steps += 1
-        inner = strategy.inner_steps if isinstance(strategy, DiLoCo) else config.period_steps
-        step_s = (time.perf_counter() - round_start) / max(1, steps % inner or inner)
+        steps, round_steps = steps + 1, round_steps + 1
+        step_s = (time.perf_counter() - round_start) / round_steps  # this round, before sync
         if not strategy.after_step(x.shape[0]):
             continue
         if isinstance(strategy, DiLoCo):
             _replan_inner_steps(strategy, group, config.period_steps, step_s)
         if _stop_together(group, clock):
             break
-        round_start = time.perf_counter()
+        round_steps, round_start = 0, time.perf_counter()
     result = {**clock.result(), "steps": steps, "rounds": strategy.syncs,
               "bytes_sent_per_worker": strategy.bytes_sent}
     group.close()
