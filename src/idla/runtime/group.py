@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -39,25 +40,38 @@ def pick_backend(local_world_size: int) -> str:
 class Group:
     """This process's view of the job: its rank, the world size and cached sub-groups."""
 
-    def __init__(self, timeout_s: float = 120.0) -> None:
-        self.world_size = _int_env("WORLD_SIZE", 1)
-        self.rank = _int_env("RANK", 0)
+    def __init__(
+        self,
+        timeout_s: float = 120.0,
+        *,
+        store: dist.Store | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        """From torchrun's environment, or (elastic re-forms) from `store`, `rank` and
+        `world_size`, with `timeout_s` bounding how long a collective waits for a peer."""
+        self.world_size = _int_env("WORLD_SIZE", 1) if world_size is None else world_size
+        self.rank = _int_env("RANK", 0) if rank is None else rank
         self.local_rank = _int_env("LOCAL_RANK", self.rank)
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ConfigError(
                 f"wrong world size: RANK={self.rank} does not fit WORLD_SIZE={self.world_size}"
             )
+        self.timeout = timedelta(seconds=timeout_s)
         self._owns_init = False
         self.backend = "none"
         if self.world_size > 1:
             if not dist.is_initialized():
                 self.backend = pick_backend(_int_env("LOCAL_WORLD_SIZE", self.world_size))
+                where: dict[str, Any] = (
+                    {"store": store} if store is not None
+                    else {"init_method": os.environ.get("IDLA_INIT_METHOD", "env://")})
                 dist.init_process_group(
                     self.backend,
-                    init_method=os.environ.get("IDLA_INIT_METHOD", "env://"),
                     rank=self.rank,
                     world_size=self.world_size,
                     timeout=timedelta(seconds=timeout_s),
+                    **where,
                 )
                 self._owns_init = True
             else:
@@ -112,6 +126,11 @@ class Group:
         work = dist.irecv(tensor, src)
         assert work is not None
         return work
+
+    def wait(self, work: Work) -> None:
+        """Wait for `work`, at most the group timeout: gloo's own timeouts do not cover every
+        wait (a peer cut off mid-collective has left survivors blocked for minutes)."""
+        work.wait(self.timeout)
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -41,6 +41,7 @@ def free_port() -> int:
 def _child(
     fn: Callable[..., Any], args: tuple[Any, ...], rank: int, world_size: int, port: int,
     store_path: str, results: Any, progress: Any, netns: str | None, cgroup_procs: str | None,
+    env: dict[str, str],
 ) -> None:
     global _progress
     _progress = progress
@@ -51,7 +52,9 @@ def _child(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
         LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
         IDLA_INIT_METHOD=f"file://{store_path}", GLOO_SOCKET_IFNAME="lo",
+        IDLA_RENDEZVOUS=f"file:{store_path}-rendezvous",
     )
+    os.environ.update(env)
     try:
         if cgroup_procs is not None:
             _enter_cgroup(cgroup_procs)
@@ -92,6 +95,8 @@ def launch_local(
     timeout_s: float = 3600.0,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     netns: Sequence[str] | None = None,
+    env: dict[str, str] | None = None,
+    allow_lost: bool = False,
 ) -> list[Any]:
     """Run fn(*args) in `world_size` processes; return each rank's result, in rank order.
 
@@ -100,6 +105,9 @@ def launch_local(
     any failure stops the other workers too. Messages a worker sends with `report_progress`
     are passed to `on_progress` here, in the launcher. With `netns`, rank i runs in network
     namespace netns[i] (the multi-host rig) and its collectives use that host's eth0.
+    `env` adds environment variables in the workers (e.g. IDLA_RENDEZVOUS, IDLA_FAULTS). With
+    `allow_lost` (elastic runs), a worker that dies without a result gets None and the others
+    go on; without it, any failure stops every worker.
     """
     if world_size < 1:
         raise ConfigError(f"--workers must be at least 1, got {world_size}")
@@ -122,14 +130,15 @@ def launch_local(
                 target=_child,
                 args=(fn, args, rank, world_size, port, store_path, results, progress,
                       None if netns is None else netns[rank],
-                      None if throttle is None else str(throttle.paths[rank] / "cgroup.procs")),
+                      None if throttle is None else str(throttle.paths[rank] / "cgroup.procs"),
+                      dict(env or {})),
             )
             for rank in range(world_size)
         ]
         try:
             for proc in procs:
                 proc.start()  # a throttled worker joins its cgroup itself, once imported
-            return _collect(procs, results, timeout_s, progress, on_progress)
+            return _collect(procs, results, timeout_s, progress, on_progress, allow_lost)
         finally:
             for proc in procs:
                 if proc.is_alive():
@@ -141,7 +150,7 @@ def launch_local(
 
 def _collect(
     procs: list[Any], results: Any, timeout_s: float, progress: Any,
-    on_progress: Callable[[dict[str, Any]], None] | None,
+    on_progress: Callable[[dict[str, Any]], None] | None, allow_lost: bool = False,
 ) -> list[Any]:
     outcome: dict[int, Any] = {}
     deadline = time.monotonic() + timeout_s
@@ -151,13 +160,20 @@ def _collect(
             kind, rank, value = results.get(timeout=0.1)
         except queue.Empty:
             dead = [r for r, p in enumerate(procs) if r not in outcome and p.exitcode is not None]
-            if dead:
+            if dead and not allow_lost:
                 raise WorkerFailed(
                     f"worker {dead[0]} exited with code {procs[dead[0]].exitcode} "
                     "without a result"
                 ) from None
+            if dead:
+                time.sleep(0.2)  # a result sent just before exit may still be in the pipe
+                if results.empty():
+                    outcome.update({r: None for r in dead})
             if time.monotonic() > deadline:
                 raise WorkerFailed(f"workers did not finish within {timeout_s:.0f} s") from None
+            continue
+        if allow_lost and kind in ("user", "crash"):
+            outcome[rank] = {"lost": str(value)}
             continue
         if kind == "user":
             raise IdlaError(value)

@@ -153,7 +153,7 @@ class GradientSync:
         if block:
             for leaf, work in self._leaf_recvs:
                 start = time.perf_counter()
-                work.wait()
+                self.group.wait(work)
                 if self.late_column is not None:
                     self.stats[leaf, self.late_column] += time.perf_counter() - start
         elif not all(work.is_completed() for _, work in self._leaf_recvs):
@@ -190,16 +190,16 @@ class GradientSync:
         if self.is_leaf:
             hub = self.topology.hub_of[self.group.rank]
             payload = self.flat if self._my_share > 0 else self.stats[self.group.rank]
-            self.group.isend(payload, hub).wait()
-            self.group.irecv(self.flat, hub).wait()
+            self.group.wait(self.group.isend(payload, hub))
+            self.group.wait(self.group.irecv(self.flat, hub))
             return self.stats.clone()
         self._launch(final=True)
         for work in self._works:
-            work.wait()
+            self.group.wait(work)
         leaves = self.topology.leaves_of(self.group.rank)
         if leaves:
             for work in self._pending_sends:
-                work.wait()
+                self.group.wait(work)
             if self._send_buf is None:
                 self._send_buf = torch.empty_like(self.flat)
             self._send_buf.copy_(self.flat)
@@ -208,5 +208,5 @@ class GradientSync:
 
     def close(self) -> None:
         for work in self._pending_sends:
-            work.wait()
+            self.group.wait(work)
         self._pending_sends = []

@@ -147,13 +147,13 @@ class CompressedSync:
             else:
                 self._powersgd()
         if tail_work is not None:
-            tail_work.wait()
+            self.group.wait(tail_work)
         self.steps_done += 1
         return self.stats.clone()
 
     def _wait(self, work: Work | None) -> None:
         if work is not None:
-            work.wait()
+            self.group.wait(work)
 
     def _compress_all(self) -> list[torch.Tensor]:
         """Every compressed tensor's payload, in order; error feedback remembers what each

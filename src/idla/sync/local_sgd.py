@@ -89,7 +89,7 @@ def weighted_average_(tensors: Sequence[torch.Tensor], samples: float, group: Gr
     flat[-1] = samples
     work = group.all_reduce(flat)
     if work is not None:
-        work.wait()
+        group.wait(work)
     payload_bytes = flat.numel() * flat.element_size()
     total_samples = float(flat[-1])
     if total_samples == 0.0:

@@ -1,0 +1,278 @@
+"""Elastic training: survivors of a failed worker re-form the group and go on, losing ≤ 1 step.
+
+    def train(agent, state):
+        for x, y in state.batches(epochs=3):         # resumes at the committed cursor
+            agent.backward(F.cross_entropy(model(x), y))
+            optimizer.step()
+            state.commit()                            # the in-memory commit
+
+    report = idla.run_elastic(train, model, optimizer, train_set, AgentConfig(...))
+
+The commit is Horovod's elastic `State.commit`, without a copy: replicas are identical after
+every synchronous step, so the committed state *is* the model and optimizer in memory. When a
+collective fails (a peer died, its link is down, it stopped answering within the group
+timeout), no replica has applied a partial step: the exception comes before `optimizer.step`.
+The survivors meet in the store (`idla.runtime.rendezvous`), open a new gloo group, the one
+with the most committed steps broadcasts parameters, buffers, optimizer state and the data
+cursor, the agent re-plans shares for the new world, and the interrupted global batch is
+redone by the survivors. So no sample is skipped or repeated in a committed step, and the
+work lost per failure is the one step in flight. Why not torchft: see the README.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset
+
+from idla.agent import Agent, AgentConfig
+from idla.errors import ConfigError, IdlaError
+from idla.runtime.collectives import all_gather_json
+from idla.runtime.faults import FaultInjector, injected_fault_time
+from idla.runtime.group import Group
+from idla.runtime.rendezvous import Rendezvous, rendezvous_spec_from_env
+from idla.runtime.state_broadcast import broadcast_module_, broadcast_optimizer_
+
+# What gloo and the store say when a peer is gone; anything else is a bug, not a failure.
+_PEER_FAILURE_MARKS = (
+    "gloo", "connection", "read error", "write error", "timed out", "timeout", "broken pipe",
+    "reset by peer", "socket", "closed", "aborted",
+)
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """True for the errors a dead, partitioned or silent peer causes in a collective."""
+    if isinstance(error, IdlaError) or not isinstance(error, RuntimeError):
+        return False
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error).lower()
+    return any(mark in text for mark in _PEER_FAILURE_MARKS)
+
+
+@dataclass(kw_only=True, slots=True)
+class ElasticConfig:
+    """How fast failures are noticed and how long survivors wait for each other."""
+
+    collective_timeout_s: float = 5.0
+    """A collective that waits longer than this for a peer fails (PyTorch's default: 30 min).
+    It must exceed the slowest worker's step; a killed peer is noticed at once (TCP reset)."""
+    heartbeat_s: float = 0.5
+    """How often each worker bumps its heartbeat counter in the store."""
+    dead_after_s: float = 3.0
+    """A member whose heartbeat has not moved for this long is declared dead at a re-form."""
+    min_workers: int = 1
+    """Stop with an error when fewer workers than this survive."""
+
+    def __post_init__(self) -> None:
+        if self.collective_timeout_s <= 0:
+            raise ConfigError("collective_timeout_s must be positive")
+        if not 0 < self.heartbeat_s < self.dead_after_s:
+            raise ConfigError("heartbeat_s must be positive and shorter than dead_after_s")
+        if self.min_workers < 1:
+            raise ConfigError("min_workers must be at least 1")
+
+
+@dataclass
+class ElasticState:
+    """The committed position of the run: optimizer steps and the data cursor."""
+
+    step: int = 0
+    """Committed optimizer steps."""
+    epoch: int = 0
+    batch: int = 0
+    """Next global batch index within `epoch`."""
+    started: int = 0
+    """The step being computed (step + 1 while a batch is out, else step)."""
+    committed: list[tuple[int, int]] = field(default_factory=list)
+    """(epoch, batch) of every committed step this worker saw or adopted, in order."""
+    agent: Agent | None = None
+    faults: FaultInjector | None = None
+
+    def batches(self, epochs: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        """This rank's part of every remaining global batch, from the cursor to `epochs`."""
+        if self.agent is None:
+            raise RuntimeError("ElasticState.batches() is only valid inside run_elastic")
+        agent = self.agent
+        while self.epoch < epochs:
+            epoch = self.epoch
+            for parts in agent.batches(epoch, self.batch):
+                if self.started != self.step:
+                    raise RuntimeError("call state.commit() after every optimizer step")
+                self.started = self.step + 1
+                if self.faults is not None:
+                    parts = self.faults.before_step(self.step, parts)
+                yield parts
+            if self.epoch == epoch:  # the epoch had no batch left (cursor at its end)
+                self.epoch, self.batch = epoch + 1, 0
+
+    def commit(self) -> None:
+        """Record one finished optimizer step: the cursor moves past its global batch."""
+        if self.agent is None or self.started != self.step + 1:
+            raise RuntimeError("state.commit() must follow a batch from state.batches()")
+        self.committed.append((self.epoch, self.batch))
+        self.step += 1
+        self.batch += 1
+        if self.batch >= len(self.agent.sampler.epoch(self.epoch)):
+            self.epoch, self.batch = self.epoch + 1, 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"step": self.step, "epoch": self.epoch, "batch": self.batch,
+                "started": self.started}
+
+
+@dataclass
+class FailureEvent:
+    """One re-form: who was lost, when it was noticed, what it cost."""
+
+    generation: int
+    lost_members: list[int]
+    members: list[int]
+    error: str
+    failed_at: float
+    """time.time() when this worker's collective failed."""
+    declared_at: float
+    """time.time() when the new member list (naming the lost) was known."""
+    fault_at: float | None = None
+    """time.time() when an injected fault struck (fault-injection runs only)."""
+    steps_lost: int = 0
+    """Steps whose computation was thrown away (started by some survivor, committed by none)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "generation": self.generation, "lost_members": self.lost_members,
+            "members": self.members, "error": self.error, "failed_at": self.failed_at,
+            "declared_at": self.declared_at, "fault_at": self.fault_at,
+            "steps_lost": self.steps_lost,
+        }
+
+
+@dataclass
+class ElasticReport:
+    state: ElasticState
+    events: list[FailureEvent]
+    agent_report: dict[str, Any]
+    member: int
+    world_size: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "member": self.member, "world_size": self.world_size, **self.state.as_dict(),
+            "steps_per_epoch": self.state.agent.sampler.steps_per_epoch()
+            if self.state.agent else 0,
+            "steps_lost": sum(e.steps_lost for e in self.events),
+            "failures": [e.as_dict() for e in self.events],
+            "committed": [list(c) for c in self.state.committed],
+            "agent": self.agent_report,
+        }
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name, str(default))
+    if not text.isdigit():
+        raise ConfigError(f"environment variable {name}={text!r} is not an integer")
+    return int(text)
+
+
+def _prefix() -> str:
+    """Store keys of this run: torchrun's run id and restart count keep runs apart."""
+    run = os.environ.get("TORCHELASTIC_RUN_ID", "local")
+    return f"idla-elastic/{run}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def _adopt_most_advanced(
+    state: ElasticState, model: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> int:
+    """Every rank takes the state of the rank with the most committed steps; return the
+    number of started-but-uncommitted steps this re-form throws away."""
+    rows = all_gather_json(state.as_dict())
+    best = max(row["step"] for row in rows)
+    src = next(rank for rank, row in enumerate(rows) if row["step"] == best)
+    lost = max(0, max(row["started"] for row in rows) - best)
+    if len(rows) > 1:
+        broadcast_module_(model, src)
+        if optimizer is not None:
+            broadcast_optimizer_(optimizer, src)
+    missing = best - state.step
+    if missing > 0:  # adopted steps: their cursors follow ours in order
+        cursor = ElasticState(epoch=state.epoch, batch=state.batch)
+        assert state.agent is not None
+        for _ in range(missing):
+            state.committed.append((cursor.epoch, cursor.batch))
+            cursor.batch += 1
+            if cursor.batch >= len(state.agent.sampler.epoch(cursor.epoch)):
+                cursor.epoch, cursor.batch = cursor.epoch + 1, 0
+    state.step, state.epoch, state.batch = best, rows[src]["epoch"], rows[src]["batch"]
+    state.started = state.step
+    return lost
+
+
+def run_elastic(
+    train_fn: Callable[[Agent, ElasticState], None],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    dataset: Dataset | Sequence[torch.Tensor],
+    config: AgentConfig,
+    elastic: ElasticConfig | None = None,
+    on_event: Callable[[FailureEvent], None] | None = None,
+) -> ElasticReport:
+    """Run `train_fn(agent, state)` until it returns, re-forming the group after failures.
+
+    Start every worker the usual way (torchrun, or idla's launcher); one process works too.
+    """
+    elastic = elastic or ElasticConfig()
+    world, member = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0)
+    rdzv = (Rendezvous(rendezvous_spec_from_env(), member, world, prefix=_prefix(),
+                       heartbeat_s=elastic.heartbeat_s, dead_after_s=elastic.dead_after_s)
+            if world > 1 else None)
+    state = ElasticState(faults=FaultInjector.from_env(member, rdzv))
+    events: list[FailureEvent] = []
+    membership = rdzv.current if rdzv else None
+    try:
+        while True:
+            group = Group(
+                elastic.collective_timeout_s,
+                store=rdzv.pg_store(membership) if rdzv and membership else None,
+                rank=membership.rank if membership else 0,
+                world_size=membership.world_size if membership else 1,
+            )
+            try:
+                agent = Agent(model, optimizer, dataset, config=config, group=group)
+                state.agent = agent
+                lost = _adopt_most_advanced(state, model, optimizer)
+                if events:
+                    events[-1].steps_lost = lost
+                train_fn(agent, state)
+                agent.close()
+                return ElasticReport(state, events, agent.report(), member,
+                                     group.world_size)
+            except RuntimeError as error:
+                if rdzv is None or not is_peer_failure(error):
+                    raise
+                failed_at = time.time()
+                group.close()
+                membership, lost_members = rdzv.next(state.step)
+                event = FailureEvent(
+                    membership.generation, lost_members, list(membership.members),
+                    f"{type(error).__name__}: {str(error)[:200]}", failed_at, time.time(),
+                    fault_at=injected_fault_time(rdzv),
+                )
+                events.append(event)
+                if on_event is not None:
+                    on_event(event)
+                if membership.world_size < elastic.min_workers:
+                    raise IdlaError(
+                        f"only {membership.world_size} workers left (members "
+                        f"{list(membership.members)}), fewer than min_workers "
+                        f"{elastic.min_workers}"
+                    ) from None
+    finally:
+        if rdzv is not None:
+            rdzv.close()
