@@ -73,7 +73,7 @@ def diagnose_stragglers(
 
 
 @contextlib.contextmanager
-def _atomic_target(path: str | Path) -> Iterator[Path]:
+def atomic_target(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``."""
     target = Path(path)
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
@@ -99,7 +99,7 @@ def _atomic_target(path: str | Path) -> Iterator[Path]:
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as JSON so readers see the old file or the new one, never a partial one."""
     text = json.dumps(obj, indent=2, sort_keys=True)
-    with _atomic_target(path) as tmp:
+    with atomic_target(path) as tmp:
         tmp.write_text(text + "\n", encoding="utf-8")
 
 
@@ -140,5 +140,5 @@ def plot_history(history: dict[str, Any], path: str | Path) -> None:
     speed_ax.set_ylabel("samples/s (global)")
     loss_ax.set_ylabel("loss")
     loss_ax.set_xlabel("step")
-    with _atomic_target(path) as tmp:
+    with atomic_target(path) as tmp:
         figure.savefig(tmp, format="png", dpi=100)

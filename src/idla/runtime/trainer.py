@@ -142,6 +142,11 @@ def train_worker(config: TrainConfig) -> dict[str, Any]:
             save_agent(config.checkpoint_dir, agent, epoch=epoch + 1)
     elapsed_s = time.perf_counter() - start
     agent.close()
+    if config.out is not None and agent.rank == 0:  # what `idla serve` and `idla infer` load
+        from idla.serve.model_io import save_model
+
+        save_model(Path(config.out) / "model", model, "digits_cnn",
+                   {"hidden": 128, "classes": 10}, (1, 8, 8))
     report = agent.report()
     report.update(
         test_accuracy=accuracy(model, test_set, agent.group.device),
