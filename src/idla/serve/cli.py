@@ -1,0 +1,216 @@
+"""`idla serve` (online serving over local workers) and `idla bench serve`.
+
+Heavy imports (torch, fastapi, uvicorn) stay inside the handlers so that `idla --help` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+from typing import Any
+
+from idla.errors import ConfigError
+
+_POLICY_HELP = "idla | round_robin | power_of_two | least_outstanding"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} must be a positive number")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not in 0..65535")
+    return value
+
+
+def _add_router_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base-cores", type=_positive_float, default=0.4, metavar="CORES",
+                        help="CPU cores of a speed-1 worker when emulating (default: 0.4)")
+    parser.add_argument("--max-queue", type=_positive_int, default=64, metavar="N",
+                        help="requests queued per worker before 429 (default: 64)")
+    parser.add_argument("--batch-budget-ms", type=_positive_float, default=50.0, metavar="MS",
+                        help="a batch's predicted service time stays within this; sets each "
+                        "worker's max batch from its measured curve (default: 50)")
+    parser.add_argument("--max-batch-rows", type=_positive_int, default=256, metavar="ROWS",
+                        help="largest batch on any worker (default: 256)")
+
+
+def add_commands(commands: Any, benches: Any) -> None:
+    """Add `idla serve` to ``commands`` and `idla bench serve` to ``benches``."""
+    serve = commands.add_parser(
+        "serve", help="serve a saved model over HTTP from N local workers",
+        description="Start N worker processes on a saved model (safetensors + model.json), "
+        "measure each one's batch-size curve, and serve POST /v1/predict, GET /healthz, "
+        "GET /metrics and POST /admin/model on 127.0.0.1, routing each request to the "
+        "worker predicted to answer it first.",
+    )
+    serve.add_argument("--model", required=True, metavar="DIR",
+                       help="model directory (model.safetensors + model.json)")
+    serve.add_argument("--workers", type=_positive_int, default=2, metavar="N",
+                       help="worker processes (default: 2)")
+    serve.add_argument("--emulate-speeds", default="none", metavar="LIST",
+                       help="relative CPU speed per worker, e.g. 1,0.5,0.25 (cgroup quota "
+                       "base-cores × speed); default: none")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    serve.add_argument("--port", type=_port, default=8000,
+                       help="TCP port; 0 picks a free one (default: 8000)")
+    serve.add_argument("--token", help="bearer token for /v1 and /admin (default: $IDLA_TOKEN, "
+                       "else a random one, printed)")
+    serve.add_argument("--policy", default="idla", help=f"{_POLICY_HELP} (default: idla)")
+    serve.add_argument("--max-wait-ms", type=float, metavar="MS",
+                       help="batching wait of an idle worker (default: each worker's fixed "
+                       "cost, at most 5 ms)")
+    serve.add_argument("--max-request-rows", type=_positive_int, default=1024, metavar="ROWS",
+                       help="rows one request may carry (default: 1024)")
+    _add_router_options(serve)
+    serve.set_defaults(handler=_serve)
+
+    bench = benches.add_parser(
+        "serve", help="online serving: idla's routing vs round-robin, power-of-two, least-"
+        "outstanding under open-loop load",
+        description="Start workers at emulated speeds on an MLP, then drive open-loop Poisson "
+        "load from a separate process at fractions of the summed measured capacity through "
+        "each routing policy in turn on the same workers; then a saturation run and a run "
+        "where a worker is killed with SIGKILL.",
+    )
+    bench.add_argument("--speeds", default="1,0.5,0.25", metavar="LIST",
+                       help="relative CPU speed per worker (default: 1,0.5,0.25)")
+    bench.add_argument("--duration", type=_positive_float, default=15.0, metavar="S",
+                       help="seconds of load per trial (default: 15)")
+    bench.add_argument("--loads", default="50,80,95", metavar="PCTS",
+                       help="offered load, %% of summed capacity (default: 50,80,95)")
+    bench.add_argument("--saturation", type=_positive_float, default=130.0, metavar="PCT",
+                       help="offered load of the saturation run (default: 130)")
+    bench.add_argument("--policies", default="idla,round_robin,power_of_two,least_outstanding",
+                       metavar="LIST", help="policies to compare (default: all four)")
+    bench.add_argument("--rows", type=_positive_int, default=16,
+                       help="rows (samples) per request (default: 16)")
+    bench.add_argument("--hidden", type=_positive_int, default=2048,
+                       help="MLP width; sets the cost of a request (default: 2048)")
+    bench.add_argument("--layers", type=_positive_int, default=3,
+                       help="MLP hidden layers (default: 3)")
+    bench.add_argument("--slo-ms", type=_positive_float, default=200.0, metavar="MS",
+                       help="latency objective for goodput (default: 200)")
+    bench.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    _add_router_options(bench)
+    bench.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    bench.set_defaults(bench_handler=_bench_serve)
+
+
+def _speeds(text: str, option: str) -> list[float] | None:
+    from idla.emulate.cgroup import parse_speeds
+
+    if text.strip().lower() in {"", "none", "off"}:
+        return None
+    return parse_speeds(text, option)
+
+
+def _router_config(args: argparse.Namespace, policy: str, request_rows: int) -> Any:
+    from idla.serve.router import RouterConfig
+
+    max_wait_s = None if getattr(args, "max_wait_ms", None) is None else args.max_wait_ms / 1e3
+    if max_wait_s is not None and not 0 <= max_wait_s <= 10:
+        raise ConfigError(f"--max-wait-ms {args.max_wait_ms} must be in 0..10000")
+    return RouterConfig(policy=policy, max_queue_requests=args.max_queue,
+                        batch_budget_s=args.batch_budget_ms / 1e3,
+                        max_batch_rows=args.max_batch_rows, max_wait_s=max_wait_s,
+                        request_rows=request_rows)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from idla.serve.http import HttpLimits
+    from idla.serve.server import Running, ServeOptions, new_event_loop, serve_until_stopped
+    from idla.serve.worker import WorkerPool
+
+    speeds = _speeds(args.emulate_speeds, "--emulate-speeds")
+    if speeds is not None and len(speeds) != args.workers:
+        raise ConfigError(f"--emulate-speeds lists {len(speeds)} speeds for {args.workers} "
+                          "workers")
+    token = args.token or os.environ.get("IDLA_TOKEN") or ""
+    generated = not token
+    token = token or secrets.token_urlsafe(24)
+    options = ServeOptions(token=token, host=args.host, port=args.port,
+                           router=_router_config(args, args.policy, 1),
+                           limits=HttpLimits(max_request_rows=args.max_request_rows))
+
+    def ready(running: Running) -> None:
+        print(f"idla serve: {running.url}  (policy {running.router.policy.name})")
+        for worker in running.router.stats():
+            print(f"  worker {worker['worker']}: pid {worker['pid']}, model "
+                  f"{worker['version']}, max batch {worker['max_batch_rows']} rows, max wait "
+                  f"{1e3 * worker['max_wait_s']:.2f} ms, capacity "
+                  f"{worker['capacity_requests_per_s']:.0f} req/s (1-row requests)")
+        if generated:
+            print(f"  token: {token}  (choose one with --token or IDLA_TOKEN)")
+        print("  POST /v1/predict, GET /healthz, GET /metrics, POST /admin/model; Ctrl-C stops",
+              flush=True)
+
+    print(f"idla serve: starting {args.workers} worker(s) on {args.model} ...", flush=True)
+    # SIGTERM ends the server like Ctrl-C, but with exit code 0 and the workers stopped.
+    signal.signal(signal.SIGTERM, _exit_quietly)
+    with WorkerPool(args.model, args.workers, speeds, args.base_cores,
+                    max_rows=args.max_batch_rows) as pool:
+        loop = new_event_loop()
+        try:
+            loop.run_until_complete(serve_until_stopped(pool.addresses, options, ready))
+        finally:
+            loop.close()
+    return 0
+
+
+def _exit_quietly(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
+
+
+def _bench_serve(args: argparse.Namespace) -> dict[str, Any]:
+    from idla.bench.serve import ServeBenchConfig, print_serve_bench, run_serve_bench
+    from idla.serve.policies import POLICIES
+
+    speeds = _speeds(args.speeds, "--speeds") or [1.0]
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown or not policies:
+        raise ConfigError(f"--policies {args.policies!r}: choose from {', '.join(POLICIES)}")
+    try:
+        loads = [float(p) for p in args.loads.split(",")]
+    except ValueError:
+        raise ConfigError(f"--loads {args.loads!r} is not a list of percentages") from None
+    if not loads or any(not 0 < p <= 500 for p in loads):
+        raise ConfigError(f"--loads {args.loads!r}: each must be in (0, 500]")
+    config = ServeBenchConfig(
+        speeds=speeds, base_cores=args.base_cores, duration_s=args.duration, loads_pct=loads,
+        saturation_pct=args.saturation, policies=policies, request_rows=args.rows,
+        hidden=args.hidden, layers=args.layers, slo_s=args.slo_ms / 1e3, seed=args.seed,
+        router=_router_config(args, "idla", args.rows),
+    )
+    result = run_serve_bench(config, on_trial=_print_trial)
+    print_serve_bench(result)
+    return result
+
+
+def _print_trial(name: str, row: dict[str, Any]) -> None:
+    print(f"  {name}: {row['throughput_rps']:.1f} req/s, p50 {row['p50_ms']:.1f} ms, p99 "
+          f"{row['p99_ms']:.1f} ms, failed {row['failed']}", flush=True)

@@ -1,0 +1,127 @@
+"""Routing policies: pure decisions over one `LoadView` per worker.
+
+Policies see one `LoadView` per worker that has room and pick one:
+
+- ``idla``: join the shortest expected delay (Whitt, "Deciding which queue to join", 1986),
+  with each worker's delay predicted from its measured batch-size curve, its batching limits,
+  the rows queued before the request, the batch in flight and a moving correction of the
+  curve by the service times observed since. Cost: O(workers · log curve points) per request.
+- ``round_robin``; ``power_of_two``: sample two workers, take the one with fewer outstanding
+  requests (Mitzenmacher, "The power of two choices", 2001; Ray Serve's replica scheduler);
+  ``least_outstanding``: fewest outstanding requests, ties broken at random.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from idla.errors import ConfigError
+from idla.serve.batcher import BatchPolicy, ServiceCurve
+
+POLICIES = ("idla", "round_robin", "power_of_two", "least_outstanding")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadView:
+    """What a policy knows about one worker at the moment a request arrives."""
+
+    index: int
+    queued_rows: int
+    queued_requests: int
+    inflight_rows: int
+    """Rows of the batch the worker is running (0 when idle)."""
+    inflight_requests: int
+    inflight_remaining_s: float
+    """Predicted seconds until the batch in flight is done."""
+    oldest_wait_s: float
+    """Seconds the oldest queued request has waited."""
+    curve: ServiceCurve
+    batching: BatchPolicy
+    slowdown: float = 1.0
+    """Observed over curve-predicted service time (moving average; 1 = as measured)."""
+    link_s: float = 0.0
+    """Round trip minus service time of one batch: wire, event loop (moving average)."""
+
+    @property
+    def outstanding(self) -> int:
+        return self.queued_requests + self.inflight_requests
+
+
+def predict_completion_s(view: LoadView, rows: int) -> float:
+    """Predicted seconds until a new request of ``rows`` rows would be answered by this worker:
+    the batch in flight, the wait an idle worker may spend filling a batch, then the queue ahead
+    of the request (FIFO) cut into batches of ``max_batch_rows``: each costs its curve time
+    scaled by ``slowdown``, plus ``link_s``."""
+    pending_rows = view.queued_rows + rows
+    batch_rows = view.batching.max_batch_rows
+    delay_s = view.inflight_remaining_s
+    if view.inflight_rows == 0 and pending_rows < batch_rows:
+        delay_s += max(0.0, view.batching.max_wait_s - view.oldest_wait_s)
+    full, rest = divmod(pending_rows, batch_rows)
+    service_s = full * view.curve.predict_s(batch_rows) + view.curve.predict_s(rest)
+    return delay_s + view.slowdown * service_s + (full + (rest > 0)) * view.link_s
+
+
+class Policy(Protocol):
+    name: str
+
+    def choose(self, views: Sequence[LoadView], rows: int) -> int:
+        """The ``index`` of the chosen view (``views`` is never empty)."""
+        ...
+
+
+class ShortestExpectedDelay:
+    name = "idla"
+
+    def choose(self, views: Sequence[LoadView], rows: int) -> int:
+        return min(views, key=lambda v: (predict_completion_s(v, rows), v.index)).index
+
+
+class RoundRobin:
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def choose(self, views: Sequence[LoadView], rows: int) -> int:
+        later = [v.index for v in views if v.index >= self._next]
+        chosen = min(later) if later else min(v.index for v in views)
+        self._next = chosen + 1
+        return chosen
+
+
+class PowerOfTwo:
+    name = "power_of_two"
+
+    def __init__(self, seed: int = 0) -> None:
+        self._rng = random.Random(seed)
+
+    def choose(self, views: Sequence[LoadView], rows: int) -> int:
+        if len(views) == 1:
+            return views[0].index
+        first, second = self._rng.sample(list(views), 2)
+        return second.index if second.outstanding < first.outstanding else first.index
+
+
+class LeastOutstanding:
+    name = "least_outstanding"
+
+    def __init__(self, seed: int = 0) -> None:
+        self._rng = random.Random(seed)
+
+    def choose(self, views: Sequence[LoadView], rows: int) -> int:
+        fewest = min(v.outstanding for v in views)
+        return self._rng.choice([v.index for v in views if v.outstanding == fewest])
+
+
+def make_policy(name: str, seed: int = 0) -> Policy:
+    policies: dict[str, Policy] = {
+        "idla": ShortestExpectedDelay(), "round_robin": RoundRobin(),
+        "power_of_two": PowerOfTwo(seed), "least_outstanding": LeastOutstanding(seed),
+    }
+    if name not in policies:
+        raise ConfigError(f"--policy {name!r} is not one of {', '.join(POLICIES)}")
+    return policies[name]

@@ -1,0 +1,168 @@
+"""Run the router and its HTTP app: in the foreground (``idla serve``) or on a background thread
+with its own event loop (tests and benchmarks, which drive it from the main thread)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import socket
+import threading
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, TypeVar
+
+from idla.serve.http import HttpLimits, create_app
+from idla.serve.metrics import ServeMetrics
+from idla.serve.router import Router, RouterConfig
+
+T = TypeVar("T")
+START_TIMEOUT_S = 60.0
+
+
+@dataclass(kw_only=True)
+class ServeOptions:
+    token: str
+    """Bearer token that /v1/* and /admin/* require."""
+    host: str = "127.0.0.1"
+    """Address the HTTP server binds."""
+    port: int = 8000
+    """TCP port (0: any free port; read it back from `Running.port`)."""
+    router: RouterConfig = field(default_factory=RouterConfig)
+    limits: HttpLimits = field(default_factory=HttpLimits)
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop when installed (cheaper per request), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+@dataclass
+class Running:
+    router: Router
+    metrics: ServeMetrics
+    server: Any  # uvicorn.Server
+    task: asyncio.Task[None]
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        await self.task
+        await self.router.close()
+
+
+async def start(addresses: Sequence[tuple[str, int]], options: ServeOptions) -> Running:
+    """Connect a router to the workers at ``addresses`` and start serving HTTP."""
+    import uvicorn
+
+    router = Router(options.router)
+    await router.connect(addresses)
+    metrics = ServeMetrics()
+    app = create_app(router, options.token, metrics, options.limits)
+    family = socket.AF_INET6 if ":" in options.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((options.host, options.port))
+    except OSError as error:
+        sock.close()
+        await router.close()
+        from idla.errors import ConfigError
+
+        raise ConfigError(f"cannot listen on {options.host}:{options.port} ({error})") from None
+    port = int(sock.getsockname()[1])
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", ws="none",
+                            timeout_graceful_shutdown=2, backlog=1024)
+    server = uvicorn.Server(config)
+    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    while not server.started and not task.done():
+        await asyncio.sleep(0.01)
+    if task.done():
+        await router.close()
+        task.result()
+    return Running(router, metrics, server, task, options.host, port)
+
+
+async def serve_until_stopped(addresses: Sequence[tuple[str, int]], options: ServeOptions,
+                              on_ready: Callable[[Running], None]) -> None:
+    """Serve in the foreground until SIGINT/SIGTERM (uvicorn catches them on the main thread)."""
+    running = await start(addresses, options)
+    on_ready(running)
+    try:
+        await running.task
+    finally:
+        await running.router.close()
+
+
+class ServingThread:
+    """The router and HTTP server on a background thread; ``with ServingThread(...) as s``."""
+
+    def __init__(self, addresses: Sequence[tuple[str, int]], options: ServeOptions) -> None:
+        self.addresses, self.options = list(addresses), options
+        self.loop = new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True,
+                                        name="idla-router")
+        self._running: Running | None = None
+
+    @property
+    def running(self) -> Running:
+        if self._running is None:
+            raise RuntimeError("ServingThread is not started")
+        return self._running
+
+    @property
+    def router(self) -> Router:
+        return self.running.router
+
+    @property
+    def url(self) -> str:
+        return self.running.url
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
+        """Run ``coroutine`` on the router's loop and return its result."""
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        try:
+            return future.result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise
+
+    def call(self, function: Callable[[], T]) -> T:
+        """Call ``function`` on the router's loop (safe access to router state)."""
+        async def wrapper() -> T:
+            return function()
+        return self.run(wrapper(), 30.0)
+
+    def __enter__(self) -> ServingThread:
+        self._thread.start()
+        try:
+            self._running = self.run(start(self.addresses, self.options), START_TIMEOUT_S)
+        except BaseException:
+            self._shutdown()
+            raise
+        return self
+
+    def _shutdown(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        if self._running is not None:
+            with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
+                self.run(self._running.stop(), 15.0)
+        self._shutdown()

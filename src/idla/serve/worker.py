@@ -1,0 +1,350 @@
+"""A serving worker: one process that loads a model directory and runs batches sent over TCP.
+
+Run as ``python -m idla.serve.worker --model DIR``; it prints one JSON line on stdout, either
+``{"ready": true, "port": P, "pid": ...}`` or ``{"error": "..."}`` (then exits 2). It runs one
+thread of torch, optionally inside a throttled cgroup (joined after the heavy imports and the
+model load, before the batch-size curve is measured, so the curve is the throttled one) and
+optionally inside a network namespace (an emulated host). Protocol: `idla.serve.wire`.
+
+A hot swap loads the new model in a background thread while batches keep running, then switches
+on ``commit`` between two batches: every batch runs entirely on one version, which its reply names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from idla.errors import ConfigError, IdlaError
+from idla.serve import wire
+
+DEFAULT_MAX_ROWS = 256
+CURVE_LIMIT_S = 0.25  # stop measuring larger batches once one takes this long
+CURVE_MIN_TIME_S = 0.03  # time each batch size for at least this long (several CFS periods)
+SHORT_BATCH_S = 0.05  # sizes faster than this are timed three times, keeping the fastest
+READY_TIMEOUT_S = 120.0
+
+
+def measure_curve(
+    model: Any, input_shape: Sequence[int], max_rows: int = DEFAULT_MAX_ROWS,
+    limit_s: float = CURVE_LIMIT_S, min_time_s: float = CURVE_MIN_TIME_S,
+) -> list[list[float]]:
+    """``[[rows, seconds], ...]``: sustained wall time of a forward pass at rows 1, 2, 4, ...
+
+    Each size is timed in windows of at least ``min_time_s`` and two passes (several CFS
+    periods, so a throttled worker shows its sustained rate); short sizes get three windows and
+    keep the fastest, which drops a window that a neighbour process happened to slow down.
+    Sizes stop at ``max_rows`` or after the first that takes ``limit_s``. Cost: about twice
+    the time of the largest size measured, plus 3 × ``min_time_s`` per short size.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    sizes = [1]
+    while sizes[-1] < max_rows:
+        sizes.append(min(sizes[-1] * 2, max_rows))
+    curve: list[list[float]] = []
+    with torch.no_grad():
+        for rows in sizes:
+            x = torch.rand((rows, *input_shape), generator=generator)
+            model(x)  # warm-up: allocations of this size
+            windows_s: list[float] = []
+            while len(windows_s) < 3 and (not windows_s or windows_s[-1] < SHORT_BATCH_S):
+                reps, start = 0, time.perf_counter()
+                while reps < 2 or time.perf_counter() - start < min_time_s:
+                    model(x)
+                    reps += 1
+                windows_s.append((time.perf_counter() - start) / reps)
+            curve.append([rows, min(windows_s)])
+            if min(windows_s) >= limit_s:
+                break
+    return curve
+
+
+@dataclass
+class _Loaded:
+    model: Any
+    info: Any  # idla.serve.model_io.ModelInfo
+    output_features: int
+
+
+def _load(path: str) -> _Loaded:
+    import torch
+
+    from idla.serve.model_io import load_model
+
+    model, info = load_model(path)
+    with torch.no_grad():
+        out = model(torch.zeros((1, *info.input_shape)))
+    return _Loaded(model, info, int(out.shape[1]))
+
+
+class ModelServer:
+    """Serves one router connection at a time; batches run on this thread, loads on another."""
+
+    def __init__(self, loaded: _Loaded, curve: list[list[float]]) -> None:
+        self.active = loaded
+        self.curve = curve
+        self._staged: _Loaded | None = None
+        self._send_lock = threading.Lock()
+
+    def _send(self, conn: socket.socket, header: dict[str, Any], payload: bytes = b"") -> None:
+        frame = wire.encode(header, payload)
+        with self._send_lock:
+            conn.sendall(frame)
+
+    def serve_forever(self, listener: socket.socket) -> None:
+        while True:
+            conn, _ = listener.accept()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                self._handle(conn)
+            except (OSError, wire.WireError):
+                pass  # the router went away or broke the protocol: wait for the next one
+            finally:
+                conn.close()
+
+    def _hello(self) -> dict[str, Any]:
+        info = self.active.info
+        return {"op": "hello", "version": info.version, "sha256": info.sha256,
+                "architecture": info.architecture, "input_shape": list(info.input_shape),
+                "output_features": self.active.output_features, "curve": self.curve,
+                "pid": os.getpid()}
+
+    def _handle(self, conn: socket.socket) -> None:
+        self._send(conn, self._hello())
+        while (frame := wire.recv_frame(conn)) is not None:
+            header, payload = frame
+            op, request_id = header["op"], header.get("id")
+            if op == "batch":
+                self._batch(conn, request_id, header, payload)
+            elif op == "ping":
+                self._send(conn, {"op": "pong", "id": request_id,
+                                  "version": self.active.info.version})
+            elif op == "prepare":
+                threading.Thread(target=self._prepare, args=(conn, request_id,
+                                                              str(header.get("path"))),
+                                 daemon=True).start()
+            elif op == "commit":
+                self._commit(conn, request_id)
+            else:
+                self._send(conn, {"op": "error", "id": request_id, "message": f"unknown op {op}"})
+
+    def _batch(self, conn: socket.socket, request_id: Any, header: dict[str, Any],
+               payload: bytes) -> None:
+        import numpy as np
+        import torch
+
+        loaded = self.active  # one version for the whole batch
+        try:
+            inputs = wire.from_payload(header.get("shape"), payload)
+            if tuple(inputs.shape[1:]) != tuple(loaded.info.input_shape) or not len(inputs):
+                raise wire.WireError(f"batch of shape {list(inputs.shape)}, the model takes "
+                                     f"(rows, {', '.join(map(str, loaded.info.input_shape))})")
+        except wire.WireError as error:
+            self._send(conn, {"op": "error", "id": request_id, "message": str(error)})
+            return
+        start = time.perf_counter()
+        with torch.no_grad():
+            outputs = loaded.model(torch.from_numpy(np.array(inputs))).numpy()
+        service_s = time.perf_counter() - start
+        shape, data = wire.to_payload(outputs)
+        self._send(conn, {"op": "result", "id": request_id, "shape": shape,
+                          "version": loaded.info.version, "service_s": service_s}, data)
+
+    def _prepare(self, conn: socket.socket, request_id: Any, path: str) -> None:
+        try:
+            loaded = _load(path)
+        except IdlaError as error:
+            reply = {"op": "error", "id": request_id, "message": str(error)}
+        else:
+            self._staged = loaded
+            info = loaded.info
+            reply = {"op": "prepared", "id": request_id, "version": info.version,
+                     "sha256": info.sha256, "input_shape": list(info.input_shape),
+                     "output_features": loaded.output_features}
+        with suppress(OSError):
+            self._send(conn, reply)
+
+    def _commit(self, conn: socket.socket, request_id: Any) -> None:
+        staged, self._staged = self._staged, None
+        if staged is None:
+            self._send(conn, {"op": "error", "id": request_id, "message": "nothing prepared"})
+            return
+        self.active = staged
+        self._send(conn, {"op": "committed", "id": request_id, "version": staged.info.version,
+                          "switched_at_s": time.time()})
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit when the process that started this worker is gone (no orphaned workers)."""
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(0)
+
+
+def _join_cgroup(procs_path: str) -> None:
+    try:
+        with open(procs_path, "w") as procs:
+            procs.write(f"{os.getpid()}\n")
+    except OSError as error:
+        raise ConfigError(f"cannot join the throttled cgroup {procs_path}: {error}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m idla.serve.worker")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--cgroup-procs", help="cgroup.procs file of this worker's cgroup")
+    parser.add_argument("--netns", help="network namespace (emulated host) to run in")
+    parser.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS)
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    try:
+        if args.netns:
+            from idla.emulate.netns import enter_netns
+
+            enter_netns(args.netns)
+        loaded = _load(args.model)
+        if args.cgroup_procs:
+            _join_cgroup(args.cgroup_procs)
+        curve = measure_curve(loaded.model, loaded.info.input_shape, args.max_rows)
+        listener = socket.create_server((args.host, args.port))
+    except (IdlaError, OSError) as error:
+        print(json.dumps({"error": str(error)}), flush=True)
+        return 2
+    print(json.dumps({"ready": True, "port": listener.getsockname()[1], "pid": os.getpid(),
+                      "version": loaded.info.version}), flush=True)
+    ModelServer(loaded, curve).serve_forever(listener)
+    return 0
+
+
+@dataclass
+class WorkerProcess:
+    """A local worker process and the address it serves on."""
+
+    process: subprocess.Popen[bytes]
+    host: str
+    port: int
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+def _wait_ready(process: subprocess.Popen[bytes], deadline_s: float) -> dict[str, Any]:
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], max(0.0, deadline_s - time.monotonic()))
+    line = process.stdout.readline() if ready else b""
+    if not line:
+        code = process.poll()
+        raise IdlaError(f"serving worker (pid {process.pid}) "
+                        + ("did not start in time" if code is None else f"exited with {code}"))
+    try:
+        message = json.loads(line)
+    except json.JSONDecodeError:
+        raise IdlaError(f"serving worker said {line[:200]!r} instead of ready") from None
+    if "error" in message:
+        raise ConfigError(str(message["error"]))
+    return dict(message)
+
+
+class WorkerPool:
+    """Start ``count`` local workers on ``model_dir`` (each in its own throttled cgroup when
+    ``speeds`` is given, quota ``base_cores × speed``); stop them all on exit.
+
+    With ``netns``, worker i runs in network namespace ``netns[i]`` (an emulated host) and binds
+    ``hosts[i]``, that host's address; otherwise every worker binds ``host``.
+    """
+
+    def __init__(
+        self, model_dir: str | Path, count: int, speeds: Sequence[float] | None = None,
+        base_cores: float = 0.5, host: str = "127.0.0.1", max_rows: int = DEFAULT_MAX_ROWS,
+        netns: Sequence[str] | None = None, hosts: Sequence[str] | None = None,
+    ) -> None:
+        if count < 1:
+            raise ConfigError(f"--workers must be at least 1, got {count}")
+        if speeds is not None and len(speeds) != count:
+            raise ConfigError(f"--emulate-speeds lists {len(speeds)} speeds for {count} workers")
+        if netns is not None and len(netns) != count:
+            raise ConfigError(f"{len(netns)} network namespaces for {count} workers")
+        self.hosts = list(hosts) if hosts is not None else [host] * count
+        if len(self.hosts) != count:
+            raise ConfigError(f"{len(self.hosts)} bind addresses for {count} workers")
+        self.model_dir, self.count, self.speeds = str(model_dir), count, speeds
+        self.base_cores, self.max_rows, self.netns = base_cores, max_rows, netns
+        self.workers: list[WorkerProcess] = []
+        self._stack = ExitStack()
+
+    def __enter__(self) -> WorkerPool:
+        from idla.emulate.cgroup import CpuThrottle
+        from idla.serve.model_io import read_info
+
+        read_info(self.model_dir)  # a missing, damaged or pickle model fails here, clearly
+        try:
+            throttle = (self._stack.enter_context(CpuThrottle(self.speeds, self.base_cores))
+                        if self.speeds else None)
+            processes = [self._spawn(i, throttle) for i in range(self.count)]
+            deadline_s = time.monotonic() + READY_TIMEOUT_S
+            for process in processes:
+                self._stack.callback(_stop, process)
+            for i, process in enumerate(processes):
+                ready = _wait_ready(process, deadline_s)
+                self.workers.append(WorkerProcess(process, self.hosts[i], int(ready["port"])))
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def _spawn(self, index: int, throttle: Any) -> subprocess.Popen[bytes]:
+        command = [sys.executable, "-m", "idla.serve.worker", "--model", self.model_dir,
+                   "--host", self.hosts[index], "--max-rows", str(self.max_rows)]
+        if throttle is not None:
+            command += ["--cgroup-procs", str(throttle.paths[index] / "cgroup.procs")]
+        if self.netns is not None:
+            command += ["--netns", self.netns[index]]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return [(w.host, w.port) for w in self.workers]
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close()
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    if process.stdout is not None:
+        process.stdout.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
