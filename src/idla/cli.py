@@ -6,6 +6,7 @@ User mistakes end with one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Sequence
@@ -14,6 +15,11 @@ from typing import Any
 from idla.errors import ConfigError, IdlaError
 
 _COMM_CODECS = "fp16,topk:0.01,randk:0.01,sign,powersgd:2"
+# Parts that add their own commands: each module has `add_commands(commands, benches)`, which
+# adds sub-parsers with `set_defaults(handler=f)` (f(args) -> exit code) for commands and
+# `set_defaults(bench_handler=f)` (f(args) -> result dict) for benchmarks. Heavy imports stay
+# inside the handlers so that `idla --help` is fast.
+_COMMAND_MODULES = ("idla.fl.cli", "idla.serve.cli", "idla.serve.infer_cli")
 
 
 def _speeds(text: str, option: str = "--emulate-speeds") -> list[float] | None:
@@ -103,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="save a checkpoint (safetensors + JSON) here after every epoch")
     train.add_argument("--resume", metavar="DIR",
                        help="continue from a checkpoint directory (or its parent, via 'latest')")
+    train.add_argument("--elastic", action="store_true",
+                       help="survive lost workers: the others re-form the group and go on")
+    train.add_argument("--faults", default="", metavar="LIST",
+                       help="with --elastic, inject faults: kill:2@30, nan:1@20+5, slow:3@10x10")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
     profile = commands.add_parser(
@@ -183,6 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
                       help="number of workers (default: 10000)")
     plan.add_argument("--repeats", type=_positive_int, default=50, help="timed runs (default: 50)")
     plan.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    faults = benches.add_parser(
+        "faults", help="fault injection: kill -9, cut link, 10× slower, NaN in elastic training",
+        description="Train elastically on 4 local workers and inject one fault per trial at a "
+        "random (seeded) step; report finished, steps lost, samples skipped/repeated, detection "
+        "time and final accuracy beside a clean run.",
+    )
+    faults.add_argument("--kills", type=int, default=3, help="kill -9 trials (default: 3)")
+    faults.add_argument("--kinds", default="kill,link,slow,nan", metavar="LIST",
+                        help="faults to inject (default: kill,link,slow,nan)")
+    faults.add_argument("--epochs", type=_positive_int, default=4, help="epochs (default: 4)")
+    faults.add_argument("--seed", type=int, default=0, help="seeds the fault steps and the run")
+    faults.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).add_commands(commands, benches)
     return parser
 
 
@@ -202,6 +226,12 @@ def _train(args: argparse.Namespace) -> int:
         resume=args.resume,
     )
     _check_dataset_size(config.global_batch)
+    if args.faults and not args.elastic:
+        raise ConfigError("--faults needs --elastic")
+    if args.elastic:
+        from idla.runtime.elastic_train import launch_elastic
+
+        return launch_elastic(config, speeds, args.faults)
     if config.sync != "allreduce":
         return _train_mode(config, speeds, args)
     if args.quiet:
@@ -258,14 +288,16 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    if args.bench == "hetero":
+    if getattr(args, "bench_handler", None) is not None:
+        result: dict[str, Any] = args.bench_handler(args)
+    elif args.bench == "hetero":
         from idla.bench.hetero import HeteroConfig, print_hetero, run_hetero
 
         config = HeteroConfig(
             speeds=_speeds(args.speeds, "--speeds") or [1.0], base_cores=args.base_cores,
             steps=args.steps, repeats=args.repeats, global_batch=args.global_batch, seed=args.seed,
         )
-        result: dict[str, Any] = run_hetero(config)
+        result = run_hetero(config)
         print_hetero(result)
     elif args.bench == "comm":
         from idla.bench.comm import CommConfig, print_comm, run_comm
@@ -287,6 +319,15 @@ def _bench(args: argparse.Namespace) -> int:
         )
         result = run_sync_bench(sync_config, on_run=_print_sync_run)
         print_sync_bench(result)
+    elif args.bench == "faults":
+        from idla.bench.faults import FaultBenchConfig, print_fault_bench, run_fault_bench
+
+        fault_config = FaultBenchConfig(
+            kills=args.kills, epochs=args.epochs, seed=args.seed,
+            kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
+        )
+        result = run_fault_bench(fault_config, on_trial=_print_trial)
+        print_fault_bench(result)
     elif args.bench == "plan":
         from idla.bench.plan_speed import bench_allocate
 
@@ -294,7 +335,8 @@ def _bench(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         raise ConfigError(
-            "name a benchmark: idla bench hetero | comm | sync | plan (see idla bench --help)")
+            "name a benchmark: idla bench hetero | comm | sync | plan | fl | serve | infer "
+            "(see idla bench --help)")
     if args.json:
         from idla.report import write_json_atomic
 
@@ -307,6 +349,12 @@ def _print_run(name: str, repeat: int, row: dict[str, Any]) -> None:
     reached = "not reached" if ttt is None else f"target in {ttt:.1f} s"
     print(f"  {name} (repeat {repeat + 1}): {reached}, final {100 * row['final_accuracy']:.2f}%, "
           f"{row['tx_bytes_per_step']:,.0f} B/step on the wire", flush=True)
+
+
+def _print_trial(trial: dict[str, Any]) -> None:
+    print(f"  trial {trial['name']}: finished={trial['finished']}, "
+          f"steps lost {trial.get('steps_lost', '-')}, "
+          f"accuracy {100 * trial.get('final_accuracy', 0):.2f}%", flush=True)
 
 
 def _print_sync_run(scenario: str, name: str, repeat: int, row: dict[str, Any]) -> None:
@@ -323,8 +371,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    handler = handlers.get(args.command) or getattr(args, "handler", None)
+    if handler is None:
+        parser.parse_args([args.command, "--help"])
+        return 2
     try:
-        return handlers[args.command](args)
+        return int(handler(args))
     except IdlaError as error:
         print(f"idla: error: {error}", file=sys.stderr)
         return 2
