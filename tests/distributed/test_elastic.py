@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,7 +17,7 @@ from idla.runtime.elastic_train import elastic_worker
 from idla.runtime.launch import launch_local
 from idla.runtime.trainer import TrainConfig
 
-CONFIG = TrainConfig(workers=3, emulate_speeds=None, epochs=2, global_batch=128, out=None)
+CONFIG = TrainConfig(workers=3, emulate_speeds=None, epochs=3, global_batch=128, out=None)
 
 
 def _launch(faults: str) -> list[Any]:
@@ -36,11 +39,36 @@ def test_survivors_of_a_kill_finish_with_at_most_one_step_lost() -> None:
         assert report["step"] == len(_all_batches(report))  # every planned step was done
         assert report["steps_lost"] <= 1
         assert report["committed"] == _all_batches(report)  # each global batch exactly once
-        (event,) = report["failures"]
+        (event,) = report["events"]
         assert event["lost_members"] == [1]
         assert 0 <= event["declared_at"] - event["fault_at"] < 10.0  # named within seconds
     assert survivors[0]["param_digest"] == survivors[1]["param_digest"]
     assert survivors[0]["test_accuracy"] > 0.8
+
+
+def test_a_newcomer_joins_a_running_job_and_adopts_its_state(tmp_path: Path) -> None:
+    spec = f"file:{tmp_path / 'rendezvous'}"
+    joined: list[Any] = []
+
+    def newcomer() -> None:
+        time.sleep(3)  # after the job has started (and lost worker 2)
+        joined.extend(launch_local(elastic_worker, (CONFIG,), 1, allow_lost=True, timeout_s=240,
+                                   env={"IDLA_RENDEZVOUS": spec, "IDLA_JOIN": "1"}))
+
+    thread = threading.Thread(target=newcomer)
+    thread.start()
+    results = launch_local(elastic_worker, (CONFIG,), CONFIG.workers, allow_lost=True,
+                           timeout_s=240, env={"IDLA_RENDEZVOUS": spec, "IDLA_FAULTS": "kill:2@5"})
+    thread.join()
+
+    survivors = [results[0], results[1], joined[0]]
+    assert joined[0]["member"] == 3  # the next free member id
+    for report in survivors:
+        assert report["world_size"] == 3
+        assert report["committed"] == _all_batches(report)
+    join_event = results[0]["events"][-1]
+    assert join_event["joined_members"] == [3] and join_event["steps_lost"] == 0
+    assert len({r["param_digest"] for r in survivors}) == 1
 
 
 def test_nan_inputs_never_reach_the_model() -> None:

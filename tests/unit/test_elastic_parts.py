@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from idla.errors import ConfigError, ReplicaMismatchError
 from idla.runtime.elastic import ElasticConfig, is_peer_failure
@@ -75,3 +77,13 @@ def test_elastic_config_is_validated() -> None:
 def test_bad_store_specs_are_clear(spec: str) -> None:
     with pytest.raises(ConfigError, match="IDLA_RENDEZVOUS"):
         open_store(spec, 1.0)
+
+
+@given(st.text(max_size=40))
+def test_any_fault_spec_parses_or_gives_a_clear_error(text: str) -> None:
+    try:
+        faults = parse_faults(text)
+    except ConfigError as error:
+        assert "IDLA_FAULTS" in str(error)
+    else:
+        assert all(f.kind in {"kill", "nan", "slow"} and f.step >= 0 for f in faults)

@@ -126,7 +126,7 @@ def _summarize(name: str, kind: str, member: int | None, step: int | None,
     expected = {(e, b) for e in range(first["config"]["epochs"])
                 for b in range(_steps_per_epoch(first))}
     batch = first["config"]["global_batch"]
-    events = first["failures"]
+    events = first["events"]
     fault_at = run.get("cut_at") or next((e["fault_at"] for e in events if e["fault_at"]), None)
     detection_s = (events[0]["declared_at"] - fault_at) if events and fault_at else None
     finished = (all(r["step"] == planned for r in survivors)

@@ -47,11 +47,16 @@ _PEER_FAILURE_MARKS = (
 )
 
 
+class MembershipChange(RuntimeError):
+    """Raised at a step boundary on every rank when a newcomer asks to join."""
+
+
 def is_peer_failure(error: BaseException) -> bool:
-    """True for the errors a dead, partitioned or silent peer causes in a collective."""
+    """True for the errors a dead, partitioned or silent peer causes in a collective (and for
+    a planned membership change)."""
     if isinstance(error, IdlaError) or not isinstance(error, RuntimeError):
         return False
-    if isinstance(error, dist.DistError):
+    if isinstance(error, dist.DistError | MembershipChange):
         return True
     text = str(error).lower()
     return any(mark in text for mark in _PEER_FAILURE_MARKS)
@@ -70,6 +75,8 @@ class ElasticConfig:
     """A member whose heartbeat has not moved for this long is declared dead at a re-form."""
     min_workers: int = 1
     """Stop with an error when fewer workers than this survive."""
+    join_check_every_steps: int = 5
+    """Rank 0 looks for newcomers asking to join every this many steps (0: never)."""
 
     def __post_init__(self) -> None:
         if self.collective_timeout_s <= 0:
@@ -78,6 +85,8 @@ class ElasticConfig:
             raise ConfigError("heartbeat_s must be positive and shorter than dead_after_s")
         if self.min_workers < 1:
             raise ConfigError("min_workers must be at least 1")
+        if self.join_check_every_steps < 0:
+            raise ConfigError("join_check_every_steps must be 0 or more")
 
 
 @dataclass
@@ -95,6 +104,8 @@ class ElasticState:
     """(epoch, batch) of every committed step this worker saw or adopted, in order."""
     agent: Agent | None = None
     faults: FaultInjector | None = None
+    membership_check: Callable[[int], None] | None = None
+    """Called with the committed step before each batch; raises MembershipChange to re-form."""
 
     def batches(self, epochs: int) -> Iterator[tuple[torch.Tensor, ...]]:
         """This rank's part of every remaining global batch, from the cursor to `epochs`."""
@@ -106,6 +117,8 @@ class ElasticState:
             for parts in agent.batches(epoch, self.batch):
                 if self.started != self.step:
                     raise RuntimeError("call state.commit() after every optimizer step")
+                if self.membership_check is not None:
+                    self.membership_check(self.step)
                 self.started = self.step + 1
                 if self.faults is not None:
                     parts = self.faults.before_step(self.step, parts)
@@ -136,8 +149,10 @@ class FailureEvent:
     lost_members: list[int]
     members: list[int]
     error: str
+    joined_members: list[int]
+    """Newcomers taken in at this re-form."""
     failed_at: float
-    """time.time() when this worker's collective failed."""
+    """time.time() when this worker's collective failed (or the change was noticed)."""
     declared_at: float
     """time.time() when the new member list (naming the lost) was known."""
     fault_at: float | None = None
@@ -148,7 +163,8 @@ class FailureEvent:
     def as_dict(self) -> dict[str, Any]:
         return {
             "generation": self.generation, "lost_members": self.lost_members,
-            "members": self.members, "error": self.error, "failed_at": self.failed_at,
+            "joined_members": self.joined_members, "members": self.members,
+            "error": self.error, "failed_at": self.failed_at,
             "declared_at": self.declared_at, "fault_at": self.fault_at,
             "steps_lost": self.steps_lost,
         }
@@ -168,7 +184,7 @@ class ElasticReport:
             "steps_per_epoch": self.state.agent.sampler.steps_per_epoch()
             if self.state.agent else 0,
             "steps_lost": sum(e.steps_lost for e in self.events),
-            "failures": [e.as_dict() for e in self.events],
+            "events": [e.as_dict() for e in self.events],
             "committed": [list(c) for c in self.state.committed],
             "agent": self.agent_report,
         }
@@ -229,12 +245,14 @@ def run_elastic(
     """
     elastic = elastic or ElasticConfig()
     world, member = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0)
+    joining = os.environ.get("IDLA_JOIN") == "1"
     rdzv = (Rendezvous(rendezvous_spec_from_env(), member, world, prefix=_prefix(),
-                       heartbeat_s=elastic.heartbeat_s, dead_after_s=elastic.dead_after_s)
-            if world > 1 else None)
-    state = ElasticState(faults=FaultInjector.from_env(member, rdzv))
+                       heartbeat_s=elastic.heartbeat_s, dead_after_s=elastic.dead_after_s,
+                       joining=joining)
+            if world > 1 or joining else None)
+    membership = (rdzv.join() if joining else rdzv.current) if rdzv else None
+    state = ElasticState(faults=FaultInjector.from_env(rdzv.member if rdzv else member, rdzv))
     events: list[FailureEvent] = []
-    membership = rdzv.current if rdzv else None
     try:
         while True:
             group = Group(
@@ -243,6 +261,7 @@ def run_elastic(
                 rank=membership.rank if membership else 0,
                 world_size=membership.world_size if membership else 1,
             )
+            state.membership_check = _join_check(rdzv, group, elastic.join_check_every_steps)
             try:
                 agent = Agent(model, optimizer, dataset, config=config, group=group)
                 state.agent = agent
@@ -251,18 +270,22 @@ def run_elastic(
                     events[-1].steps_lost = lost
                 train_fn(agent, state)
                 agent.close()
-                return ElasticReport(state, events, agent.report(), member,
-                                     group.world_size)
+                return ElasticReport(state, events, agent.report(),
+                                     rdzv.member if rdzv else member, group.world_size)
             except RuntimeError as error:
-                if rdzv is None or not is_peer_failure(error):
+                if rdzv is None or membership is None or not is_peer_failure(error):
                     raise
                 failed_at = time.time()
                 group.close()
+                before = set(membership.members)
                 membership, lost_members = rdzv.next(state.step)
                 event = FailureEvent(
-                    membership.generation, lost_members, list(membership.members),
-                    f"{type(error).__name__}: {str(error)[:200]}", failed_at, time.time(),
-                    fault_at=injected_fault_time(rdzv),
+                    generation=membership.generation, lost_members=lost_members,
+                    members=list(membership.members),
+                    error=f"{type(error).__name__}: {str(error)[:200]}",
+                    joined_members=sorted(set(membership.members) - before),
+                    failed_at=failed_at, declared_at=time.time(),
+                    fault_at=injected_fault_time(rdzv) if lost_members else None,
                 )
                 events.append(event)
                 if on_event is not None:
@@ -276,3 +299,25 @@ def run_elastic(
     finally:
         if rdzv is not None:
             rdzv.close()
+
+
+def _join_check(
+    rdzv: Rendezvous | None, group: Group, every_steps: int
+) -> Callable[[int], None] | None:
+    """Every `every_steps` committed steps, rank 0 looks for join requests and tells the others
+    (one 1-element broadcast), so that all ranks re-form at the same step boundary."""
+    if rdzv is None or every_steps == 0:
+        return None
+    checked: set[int] = set()
+
+    def check(step: int) -> None:
+        if step == 0 or step % every_steps or step in checked:
+            return
+        checked.add(step)
+        flag = torch.tensor([1 if group.rank == 0 and rdzv.join_pending() else 0])
+        if group.world_size > 1:
+            dist.broadcast(flag, src=0)
+        if int(flag.item()):
+            raise MembershipChange("a newcomer asked to join")
+
+    return check

@@ -78,8 +78,10 @@ def launch_elastic(config: TrainConfig, speeds: list[float] | None, faults: str)
     def on_progress(message: dict[str, Any]) -> None:
         if "event" in message:
             event = message["event"]
-            print(f"lost worker(s) {event['lost_members']}: {event['error'][:80]}; "
-                  f"re-formed as {event['members']} in "
+            change = (f"worker(s) {event['joined_members']} joined" if event["joined_members"]
+                      and not event["lost_members"] else
+                      f"lost worker(s) {event['lost_members']}: {event['error'][:80]}")
+            print(f"{change}; re-formed as {event['members']} in "
                   f"{event['declared_at'] - event['failed_at']:.1f} s", flush=True)
 
     results = launch_local(elastic_worker, (config,), config.workers, speeds, config.base_cores,

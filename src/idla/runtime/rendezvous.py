@@ -15,6 +15,9 @@ Protocol for generation g+1 (all survivors come from generation g):
    thread is blocked in a collective) is older than `dead_after_s` (hosts' clocks must agree
    to well under that, which NTP gives);
 3. the leader publishes `g{g+1}/members`; each survivor takes its index there as its new rank.
+A newcomer takes the next member id, writes `join/{id}` and waits; rank 0 looks for such requests
+every few steps and, when there is one, all members re-form at that step boundary (nothing in
+flight) and the leader takes the newcomer in.
 A worker that finds itself left out (it arrived after the list was published) stops with
 `ExcludedError`. If the leader dies during step 2 the others time out of step 3 with a clear
 error: a second failure inside a re-form is not survived.
@@ -99,16 +102,30 @@ class Rendezvous:
         heartbeat_s: float = 0.5,
         dead_after_s: float = 3.0,
         max_wait_s: float = 30.0,
+        joining: bool = False,
     ) -> None:
+        """A founding member (`member` < `world_size`), or with `joining` a newcomer that gets
+        the next free member id and waits in `join()` for the group to take it in."""
         if not 0 < heartbeat_s < dead_after_s:
             raise ConfigError("heartbeat_s must be positive and shorter than dead_after_s")
-        self.spec, self.member, self.prefix = spec, member, prefix
+        self.spec, self.prefix = spec, prefix
         self.heartbeat_s, self.dead_after_s, self.max_wait_s = (
             heartbeat_s, dead_after_s, max_wait_s)
         # Short enough that a worker cut off from the store gives up in seconds; the wait for
         # the member list has its own, longer timeout.
         self.store = open_store(spec, dead_after_s + 7.0)
-        self.current = Membership(0, tuple(range(world_size)), member)
+        self.joiners_seen = 0  # join requests some generation has already answered
+        if joining:
+            self.store.wait([self.key("world0")], timedelta(seconds=max_wait_s))
+            self.world0 = int(self.store.get(self.key("world0")).decode())
+            member = self.world0 + int(self.store.add(self.key("join/count"), 1)) - 1
+            self.store.set(self.key(f"join/{member}"), "1")
+        else:
+            self.world0 = world_size
+            if member == 0:
+                self.store.set(self.key("world0"), str(world_size))
+        self.member = member
+        self.current = Membership(0, tuple(range(self.world0)), member)
         self._stop = threading.Event()
         self._beat_error: str | None = None
         self._thread = threading.Thread(target=self._beat, name="idla-heartbeat", daemon=True)
@@ -132,6 +149,25 @@ class Rendezvous:
         """The store the new generation's process group meets in (a fresh key space)."""
         return dist.PrefixStore(self.key(f"g{membership.generation}/pg"), self.store)
 
+    def join_pending(self) -> bool:
+        """True when a newcomer has asked to join since the current generation formed."""
+        return int(self.store.add(self.key("join/count"), 0)) > self.joiners_seen
+
+    def join(self) -> Membership:
+        """A newcomer's wait: until a re-formed generation lists it as a member."""
+        deadline = time.monotonic() + 10 * self.max_wait_s
+        while time.monotonic() < deadline:
+            if self.store.check([self.key("latest")]):
+                gen = int(self.store.get(self.key("latest")).decode())
+                published = json.loads(self.store.get(self.key(f"g{gen}/members")))
+                if self.member in published["members"]:
+                    self.joiners_seen = int(published["joiners_seen"])
+                    self.current = Membership(gen, tuple(published["members"]), self.member)
+                    return self.current
+            time.sleep(0.2)
+        raise ExcludedError(f"member {self.member}: no generation took it in within "
+                            f"{10 * self.max_wait_s:.0f} s")
+
     def next(self, step: int) -> tuple[Membership, list[int]]:
         """Agree on generation current+1; return it and the members declared dead.
 
@@ -141,8 +177,11 @@ class Rendezvous:
         base = f"g{gen}"
         self.store.set(self.key(f"{base}/alive/{self.member}"), json.dumps({"step": step}))
         if self.store.add(self.key(f"{base}/arrivals"), 1) == 1:
-            members = self._lead(base)
-            self.store.set(self.key(f"{base}/members"), json.dumps(members))
+            joiners_seen = int(self.store.add(self.key("join/count"), 0))
+            members = self._lead(base, joiners_seen)
+            self.store.set(self.key(f"{base}/members"),
+                           json.dumps({"members": members, "joiners_seen": joiners_seen}))
+            self.store.set(self.key("latest"), str(gen))
         try:
             self.store.wait([self.key(f"{base}/members")],
                             timedelta(seconds=self.max_wait_s + self.dead_after_s))
@@ -151,7 +190,8 @@ class Rendezvous:
                 f"member {self.member}: no member list for generation {gen} "
                 f"({type(error).__name__}: the store or the leader is unreachable)"
             ) from None
-        members = json.loads(self.store.get(self.key(f"{base}/members")))
+        published = json.loads(self.store.get(self.key(f"{base}/members")))
+        members, self.joiners_seen = published["members"], int(published["joiners_seen"])
         if self.member not in members:
             raise ExcludedError(
                 f"member {self.member} was left out of generation {gen} (members {members}): "
@@ -161,25 +201,30 @@ class Rendezvous:
         self.current = Membership(gen, tuple(members), self.member)
         return self.current, dead
 
-    def _lead(self, base: str) -> list[int]:
-        """Wait until every previous member has arrived or stopped beating."""
-        pending = {m for m in self.current.members if m != self.member}
+    def _lead(self, base: str, joiners_seen: int) -> list[int]:
+        """Wait until every previous member has arrived or stopped beating; newcomers that
+        asked to join (and still beat) are taken in."""
+        newcomers = range(self.world0 + self.joiners_seen, self.world0 + joiners_seen)
+        pending = {m for m in (*self.current.members, *newcomers) if m != self.member}
         arrived = {self.member}
+        started = time.time()  # a member with no heartbeat yet is given dead_after_s from now
         deadline = time.monotonic() + self.max_wait_s
         while pending and time.monotonic() < deadline:
             for m in sorted(pending):
-                if self.store.check([self.key(f"{base}/alive/{m}")]):
+                waiting = m in newcomers and self.store.check([self.key(f"join/{m}")])
+                fresh = time.time() - self._last_beat(m, started) <= self.dead_after_s
+                if self.store.check([self.key(f"{base}/alive/{m}")]) or (waiting and fresh):
                     arrived.add(m)
                     pending.discard(m)
-                elif time.time() - self._last_beat(m) > self.dead_after_s:
+                elif not fresh:
                     pending.discard(m)  # dead: it will not be waited for
             time.sleep(0.05)
         return sorted(arrived)
 
-    def _last_beat(self, member: int) -> float:
+    def _last_beat(self, member: int, default: float) -> float:
         key = self.key(f"hb/{member}")
         if not self.store.check([key]):
-            return 0.0
+            return default
         return float(self.store.get(key).decode())
 
     def close(self) -> None:
