@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from idla.cli_args import optional_speeds, positive_int
 from idla.errors import ConfigError, IdlaError
 
 _COMM_CODECS = "fp16,topk:0.01,randk:0.01,sign,powersgd:2"
@@ -20,14 +21,6 @@ _COMM_CODECS = "fp16,topk:0.01,randk:0.01,sign,powersgd:2"
 # `set_defaults(bench_handler=f)` (f(args) -> result dict) for benchmarks. Heavy imports stay
 # inside the handlers so that `idla --help` is fast.
 _COMMAND_MODULES = ("idla.fl.cli", "idla.serve.cli", "idla.serve.infer_cli")
-
-
-def _speeds(text: str, option: str = "--emulate-speeds") -> list[float] | None:
-    from idla.emulate.cgroup import parse_speeds
-
-    if text.strip().lower() in {"", "none", "off"}:
-        return None
-    return parse_speeds(text, option)
 
 
 def _caps(text: str | None) -> list[int] | None:
@@ -42,16 +35,6 @@ def _caps(text: str | None) -> list[int] | None:
     if any(c < 0 for c in caps):
         raise ConfigError(f"--max-local-batch: {text!r} has a negative cap")
     return caps
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
 
 
 def _add_emulation(parser: argparse.ArgumentParser, default: str) -> None:
@@ -80,12 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the demo CNN (scikit-learn digits) on local workers with "
         "heterogeneity-aware shares. With no options: 4 workers at speeds 1,1,0.5,0.25.",
     )
-    train.add_argument("--workers", type=_positive_int, default=4, metavar="N",
+    train.add_argument("--workers", type=positive_int, default=4, metavar="N",
                        help="local worker processes (default: 4)")
     _add_emulation(train, "1,1,0.5,0.25")
-    train.add_argument("--global-batch", type=_positive_int, default=512, metavar="B",
+    train.add_argument("--global-batch", type=positive_int, default=512, metavar="B",
                        help="samples per optimizer step summed over workers (default: 512)")
-    train.add_argument("--epochs", type=_positive_int, default=20, metavar="E",
+    train.add_argument("--epochs", type=positive_int, default=20, metavar="E",
                        help="passes over the training set (default: 20)")
     train.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default: 3e-3)")
     train.add_argument("--seed", type=int, default=0, metavar="S",
@@ -120,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start N local workers, probe each (CPU, memory, GPU, measured link "
         "bandwidth) and fit its step time as a function of batch size; print a table.",
     )
-    profile.add_argument("--workers", type=_positive_int, default=4, metavar="N",
+    profile.add_argument("--workers", type=positive_int, default=4, metavar="N",
                          help="local worker processes (default: 4)")
     _add_emulation(profile, "none")
     profile.add_argument("--json", metavar="PATH", help="also write the table as JSON here")
@@ -137,11 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="relative CPU speed per worker (default: 1,1,0.5,0.25)")
     hetero.add_argument("--base-cores", type=float, default=0.5, metavar="CORES",
                         help="CPU cores a speed-1 worker gets (default: 0.5)")
-    hetero.add_argument("--steps", type=_positive_int, default=60,
+    hetero.add_argument("--steps", type=positive_int, default=60,
                         help="optimizer steps per run (default: 60)")
-    hetero.add_argument("--repeats", type=_positive_int, default=3,
+    hetero.add_argument("--repeats", type=positive_int, default=3,
                         help="runs of each kind; the table shows medians (default: 3)")
-    hetero.add_argument("--global-batch", type=_positive_int, default=512, metavar="B",
+    hetero.add_argument("--global-batch", type=positive_int, default=512, metavar="B",
                         help="global batch (default: 512)")
     hetero.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     hetero.add_argument("--json", metavar="PATH", help="write the results as JSON here")
@@ -151,15 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
         "shaped with tc: DDP, PyTorch's fp16 and PowerSGD hooks, idla's codecs with and "
         "without error feedback, and auto.",
     )
-    comm.add_argument("--hosts", type=_positive_int, default=4, metavar="N",
+    comm.add_argument("--hosts", type=positive_int, default=4, metavar="N",
                       help="hosts (network namespaces), one worker each (default: 4)")
     comm.add_argument("--bandwidth", default="10mbit", metavar="RATE",
                       help="link rate each way, tc syntax (default: 10mbit)")
-    comm.add_argument("--steps", type=_positive_int, default=100,
+    comm.add_argument("--steps", type=positive_int, default=100,
                       help="optimizer steps per run (default: 100)")
     comm.add_argument("--target", type=float, default=0.95,
                       help="test accuracy that stops the clock (default: 0.95)")
-    comm.add_argument("--repeats", type=_positive_int, default=3,
+    comm.add_argument("--repeats", type=positive_int, default=3,
                       help="runs of each setting (default: 3)")
     comm.add_argument("--codecs", default=_COMM_CODECS, metavar="LIST",
                       help=f"idla codecs to compare (default: {_COMM_CODECS})")
@@ -171,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sync.add_argument("--speeds", default="1,1,0.5,0.25", metavar="LIST",
                       help="relative CPU speed per worker (default: 1,1,0.5,0.25)")
-    sync.add_argument("--period", type=_positive_int, default=20, metavar="H",
+    sync.add_argument("--period", type=positive_int, default=20, metavar="H",
                       help="H of local SGD and DiLoCo (default: 20)")
     sync.add_argument("--staleness", type=int, default=4, metavar="S",
                       help="staleness bound of async (default: 4)")
@@ -181,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="training seconds per run (default: 10)")
     sync.add_argument("--target", type=float, default=0.97,
                       help="test accuracy that stops the clock (default: 0.97)")
-    sync.add_argument("--repeats", type=_positive_int, default=3,
+    sync.add_argument("--repeats", type=positive_int, default=3,
                       help="runs of each mode and scenario (default: 3)")
     sync.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     plan = benches.add_parser(
@@ -189,9 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time allocate_shares on random step-time models (target: 10,000 "
         "workers in at most 10 ms).",
     )
-    plan.add_argument("--workers", type=_positive_int, default=10_000, metavar="N",
+    plan.add_argument("--workers", type=positive_int, default=10_000, metavar="N",
                       help="number of workers (default: 10000)")
-    plan.add_argument("--repeats", type=_positive_int, default=50, help="timed runs (default: 50)")
+    plan.add_argument("--repeats", type=positive_int, default=50, help="timed runs (default: 50)")
     plan.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     faults = benches.add_parser(
         "faults", help="fault injection: kill -9, cut link, 10× slower, NaN in elastic training",
@@ -202,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     faults.add_argument("--kills", type=int, default=3, help="kill -9 trials (default: 3)")
     faults.add_argument("--kinds", default="kill,link,slow,nan", metavar="LIST",
                         help="faults to inject (default: kill,link,slow,nan)")
-    faults.add_argument("--epochs", type=_positive_int, default=4, help="epochs (default: 4)")
+    faults.add_argument("--epochs", type=positive_int, default=4, help="epochs (default: 4)")
     faults.add_argument("--seed", type=int, default=0, help="seeds the fault steps and the run")
     faults.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     for name in _COMMAND_MODULES:
@@ -215,7 +198,7 @@ def _train(args: argparse.Namespace) -> int:
     from idla.runtime.summary import TrainProgress, print_summary
     from idla.runtime.trainer import TrainConfig, train_worker, write_outputs
 
-    speeds = _speeds(args.emulate_speeds)
+    speeds = optional_speeds(args.emulate_speeds)
     config = TrainConfig(
         workers=args.workers, emulate_speeds=speeds, base_cores=args.base_cores,
         global_batch=args.global_batch, epochs=args.epochs, lr=args.lr, seed=args.seed,
@@ -277,7 +260,7 @@ def _check_dataset_size(global_batch: int) -> None:
 def _profile(args: argparse.Namespace) -> int:
     from idla.profile.survey import print_profiles, survey_workers
 
-    speeds = _speeds(args.emulate_speeds)
+    speeds = optional_speeds(args.emulate_speeds)
     rows = survey_workers(args.workers, speeds, args.base_cores)
     print_profiles(rows)
     if args.json:
@@ -294,7 +277,7 @@ def _bench(args: argparse.Namespace) -> int:
         from idla.bench.hetero import HeteroConfig, print_hetero, run_hetero
 
         config = HeteroConfig(
-            speeds=_speeds(args.speeds, "--speeds") or [1.0], base_cores=args.base_cores,
+            speeds=optional_speeds(args.speeds, "--speeds") or [1.0], base_cores=args.base_cores,
             steps=args.steps, repeats=args.repeats, global_batch=args.global_batch, seed=args.seed,
         )
         result = run_hetero(config)
@@ -313,7 +296,7 @@ def _bench(args: argparse.Namespace) -> int:
         from idla.bench.sync import SyncBenchConfig, print_sync_bench, run_sync_bench
 
         sync_config = SyncBenchConfig(
-            speeds=_speeds(args.speeds, "--speeds") or [1.0], period_steps=args.period,
+            speeds=optional_speeds(args.speeds, "--speeds") or [1.0], period_steps=args.period,
             staleness_bound=args.staleness, delay_compensation=args.delay_compensation,
             budget_s=args.budget, target_accuracy=args.target, repeats=args.repeats,
         )

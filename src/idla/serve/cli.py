@@ -11,50 +11,21 @@ import secrets
 import signal
 from typing import Any
 
+from idla.cli_args import optional_speeds, port, positive_float, positive_int
 from idla.errors import ConfigError
 
 _POLICY_HELP = "idla | round_robin | power_of_two | least_outstanding"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{value} must be a positive number")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not in 0..65535")
-    return value
-
-
 def _add_router_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base-cores", type=_positive_float, default=0.4, metavar="CORES",
+    parser.add_argument("--base-cores", type=positive_float, default=0.4, metavar="CORES",
                         help="CPU cores of a speed-1 worker when emulating (default: 0.4)")
-    parser.add_argument("--max-queue", type=_positive_int, default=64, metavar="N",
+    parser.add_argument("--max-queue", type=positive_int, default=64, metavar="N",
                         help="requests queued per worker before 429 (default: 64)")
-    parser.add_argument("--batch-budget-ms", type=_positive_float, default=50.0, metavar="MS",
+    parser.add_argument("--batch-budget-ms", type=positive_float, default=50.0, metavar="MS",
                         help="a batch's predicted service time stays within this; sets each "
                         "worker's max batch from its measured curve (default: 50)")
-    parser.add_argument("--max-batch-rows", type=_positive_int, default=256, metavar="ROWS",
+    parser.add_argument("--max-batch-rows", type=positive_int, default=256, metavar="ROWS",
                         help="largest batch on any worker (default: 256)")
 
 
@@ -69,13 +40,13 @@ def add_commands(commands: Any, benches: Any) -> None:
     )
     serve.add_argument("--model", required=True, metavar="DIR",
                        help="model directory (model.safetensors + model.json)")
-    serve.add_argument("--workers", type=_positive_int, default=2, metavar="N",
+    serve.add_argument("--workers", type=positive_int, default=2, metavar="N",
                        help="worker processes (default: 2)")
     serve.add_argument("--emulate-speeds", default="none", metavar="LIST",
                        help="relative CPU speed per worker, e.g. 1,0.5,0.25 (cgroup quota "
                        "base-cores × speed); default: none")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    serve.add_argument("--port", type=_port, default=8000,
+    serve.add_argument("--port", type=port, default=8000,
                        help="TCP port; 0 picks a free one (default: 8000)")
     serve.add_argument("--token", help="bearer token for /v1 and /admin (default: $IDLA_TOKEN, "
                        "else a random one, printed)")
@@ -83,7 +54,7 @@ def add_commands(commands: Any, benches: Any) -> None:
     serve.add_argument("--max-wait-ms", type=float, metavar="MS",
                        help="batching wait of an idle worker (default: each worker's fixed "
                        "cost, at most 5 ms)")
-    serve.add_argument("--max-request-rows", type=_positive_int, default=1024, metavar="ROWS",
+    serve.add_argument("--max-request-rows", type=positive_int, default=1024, metavar="ROWS",
                        help="rows one request may carry (default: 1024)")
     _add_router_options(serve)
     serve.set_defaults(handler=_serve)
@@ -98,34 +69,26 @@ def add_commands(commands: Any, benches: Any) -> None:
     )
     bench.add_argument("--speeds", default="1,0.5,0.25", metavar="LIST",
                        help="relative CPU speed per worker (default: 1,0.5,0.25)")
-    bench.add_argument("--duration", type=_positive_float, default=15.0, metavar="S",
+    bench.add_argument("--duration", type=positive_float, default=15.0, metavar="S",
                        help="seconds of load per trial (default: 15)")
     bench.add_argument("--loads", default="50,80,95", metavar="PCTS",
                        help="offered load, %% of summed capacity (default: 50,80,95)")
-    bench.add_argument("--saturation", type=_positive_float, default=130.0, metavar="PCT",
+    bench.add_argument("--saturation", type=positive_float, default=130.0, metavar="PCT",
                        help="offered load of the saturation run (default: 130)")
     bench.add_argument("--policies", default="idla,round_robin,power_of_two,least_outstanding",
                        metavar="LIST", help="policies to compare (default: all four)")
-    bench.add_argument("--rows", type=_positive_int, default=16,
+    bench.add_argument("--rows", type=positive_int, default=16,
                        help="rows (samples) per request (default: 16)")
-    bench.add_argument("--hidden", type=_positive_int, default=2048,
+    bench.add_argument("--hidden", type=positive_int, default=2048,
                        help="MLP width; sets the cost of a request (default: 2048)")
-    bench.add_argument("--layers", type=_positive_int, default=3,
+    bench.add_argument("--layers", type=positive_int, default=3,
                        help="MLP hidden layers (default: 3)")
-    bench.add_argument("--slo-ms", type=_positive_float, default=200.0, metavar="MS",
+    bench.add_argument("--slo-ms", type=positive_float, default=200.0, metavar="MS",
                        help="latency objective for goodput (default: 200)")
     bench.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     _add_router_options(bench)
     bench.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     bench.set_defaults(bench_handler=_bench_serve)
-
-
-def _speeds(text: str, option: str) -> list[float] | None:
-    from idla.emulate.cgroup import parse_speeds
-
-    if text.strip().lower() in {"", "none", "off"}:
-        return None
-    return parse_speeds(text, option)
 
 
 def _router_config(args: argparse.Namespace, policy: str, request_rows: int) -> Any:
@@ -145,7 +108,7 @@ def _serve(args: argparse.Namespace) -> int:
     from idla.serve.server import Running, ServeOptions, new_event_loop, serve_until_stopped
     from idla.serve.worker import WorkerPool
 
-    speeds = _speeds(args.emulate_speeds, "--emulate-speeds")
+    speeds = optional_speeds(args.emulate_speeds, "--emulate-speeds")
     if speeds is not None and len(speeds) != args.workers:
         raise ConfigError(f"--emulate-speeds lists {len(speeds)} speeds for {args.workers} "
                           "workers")
@@ -189,7 +152,7 @@ def _bench_serve(args: argparse.Namespace) -> dict[str, Any]:
     from idla.bench.serve import ServeBenchConfig, print_serve_bench, run_serve_bench
     from idla.serve.policies import POLICIES
 
-    speeds = _speeds(args.speeds, "--speeds") or [1.0]
+    speeds = optional_speeds(args.speeds, "--speeds") or [1.0]
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     unknown = [p for p in policies if p not in POLICIES]
     if unknown or not policies:

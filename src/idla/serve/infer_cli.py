@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from idla.cli_args import optional_speeds
 from idla.errors import ConfigError
 
 _SPEEDS_HELP = "relative CPU speed per worker, e.g. 1,0.5,0.25 (cgroup quota base-cores × speed)"
@@ -63,12 +64,8 @@ def add_commands(commands: Any, benches: Any) -> None:
 
 
 def _speeds(text: str, workers: int | None = None) -> list[float] | None:
-    from idla.emulate.cgroup import parse_speeds
-
-    if text.strip().lower() in {"", "none", "off"}:
-        return None
-    speeds = parse_speeds(text, "--emulate-speeds" if workers is not None else "--speeds")
-    if workers is not None and len(speeds) != workers:
+    speeds = optional_speeds(text, "--emulate-speeds" if workers is not None else "--speeds")
+    if speeds is not None and workers is not None and len(speeds) != workers:
         raise ConfigError(f"--emulate-speeds lists {len(speeds)} speeds for {workers} workers")
     return speeds
 
