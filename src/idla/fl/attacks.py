@@ -6,8 +6,9 @@ attacks act on its update Δ = w_k − w and return w + attacked(Δ):
 - ``signflip``: −Δ, the update pointing the other way (the "sign flipping" attack of Damaskinos
   et al. 2018 and Karimireddy et al. 2021).
 - ``gaussian``: Δ replaced by Gaussian noise N(0, σ²) per coordinate with σ = ``GAUSSIAN_SCALE``
-  × the update's own root-mean-square, so the noise is of the update's scale but carries no
-  signal (Blanchard et al. 2017 use noise of fixed large variance instead).
+  (30) × the update's own root-mean-square: no signal, and large enough to matter after
+  averaging (Blanchard et al. 2017 use noise of a fixed large variance). Measured with 30%
+  attackers among 50 clients a round: σ = 1× RMS cost FedAvg 0.8 pp, 10× 1.6 pp, 30× 17 pp.
 - ``scale``: −10·Δ, a boosted reversed update (model-replacement boosting, Bagdasaryan et al.
   2020, turned against convergence).
 - ``labelflip``: done in the client's data, not its weights: label → (C − 1) − label, so an
@@ -26,7 +27,7 @@ import numpy as np
 from idla.errors import ConfigError
 
 SCALE_FACTOR = -10.0
-GAUSSIAN_SCALE = 1.0
+GAUSSIAN_SCALE = 30.0
 
 
 class Attack(str, enum.Enum):
