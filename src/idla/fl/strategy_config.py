@@ -69,6 +69,7 @@ class StrategyConfig:
         if self.server_lr is None:
             self.server_lr = _DEFAULT_SERVER_LR[self.server_optimizer]
         _number("server_lr", self.server_lr, low=0.0, low_open=True)
+        self.server_lr = float(self.server_lr)  # an integer learning rate is a float from here
         _number("server_beta1", self.server_beta1, low=0.0, high=1.0, high_open=True)
         _number("server_beta2", self.server_beta2, low=0.0, high=1.0, high_open=True)
         _number("server_tau", self.server_tau, low=0.0, low_open=True)
