@@ -128,9 +128,13 @@ class Group:
         return work
 
     def wait(self, work: Work) -> None:
-        """Wait for `work`, at most the group timeout: gloo's own timeouts do not cover every
-        wait (a peer cut off mid-collective has left survivors blocked for minutes)."""
-        work.wait(self.timeout)
+        """Wait for `work`; on gloo at most the group timeout, because gloo's own timeouts do not
+        cover every wait (a peer cut off mid-collective left survivors blocked for minutes). On
+        nccl a timeout would make the CPU wait for the GPU, so its plain stream wait is kept."""
+        if self.backend == "nccl":
+            work.wait()
+        else:
+            work.wait(self.timeout)
 
     def barrier(self) -> None:
         if self.world_size > 1:
