@@ -15,7 +15,6 @@ included) beside the codec's own payload count, and whether the replicas ended i
 
 from __future__ import annotations
 
-import hashlib
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel
 
-from idla.agent import Agent, AgentConfig
+from idla.agent import Agent, AgentConfig, parameter_digest
 from idla.bench.machine import machine_info
 from idla.bench.reached import median_reached, seconds
 from idla.compress import parse_codec
@@ -91,11 +90,6 @@ def _tx_bytes(interface: str = "eth0") -> int:
             if name.strip() == interface:
                 return int(rest.split()[8])
     return 0
-
-
-def _param_hash(model: torch.nn.Module) -> int:
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    return int.from_bytes(hashlib.blake2b(flat.numpy().tobytes(), digest_size=7).digest(), "big")
 
 
 class _Clock:
@@ -185,7 +179,7 @@ def comm_worker(config: CommConfig, run: CommRun) -> dict[str, Any]:
         "train_s": train_s,
         "final_accuracy": accuracy(model, test_set, torch.device("cpu")),
         "tx_bytes_per_step": tx_per_step,
-        "param_hash": _param_hash(model),
+        "param_hash": parameter_digest(model),
     }
     if run.kind == "idla":
         report = agent.report()["compression"]

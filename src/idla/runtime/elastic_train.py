@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from idla.agent import Agent, AgentConfig
+from idla.agent import Agent, AgentConfig, parameter_digest
 from idla.runtime.demo import DigitsCNN, accuracy, load_digits_split
 from idla.runtime.elastic import ElasticConfig, ElasticState, FailureEvent, run_elastic
 from idla.runtime.launch import report_progress
@@ -53,18 +53,9 @@ def elastic_worker(config: TrainConfig, elastic: ElasticConfig | None = None) ->
     result.update(
         test_accuracy=accuracy(model, test_set, torch.device("cpu")),
         elapsed_s=elapsed_s, config=asdict(config),
-        param_digest=_digest(model),
+        param_digest=parameter_digest(model),
     )
     return result
-
-
-def _digest(model: torch.nn.Module) -> str:
-    import hashlib
-
-    digest = hashlib.blake2b(digest_size=16)
-    for tensor in model.state_dict().values():
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def launch_elastic(config: TrainConfig, speeds: list[float] | None, faults: str) -> int:
