@@ -132,9 +132,14 @@ class ElasticState:
             raise RuntimeError("state.commit() must follow a batch from state.batches()")
         self.committed.append((self.epoch, self.batch))
         self.step += 1
-        self.batch += 1
-        if self.batch >= len(self.agent.sampler.epoch(self.epoch)):
-            self.epoch, self.batch = self.epoch + 1, 0
+        self.epoch, self.batch = self.next_cursor(self.epoch, self.batch)
+
+    def next_cursor(self, epoch: int, batch: int) -> tuple[int, int]:
+        """The (epoch, batch) after global batch `batch` of `epoch`."""
+        assert self.agent is not None
+        if batch + 1 >= len(self.agent.sampler.epoch(epoch)):
+            return epoch + 1, 0
+        return epoch, batch + 1
 
     def as_dict(self) -> dict[str, int]:
         return {"step": self.step, "epoch": self.epoch, "batch": self.batch,
@@ -217,14 +222,10 @@ def _adopt_most_advanced(
         if optimizer is not None:
             broadcast_optimizer_(optimizer, src)
     missing = best - state.step
-    if missing > 0:  # adopted steps: their cursors follow ours in order
-        cursor = ElasticState(epoch=state.epoch, batch=state.batch)
-        assert state.agent is not None
-        for _ in range(missing):
-            state.committed.append((cursor.epoch, cursor.batch))
-            cursor.batch += 1
-            if cursor.batch >= len(state.agent.sampler.epoch(cursor.epoch)):
-                cursor.epoch, cursor.batch = cursor.epoch + 1, 0
+    cursor = (state.epoch, state.batch)
+    for _ in range(missing):  # adopted steps: their cursors follow ours in order
+        state.committed.append(cursor)
+        cursor = state.next_cursor(*cursor)
     state.step, state.epoch, state.batch = best, rows[src]["epoch"], rows[src]["batch"]
     state.started = state.step
     return lost
