@@ -24,20 +24,21 @@ from flwr.common import Context, NDArrays, Scalar
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 from flwr.simulation import run_simulation
 
-from idla.fl.client import (
+from idla import write_json_atomic
+from idla.demo import load_digits_tensors
+from idla.fl import (
+    ClientProfile,
+    FedStrategy,
+    FlowerStrategy,
     LocalTraining,
+    StrategyConfig,
     build_model,
     client_seed,
     client_update,
+    dirichlet_partition,
     evaluate_arrays,
-    load_digits_tensors,
     model_arrays,
 )
-from idla.fl.data import dirichlet_partition
-from idla.fl.flower import FlowerStrategy
-from idla.fl.strategy import FedStrategy, StrategyConfig
-from idla.plan.selection import ClientProfile
-from idla.report import write_json_atomic
 
 SEED = 0
 

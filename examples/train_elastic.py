@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import idla
-from idla.runtime.demo import DigitsCNN, accuracy, load_digits_split
+from idla.demo import DigitsCNN, accuracy, load_digits_split
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from idla.cli import main
-from idla.runtime.demo import DigitsCNN
+from idla.demo import DigitsCNN
 from idla.serve.model_io import load_model, save_model
 
 

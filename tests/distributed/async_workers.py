@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from idla.runtime.async_train import train_async
+from idla.jobs.async_loop import train_async
 from idla.runtime.group import Group
 from idla.sync.async_ps import (
     AsyncConfig,

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 
+from idla.demo import DigitsCNN, load_digits_split
 from idla.runtime.data import GlobalBatchSampler, local_slice
-from idla.runtime.demo import DigitsCNN, load_digits_split
 from idla.runtime.group import Group
 from idla.sync.local_sgd import DiLoCo, PeriodicAveraging
 

@@ -7,9 +7,9 @@ from typing import Any
 import torch.nn.functional as F
 
 from idla import Agent, AgentConfig
+from idla.agent.resume import restore_agent, save_agent
 from idla.runtime.checkpoint import load_checkpoint
 from idla.runtime.group import Group
-from idla.runtime.resume import restore_agent, save_agent
 from tests.distributed.workers import _digits_pair, param_hash
 
 

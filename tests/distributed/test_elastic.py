@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from idla.agent import Agent, AgentConfig
-from idla.runtime.elastic import ElasticState, run_elastic
-from idla.runtime.elastic_train import elastic_worker
+from idla.agent.elastic import ElasticState, run_elastic
+from idla.jobs.elastic import elastic_worker
+from idla.jobs.train import TrainConfig
 from idla.runtime.launch import launch_local
-from idla.runtime.trainer import TrainConfig
 
 CONFIG = TrainConfig(workers=3, emulate_speeds=None, epochs=3, global_batch=128, out=None)
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from idla.demo import DigitsCNN
 from idla.emulate.cgroup import cgroups_available
 from idla.errors import ConfigError
-from idla.runtime.demo import DigitsCNN
 from idla.serve.model_io import save_model
 from idla.serve.offline import ChunkPlan, equal_ranges, infer_offline, weighted_guided_chunk
 

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from idla import Agent, AgentConfig
+from idla.demo import DigitsCNN, load_digits_split
 from idla.plan.topology import Topology
 from idla.runtime.data import GlobalBatchSampler
-from idla.runtime.demo import DigitsCNN, load_digits_split
 
 
 def _optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -7,11 +7,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from idla.elastic.faults import Fault, parse_faults
+from idla.elastic.membership import ElasticConfig, is_peer_failure
+from idla.elastic.rendezvous import Membership, open_store
+from idla.elastic.state_transfer import join_state, split_state
 from idla.errors import ConfigError, ReplicaMismatchError
-from idla.runtime.elastic import ElasticConfig, is_peer_failure
-from idla.runtime.faults import Fault, parse_faults
-from idla.runtime.rendezvous import Membership, open_store
-from idla.runtime.state_broadcast import join_state, split_state
 
 
 def test_fault_specs_parse() -> None:

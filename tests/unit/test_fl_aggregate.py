@@ -13,7 +13,7 @@ from flwr.server.strategy.aggregate import (
     aggregate_trimmed_avg,
 )
 
-from idla.sync.aggregate import (
+from idla.fl.aggregate import (
     ServerOptState,
     coordinate_median,
     krum,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from idla.demo import load_digits_tensors
 from idla.fl.attacks import Attack
 from idla.fl.client import (
     LocalTraining,
@@ -13,7 +14,6 @@ from idla.fl.client import (
     client_seed,
     client_update,
     evaluate_arrays,
-    load_digits_tensors,
     model_arrays,
 )
 

@@ -14,6 +14,14 @@ from hypothesis import strategies as st
 from safetensors.numpy import save
 
 from idla.errors import ConfigError
+from idla.fl.aggregate import (
+    ServerOptState,
+    coordinate_median,
+    krum,
+    server_opt_step,
+    trimmed_mean,
+    weighted_mean,
+)
 from idla.fl.strategy import (
     ClientTask,
     ClientUpdate,
@@ -23,14 +31,6 @@ from idla.fl.strategy import (
 )
 from idla.fl.wire import WireError, arrays_from_bytes, arrays_to_bytes, validate_update
 from idla.plan.selection import ClientProfile
-from idla.sync.aggregate import (
-    ServerOptState,
-    coordinate_median,
-    krum,
-    server_opt_step,
-    trimmed_mean,
-    weighted_mean,
-)
 
 _GLOBAL = [np.zeros((3, 2), np.float32), np.zeros(2, np.float32)]
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from idla.errors import ConfigError
+from idla.fl.aggregate import coordinate_median
 from idla.fl.trust import TrustTracker, score_updates
-from idla.sync.aggregate import coordinate_median
 
 _GLOBAL = [np.zeros((4, 3)), np.zeros(3)]
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from idla.demo import DigitsCNN
 from idla.errors import IdlaError
-from idla.runtime.demo import DigitsCNN
 from idla.serve.model_io import (
     ARCHITECTURES,
     META,

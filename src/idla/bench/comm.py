@@ -30,11 +30,11 @@ from idla.agent import Agent, AgentConfig, parameter_digest
 from idla.bench.machine import machine_info
 from idla.bench.reached import median_reached, seconds
 from idla.compress import parse_codec
+from idla.demo import DigitsCNN, accuracy, load_digits_split
 from idla.emulate.netns import NetnsRig, parse_rate
 from idla.errors import ConfigError
 from idla.plan.shares import proportional_shares
 from idla.runtime.data import GlobalBatchSampler, local_slice
-from idla.runtime.demo import DigitsCNN, accuracy, load_digits_split
 from idla.runtime.group import Group
 from idla.runtime.launch import launch_local
 

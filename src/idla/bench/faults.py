@@ -1,6 +1,6 @@
 """`idla bench faults`: the fault-injection suite for elastic training.
 
-Every trial trains the demo CNN elastically (`runtime/elastic.py`) on 4 local workers with the same
+Every trial trains the demo CNN elastically (`idla/agent/elastic.py`) on 4 local workers with the same
 data, seed, global batch and epochs; one fault strikes at a random step (seeded):
 - `kill`: a worker sends itself SIGKILL (kill -9) before computing the step;
 - `link`: the workers run on the multi-host rig (one network namespace each, the store on a fifth
@@ -25,11 +25,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from idla.bench.machine import machine_info
+from idla.elastic.membership import ElasticConfig
 from idla.errors import ConfigError, EmulationError
-from idla.runtime.elastic import ElasticConfig
-from idla.runtime.elastic_train import elastic_worker
+from idla.jobs.elastic import elastic_worker
+from idla.jobs.train import TrainConfig
 from idla.runtime.launch import launch_local
-from idla.runtime.trainer import TrainConfig
 
 KINDS = ("kill", "link", "slow", "nan")
 NAN_STEPS = 3
@@ -92,8 +92,8 @@ def _run(config: FaultBenchConfig, faults: str, speeds: list[float] | None,
 def _run_on_rig(config: FaultBenchConfig, train: TrainConfig, elastic: ElasticConfig,
                 env: dict[str, str], speeds: list[float] | None, link: tuple[int, int],
                 marks: dict[str, float]) -> list[Any]:
+    from idla.emulate.lighthouse import lighthouse
     from idla.emulate.netns import NetnsRig
-    from idla.runtime.lighthouse import lighthouse
 
     victim, at_step = link
     with NetnsRig(config.workers + 1) as rig:

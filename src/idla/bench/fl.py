@@ -28,8 +28,8 @@ from rich.console import Console
 from rich.table import Table
 
 from idla.bench.machine import machine_info
+from idla.demo import load_digits_tensors
 from idla.errors import ConfigError
-from idla.fl.client import load_digits_tensors
 from idla.fl.pool import ClientPool
 from idla.fl.simulate import SimulationConfig, make_population, pool_settings, run_simulation
 from idla.fl.summary import trust_split

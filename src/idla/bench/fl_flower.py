@@ -38,13 +38,13 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 from flwr.simulation import run_simulation
 
+from idla.demo import load_digits_tensors
 from idla.fl.client import (
     LocalTraining,
     build_model,
     client_seed,
     client_update,
     evaluate_arrays,
-    load_digits_tensors,
     model_arrays,
 )
 from idla.fl.simulate import SimulationConfig, make_population

@@ -19,10 +19,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from idla.agent import Agent, AgentConfig
 from idla.bench.machine import machine_info
+from idla.demo import DigitsCNN, accuracy, load_digits_split
 from idla.errors import ConfigError
 from idla.plan.shares import proportional_shares
 from idla.runtime.data import GlobalBatchSampler, local_slice
-from idla.runtime.demo import DigitsCNN, accuracy, load_digits_split
 from idla.runtime.group import Group
 from idla.runtime.launch import launch_local
 

@@ -10,11 +10,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from idla.agent import Agent, AgentConfig
-from idla.bench.sync import Jitter, RunClock, SyncBenchConfig, dilated_loss
+from idla.bench.sync_setup import Jitter, RunClock, SyncBenchConfig, dilated_loss
+from idla.demo import DigitsCNN, load_digits_split
+from idla.jobs.async_loop import local_batches
 from idla.plan.shares import proportional_shares
-from idla.runtime.async_train import local_batches
 from idla.runtime.data import GlobalBatchSampler, local_slice
-from idla.runtime.demo import DigitsCNN, load_digits_split
 from idla.runtime.group import Group
 from idla.sync.async_ps import AsyncConfig, ParameterServer, async_worker
 from idla.sync.async_wire import load_flat

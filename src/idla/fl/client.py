@@ -4,7 +4,7 @@ The same code runs in idla's simulation workers, in the Flower baseline of ``idl
 in ``examples/flower_app.py``, so every runner trains identically. The default model is a small
 MLP (64 → 32 → 10, 2,410 parameters): with ~14 samples per client at 100 clients, a client's
 work is a few SGD steps, so round time measures the federated machinery rather than a CNN. The
-demo CNN (``idla.runtime.demo.DigitsCNN``, ~150k parameters) is available as ``model="cnn"``.
+demo CNN (``idla.demo.DigitsCNN``, ~150k parameters) is available as ``model="cnn"``.
 
 Determinism: the batch order depends only on ``client_seed(seed, client_id, round)``, and the
 model starts from the global weights, so a client's result is a function of (global weights,
@@ -23,23 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from idla.demo import MLP, DigitsCNN
 from idla.errors import ConfigError
 from idla.fl.attacks import Attack, attack_update, flip_labels
 
 MODEL_KINDS = ("mlp", "cnn")
 NUM_CLASSES = 10
-
-
-class DigitsMLP(nn.Module):
-    """8×8 digits → one hidden ReLU layer → 10 logits."""
-
-    def __init__(self, hidden: int = 32, classes: int = NUM_CLASSES) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, 1, 8, 8)
-        return self.net(x)
 
 
 def build_model(kind: str, seed: int) -> nn.Module:
@@ -48,10 +37,8 @@ def build_model(kind: str, seed: int) -> nn.Module:
         raise ConfigError(f"--model: unknown model {kind!r}; choose {'|'.join(MODEL_KINDS)}")
     torch.manual_seed(seed)
     if kind == "cnn":
-        from idla.runtime.demo import DigitsCNN
-
         return DigitsCNN()
-    return DigitsMLP()
+    return MLP(hidden=32, layers=1, classes=NUM_CLASSES)
 
 
 def model_arrays(model: nn.Module) -> list[np.ndarray]:
@@ -197,13 +184,3 @@ def evaluate_arrays(
     loss = float(F.cross_entropy(logits, labels))
     accuracy = float((logits.argmax(dim=1) == labels).float().mean())
     return loss, accuracy
-
-
-def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(train images, train labels, test images, test labels) of the demo digits split."""
-    from idla.runtime.demo import load_digits_split
-
-    train, test = load_digits_split()
-    train_images, train_labels = train.tensors
-    test_images, test_labels = test.tensors
-    return train_images, train_labels, test_images, test_labels

@@ -224,13 +224,13 @@ def _serve(reader: Connection, writer: Connection) -> None:
     """A worker's loop: build the data and the model once, then train clients on request."""
     import torch
 
+    from idla.demo import load_digits_tensors
     from idla.fl.attacks import parse_attack
     from idla.fl.client import (
         LocalTraining,
         build_model,
         client_seed,
         client_update,
-        load_digits_tensors,
         model_arrays,
     )
 

@@ -26,13 +26,13 @@ from typing import Any
 
 import numpy as np
 
+from idla.demo import load_digits_tensors
 from idla.errors import ConfigError, IdlaError
 from idla.fl.attacks import Attack, parse_attack
 from idla.fl.client import (
     MODEL_KINDS,
     build_model,
     evaluate_arrays,
-    load_digits_tensors,
     model_arrays,
 )
 from idla.fl.data import dirichlet_partition

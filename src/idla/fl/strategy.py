@@ -22,6 +22,14 @@ from typing import Any, Literal
 import numpy as np
 
 from idla.errors import ConfigError
+from idla.fl.aggregate import (
+    ServerOptState,
+    coordinate_median,
+    krum,
+    server_opt_step,
+    trimmed_mean,
+    weighted_mean,
+)
 from idla.fl.strategy_config import (
     AGGREGATORS,
     SELECTIONS,
@@ -32,14 +40,6 @@ from idla.fl.strategy_config import (
 from idla.fl.trust import TrustTracker, score_updates
 from idla.fl.wire import validate_update
 from idla.plan.selection import ClientProfile, select_clients, work_fraction
-from idla.sync.aggregate import (
-    ServerOptState,
-    coordinate_median,
-    krum,
-    server_opt_step,
-    trimmed_mean,
-    weighted_mean,
-)
 
 
 @dataclass(frozen=True)

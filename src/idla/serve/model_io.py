@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from idla.demo import MLP, DigitsCNN
 from idla.errors import ConfigError
 from idla.report import atomic_target
-from idla.runtime.demo import DigitsCNN
 
 FORMAT = "idla-model/1"
 WEIGHTS = "model.safetensors"
@@ -43,34 +43,6 @@ _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 
 class ModelFormatError(ConfigError):
     """A model directory is missing, damaged, or not in idla's format (e.g. a pickle file)."""
-
-
-class MLP(nn.Module):
-    """Flatten, then ``layers`` hidden Linear+ReLU blocks of width ``hidden``, then a classifier.
-
-    Cost per sample: about 2·(in_features·hidden + (layers-1)·hidden² + hidden·classes) FLOPs,
-    so ``hidden`` and ``layers`` tune how heavy a serving benchmark's model is.
-    """
-
-    def __init__(
-        self, in_features: int = 64, hidden: int = 256, layers: int = 2, classes: int = 10
-    ) -> None:
-        super().__init__()
-        if min(in_features, hidden, classes) < 1 or layers < 0:
-            raise ValueError(
-                f"MLP: in_features {in_features}, hidden {hidden} and classes {classes} must be "
-                f"at least 1 and layers {layers} at least 0"
-            )
-        blocks: list[nn.Module] = [nn.Flatten()]
-        width = in_features
-        for _ in range(layers):
-            blocks += [nn.Linear(width, hidden), nn.ReLU()]
-            width = hidden
-        blocks.append(nn.Linear(width, classes))
-        self.net = nn.Sequential(*blocks)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, *input_shape)
-        return self.net(x)
 
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {

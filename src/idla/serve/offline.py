@@ -8,6 +8,9 @@ the worker's measured rate (`weighted_guided_chunk`), so fast workers take more 
 finishes together; ``"equal"`` gives each worker N/workers samples up front (the baseline).
 A worker that dies loses only its chunk in flight, which is handed to another worker: every
 input is scored, and counted, exactly once.
+
+Longer than 400 lines because the launcher's chunk bookkeeping and the worker loop it talks
+to speak one small protocol over one pair of queues; they are read together.
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@ A request is routed once on arrival to the worker its policy picks among those w
 their queue, and waits there for a batch (`idla.serve.batcher`). When a worker dies (its
 connection breaks, a ping or a batch times out) its batch in flight and its queue go to the
 others, so a request is answered exactly once unless it failed on ``max_attempts`` workers.
+
+Longer than 400 lines because admission, routing, failover and rollout share one piece of
+state (every worker's queue and batch in flight) that one event loop owns; split, each part
+would reach into the others' queues.
 """
 
 from __future__ import annotations

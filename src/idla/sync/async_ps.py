@@ -23,6 +23,9 @@ than `dead_after_s` after being sent parameters. Dead workers leave the SSP mini
 never hold the others back; gloo's pairs are independent, so the other workers keep talking
 to the server (tests/distributed/test_async_ps.py kills one to check). Message layouts and
 why the server uses one link thread per worker: async_wire.py.
+
+Longer than 400 lines because the server's SSP clocks, its failure detection and the worker
+loop form one protocol; the wire format already lives apart (async_wire.py).
 """
 
 from __future__ import annotations

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
+from idla.agent.config import AgentConfig
 from idla.compress import parse_codec
 from idla.runtime.group import Group
 from idla.runtime.stats import Stat
 from idla.sync.allreduce import GradientSync
 from idla.sync.autocodec import CodecPolicy
 from idla.sync.compressed import CompressedSync
-
-if TYPE_CHECKING:
-    from idla.agent import AgentConfig
 
 
 def make_sync(

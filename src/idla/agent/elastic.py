@@ -12,7 +12,7 @@ The commit is Horovod's elastic `State.commit`, without a copy: replicas are ide
 every synchronous step, so the committed state *is* the model and optimizer in memory. When a
 collective fails (a peer died, its link is down, it stopped answering within the group
 timeout), no replica has applied a partial step: the exception comes before `optimizer.step`.
-The survivors meet in the store (`idla.runtime.rendezvous`), open a new gloo group, the one
+The survivors meet in the store (`idla.elastic.rendezvous`), open a new gloo group, the one
 with the most committed steps broadcasts parameters, buffers, optimizer state and the data
 cursor, the agent re-plans shares for the new world, and the interrupted global batch is
 redone by the survivors. So no sample is skipped or repeated in a committed step, and the
@@ -28,65 +28,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
-from idla.agent import Agent, AgentConfig
-from idla.errors import ConfigError, IdlaError
-from idla.runtime.collectives import all_gather_json
-from idla.runtime.faults import FaultInjector, injected_fault_time
-from idla.runtime.group import Group
-from idla.runtime.rendezvous import Rendezvous, rendezvous_spec_from_env
-from idla.runtime.state_broadcast import broadcast_module_, broadcast_optimizer_
-
-# What gloo and the store say when a peer is gone; anything else is a bug, not a failure.
-_PEER_FAILURE_MARKS = (
-    "gloo", "connection", "read error", "write error", "timed out", "timeout", "broken pipe",
-    "reset by peer", "socket", "closed", "aborted",
+from idla.agent.agent import Agent
+from idla.agent.config import AgentConfig
+from idla.elastic.faults import FaultInjector, injected_fault_time
+from idla.elastic.membership import (
+    ElasticConfig,
+    FailureEvent,
+    env_int,
+    is_peer_failure,
+    join_check,
+    store_prefix,
 )
-
-
-class MembershipChange(RuntimeError):
-    """Raised at a step boundary on every rank when a newcomer asks to join."""
-
-
-def is_peer_failure(error: BaseException) -> bool:
-    """True for the errors a dead, partitioned or silent peer causes in a collective (and for
-    a planned membership change)."""
-    if isinstance(error, IdlaError) or not isinstance(error, RuntimeError):
-        return False
-    if isinstance(error, dist.DistError | MembershipChange):
-        return True
-    text = str(error).lower()
-    return any(mark in text for mark in _PEER_FAILURE_MARKS)
-
-
-@dataclass(kw_only=True, slots=True)
-class ElasticConfig:
-    """How fast failures are noticed and how long survivors wait for each other."""
-
-    collective_timeout_s: float = 5.0
-    """A collective that waits longer than this for a peer fails (PyTorch's default: 30 min).
-    It must exceed the slowest worker's step; a killed peer is noticed at once (TCP reset)."""
-    heartbeat_s: float = 0.5
-    """How often each worker bumps its heartbeat counter in the store."""
-    dead_after_s: float = 3.0
-    """A member whose heartbeat has not moved for this long is declared dead at a re-form."""
-    min_workers: int = 1
-    """Stop with an error when fewer workers than this survive."""
-    join_check_every_steps: int = 5
-    """Rank 0 looks for newcomers asking to join every this many steps (0: never)."""
-
-    def __post_init__(self) -> None:
-        if self.collective_timeout_s <= 0:
-            raise ConfigError("collective_timeout_s must be positive")
-        if not 0 < self.heartbeat_s < self.dead_after_s:
-            raise ConfigError("heartbeat_s must be positive and shorter than dead_after_s")
-        if self.min_workers < 1:
-            raise ConfigError("min_workers must be at least 1")
-        if self.join_check_every_steps < 0:
-            raise ConfigError("join_check_every_steps must be 0 or more")
+from idla.elastic.rendezvous import Rendezvous, rendezvous_spec_from_env
+from idla.elastic.state_transfer import broadcast_module_, broadcast_optimizer_
+from idla.errors import IdlaError
+from idla.runtime.collectives import all_gather_json
+from idla.runtime.group import Group
 
 
 @dataclass
@@ -147,35 +107,6 @@ class ElasticState:
 
 
 @dataclass
-class FailureEvent:
-    """One re-form: who was lost, when it was noticed, what it cost."""
-
-    generation: int
-    lost_members: list[int]
-    members: list[int]
-    error: str
-    joined_members: list[int]
-    """Newcomers taken in at this re-form."""
-    failed_at: float
-    """time.time() when this worker's collective failed (or the change was noticed)."""
-    declared_at: float
-    """time.time() when the new member list (naming the lost) was known."""
-    fault_at: float | None = None
-    """time.time() when an injected fault struck (fault-injection runs only)."""
-    steps_lost: int = 0
-    """Steps whose computation was thrown away (started by some survivor, committed by none)."""
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "generation": self.generation, "lost_members": self.lost_members,
-            "joined_members": self.joined_members, "members": self.members,
-            "error": self.error, "failed_at": self.failed_at,
-            "declared_at": self.declared_at, "fault_at": self.fault_at,
-            "steps_lost": self.steps_lost,
-        }
-
-
-@dataclass
 class ElasticReport:
     state: ElasticState
     events: list[FailureEvent]
@@ -193,19 +124,6 @@ class ElasticReport:
             "committed": [list(c) for c in self.state.committed],
             "agent": self.agent_report,
         }
-
-
-def _env_int(name: str, default: int) -> int:
-    text = os.environ.get(name, str(default))
-    if not text.isdigit():
-        raise ConfigError(f"environment variable {name}={text!r} is not an integer")
-    return int(text)
-
-
-def _prefix() -> str:
-    """Store keys of this run: torchrun's run id and restart count keep runs apart."""
-    run = os.environ.get("TORCHELASTIC_RUN_ID", "local")
-    return f"idla-elastic/{run}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
 def _adopt_most_advanced(
@@ -245,9 +163,9 @@ def run_elastic(
     Start every worker the usual way (torchrun, or idla's launcher); one process works too.
     """
     elastic = elastic or ElasticConfig()
-    world, member = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0)
+    world, member = env_int("WORLD_SIZE", 1), env_int("RANK", 0)
     joining = os.environ.get("IDLA_JOIN") == "1"
-    rdzv = (Rendezvous(rendezvous_spec_from_env(), member, world, prefix=_prefix(),
+    rdzv = (Rendezvous(rendezvous_spec_from_env(), member, world, prefix=store_prefix(),
                        heartbeat_s=elastic.heartbeat_s, dead_after_s=elastic.dead_after_s,
                        joining=joining)
             if world > 1 or joining else None)
@@ -262,7 +180,7 @@ def run_elastic(
                 rank=membership.rank if membership else 0,
                 world_size=membership.world_size if membership else 1,
             )
-            state.membership_check = _join_check(rdzv, group, elastic.join_check_every_steps)
+            state.membership_check = join_check(rdzv, group, elastic.join_check_every_steps)
             try:
                 agent = Agent(model, optimizer, dataset, config=config, group=group)
                 state.agent = agent
@@ -300,25 +218,3 @@ def run_elastic(
     finally:
         if rdzv is not None:
             rdzv.close()
-
-
-def _join_check(
-    rdzv: Rendezvous | None, group: Group, every_steps: int
-) -> Callable[[int], None] | None:
-    """Every `every_steps` committed steps, rank 0 looks for join requests and tells the others
-    (one 1-element broadcast), so that all ranks re-form at the same step boundary."""
-    if rdzv is None or every_steps == 0:
-        return None
-    checked: set[int] = set()
-
-    def check(step: int) -> None:
-        if step == 0 or step % every_steps or step in checked:
-            return
-        checked.add(step)
-        flag = torch.tensor([1 if group.rank == 0 and rdzv.join_pending() else 0])
-        if group.world_size > 1:
-            dist.broadcast(flag, src=0)
-        if int(flag.item()):
-            raise MembershipChange("a newcomer asked to join")
-
-    return check

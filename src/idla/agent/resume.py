@@ -21,7 +21,7 @@ from idla.runtime.checkpoint import Checkpoint, restore_rng, save_checkpoint
 from idla.sync.compressed import CompressedSync
 
 if TYPE_CHECKING:
-    from idla.agent import Agent
+    from idla.agent.agent import Agent
 
 
 def _gather_per_rank(agent: Agent, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from idla.demo import DigitsCNN
 from idla.profile.perf_model import StepTimeFit
 from idla.profile.probe import probe_all
-from idla.runtime.demo import DigitsCNN
 from idla.runtime.group import Group
 from idla.runtime.launch import launch_local
 

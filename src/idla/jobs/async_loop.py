@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from idla.demo import DigitsCNN, accuracy, load_digits_split
 from idla.errors import ConfigError
-from idla.runtime.demo import DigitsCNN, accuracy, load_digits_split
 from idla.runtime.group import Group
 from idla.sync.async_ps import (
     AsyncConfig,

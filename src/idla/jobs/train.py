@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from idla.agent import Agent, AgentConfig
+from idla.agent.resume import restore_agent, save_agent
 from idla.compress import parse_codec
+from idla.demo import DigitsCNN, accuracy, load_digits_split
 from idla.errors import ConfigError
 from idla.runtime.checkpoint import load_checkpoint
-from idla.runtime.demo import DigitsCNN, accuracy, load_digits_split
 from idla.runtime.group import Group
 from idla.runtime.launch import report_progress
-from idla.runtime.resume import restore_agent, save_agent
 from idla.sync.modes import SyncMode, parse_sync
 
 

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from idla.cli_args import optional_speeds, positive_int
+from idla.cli.args import optional_speeds, positive_int
 from idla.errors import ConfigError, IdlaError
 
 _COMM_CODECS = "fp16,topk:0.01,randk:0.01,sign,powersgd:2"
@@ -20,7 +20,7 @@ _COMM_CODECS = "fp16,topk:0.01,randk:0.01,sign,powersgd:2"
 # adds sub-parsers with `set_defaults(handler=f)` (f(args) -> exit code) for commands and
 # `set_defaults(bench_handler=f)` (f(args) -> result dict) for benchmarks. Heavy imports stay
 # inside the handlers so that `idla --help` is fast.
-_COMMAND_MODULES = ("idla.fl.cli", "idla.serve.cli", "idla.serve.infer_cli")
+_COMMAND_MODULES = ("idla.cli.fl", "idla.cli.serve", "idla.cli.infer")
 
 
 def _caps(text: str | None) -> list[int] | None:
@@ -194,9 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from idla.jobs.summary import TrainProgress, print_summary
+    from idla.jobs.train import TrainConfig, train_worker, write_outputs
     from idla.runtime.launch import launch_local
-    from idla.runtime.summary import TrainProgress, print_summary
-    from idla.runtime.trainer import TrainConfig, train_worker, write_outputs
 
     speeds = optional_speeds(args.emulate_speeds)
     config = TrainConfig(
@@ -212,7 +212,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.faults and not args.elastic:
         raise ConfigError("--faults needs --elastic")
     if args.elastic:
-        from idla.runtime.elastic_train import launch_elastic
+        from idla.jobs.elastic import launch_elastic
 
         return launch_elastic(config, speeds, args.faults)
     if config.sync != "allreduce":
@@ -230,8 +230,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_mode(config: Any, speeds: list[float] | None, args: argparse.Namespace) -> int:
+    from idla.jobs.sync_modes import mode_summary, mode_worker, print_mode_summary
     from idla.runtime.launch import launch_local
-    from idla.runtime.mode_trainer import mode_summary, mode_worker, print_mode_summary
 
     results = launch_local(mode_worker, (config,), config.workers, speeds, config.base_cores)
     report = mode_summary(results)
@@ -247,7 +247,7 @@ def _train_mode(config: Any, speeds: list[float] | None, args: argparse.Namespac
 
 
 def _check_dataset_size(global_batch: int) -> None:
-    from idla.runtime.demo import load_digits_split
+    from idla.demo import load_digits_split
 
     train_set, _ = load_digits_split()
     if len(train_set) < global_batch:
@@ -258,7 +258,7 @@ def _check_dataset_size(global_batch: int) -> None:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from idla.profile.survey import print_profiles, survey_workers
+    from idla.jobs.profile_survey import print_profiles, survey_workers
 
     speeds = optional_speeds(args.emulate_speeds)
     rows = survey_workers(args.workers, speeds, args.base_cores)

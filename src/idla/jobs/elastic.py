@@ -1,4 +1,4 @@
-"""`idla train --elastic`: the demo job, surviving the loss of workers (see runtime/elastic.py)."""
+"""`idla train --elastic`: the demo job, surviving the loss of workers (see idla/agent/elastic.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from idla.agent import Agent, AgentConfig, parameter_digest
-from idla.runtime.demo import DigitsCNN, accuracy, load_digits_split
-from idla.runtime.elastic import ElasticConfig, ElasticState, FailureEvent, run_elastic
+from idla.agent.elastic import ElasticState, run_elastic
+from idla.demo import DigitsCNN, accuracy, load_digits_split
+from idla.elastic.membership import ElasticConfig, FailureEvent
+from idla.jobs.train import TrainConfig
 from idla.runtime.launch import report_progress
-from idla.runtime.trainer import TrainConfig
 
 
 def elastic_worker(config: TrainConfig, elastic: ElasticConfig | None = None) -> dict[str, Any]:
@@ -60,8 +61,8 @@ def elastic_worker(config: TrainConfig, elastic: ElasticConfig | None = None) ->
 
 def launch_elastic(config: TrainConfig, speeds: list[float] | None, faults: str) -> int:
     """`idla train --elastic`: run the workers, print who was lost and how the run ended."""
+    from idla.elastic.faults import parse_faults
     from idla.report import write_json_atomic
-    from idla.runtime.faults import parse_faults
     from idla.runtime.launch import launch_local
 
     parse_faults(faults)  # a clear error before any worker starts

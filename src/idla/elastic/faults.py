@@ -25,7 +25,7 @@ import torch
 from idla.errors import ConfigError
 
 if TYPE_CHECKING:
-    from idla.runtime.rendezvous import Rendezvous
+    from idla.elastic.rendezvous import Rendezvous
 
 _FAULT = re.compile(r"^(kill|nan|slow):(\d+|\*)@(\d+)(?:\+(\d+))?(?:x(\d+(?:\.\d+)?))?$")
 FAULT_TIME_KEY = "fault/time"

@@ -24,19 +24,19 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
-from idla.agent_config import AgentConfig
+from idla.agent.config import AgentConfig
+from idla.agent.exchange import compression_report, make_sync
 from idla.errors import ConfigError, PlanError, ReplicaMismatchError
+from idla.plan.observer import JobObserver
 from idla.plan.planner import SharePlanner
 from idla.plan.shares import allocate_shares
 from idla.plan.topology import Topology, choose_topology
-from idla.profile.observer import JobObserver
 from idla.profile.perf_model import StepModel
 from idla.report import diagnose_stragglers
 from idla.runtime.data import BatchFetcher, GlobalBatch, GlobalBatchSampler, local_slice
 from idla.runtime.group import Group
 from idla.runtime.stats import WIDTH, Stat, row
 from idla.sync.allreduce import GradientSync
-from idla.sync.factory import compression_report, make_sync
 from idla.sync.modes import advise_from_history
 
 

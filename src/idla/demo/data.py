@@ -1,30 +1,10 @@
-"""The demo workload: scikit-learn's digits (8×8 images, shipped offline) and a small CNN."""
+"""The demo data: scikit-learn's digits (8×8 images, shipped offline) and accuracy on it."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
-
-
-class DigitsCNN(nn.Module):
-    """Two 3×3 convolutions (32 and 64 channels), a 2×2 max-pool and two linear layers."""
-
-    def __init__(self, hidden: int = 128, classes: int = 10) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
-        self.head = nn.Sequential(
-            nn.Flatten(), nn.Linear(64 * 4 * 4, hidden), nn.ReLU(), nn.Linear(hidden, classes)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, 1, 8, 8)
-        return self.head(self.features(x))
 
 
 def load_digits_split(
@@ -54,3 +34,11 @@ def accuracy(model: nn.Module, data: TensorDataset, device: torch.device) -> flo
     predicted = model(images).argmax(dim=1)
     model.train()
     return float((predicted == labels).float().mean())
+
+
+def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train images, train labels, test images, test labels) of the demo digits split."""
+    train, test = load_digits_split()
+    train_images, train_labels = train.tensors
+    test_images, test_labels = test.tensors
+    return train_images, train_labels, test_images, test_labels

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from idla.demo import DigitsCNN, accuracy, load_digits_split
 from idla.errors import ConfigError
-from idla.runtime.async_train import local_batches
-from idla.runtime.demo import DigitsCNN, accuracy, load_digits_split
+from idla.jobs.async_loop import local_batches
 from idla.runtime.group import Group
 from idla.runtime.launch import report_progress
 from idla.sync.async_ps import AsyncConfig, ParameterServer, async_worker
@@ -29,7 +29,7 @@ from idla.sync.local_sgd import DiLoCo, PeriodicAveraging
 from idla.sync.modes import SyncMode, parse_sync
 
 if TYPE_CHECKING:
-    from idla.runtime.trainer import TrainConfig
+    from idla.jobs.train import TrainConfig
 
 
 def mode_worker(config: TrainConfig) -> dict[str, Any]:

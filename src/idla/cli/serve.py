@@ -11,7 +11,7 @@ import secrets
 import signal
 from typing import Any
 
-from idla.cli_args import optional_speeds, port, positive_float, positive_int
+from idla.cli.args import optional_speeds, port, positive_float, positive_int
 from idla.errors import ConfigError
 
 _POLICY_HELP = "idla | round_robin | power_of_two | least_outstanding"

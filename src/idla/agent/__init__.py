@@ -1,0 +1,17 @@
+"""The floor a user's script touches: `Agent` and its config, elastic runs, resume."""
+
+from idla.agent.agent import Agent, parameter_digest
+from idla.agent.config import AgentConfig
+from idla.agent.elastic import ElasticReport, ElasticState, run_elastic
+from idla.agent.resume import restore_agent, save_agent
+
+__all__ = [
+    "Agent",
+    "AgentConfig",
+    "ElasticReport",
+    "ElasticState",
+    "parameter_digest",
+    "restore_agent",
+    "run_elastic",
+    "save_agent",
+]

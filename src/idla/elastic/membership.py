@@ -1,0 +1,133 @@
+"""Elastic membership: what counts as a lost peer, how fast it is noticed, and the re-form
+events. The run loop that uses it is `idla.agent.elastic.run_elastic`.
+
+The survivors meet in the store (`idla.elastic.rendezvous`), open a new gloo group and adopt the
+most advanced replica's state (`idla.elastic.state_transfer`). Why not torchft: see the README.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from idla.elastic.rendezvous import Rendezvous
+from idla.errors import ConfigError, IdlaError
+from idla.runtime.group import Group
+
+# What gloo and the store say when a peer is gone; anything else is a bug, not a failure.
+_PEER_FAILURE_MARKS = (
+    "gloo", "connection", "read error", "write error", "timed out", "timeout", "broken pipe",
+    "reset by peer", "socket", "closed", "aborted",
+)
+
+
+class MembershipChange(RuntimeError):
+    """Raised at a step boundary on every rank when a newcomer asks to join."""
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """True for the errors a dead, partitioned or silent peer causes in a collective (and for
+    a planned membership change)."""
+    if isinstance(error, IdlaError) or not isinstance(error, RuntimeError):
+        return False
+    if isinstance(error, dist.DistError | MembershipChange):
+        return True
+    text = str(error).lower()
+    return any(mark in text for mark in _PEER_FAILURE_MARKS)
+
+
+@dataclass(kw_only=True, slots=True)
+class ElasticConfig:
+    """How fast failures are noticed and how long survivors wait for each other."""
+
+    collective_timeout_s: float = 5.0
+    """A collective that waits longer than this for a peer fails (PyTorch's default: 30 min).
+    It must exceed the slowest worker's step; a killed peer is noticed at once (TCP reset)."""
+    heartbeat_s: float = 0.5
+    """How often each worker bumps its heartbeat counter in the store."""
+    dead_after_s: float = 3.0
+    """A member whose heartbeat has not moved for this long is declared dead at a re-form."""
+    min_workers: int = 1
+    """Stop with an error when fewer workers than this survive."""
+    join_check_every_steps: int = 5
+    """Rank 0 looks for newcomers asking to join every this many steps (0: never)."""
+
+    def __post_init__(self) -> None:
+        if self.collective_timeout_s <= 0:
+            raise ConfigError("collective_timeout_s must be positive")
+        if not 0 < self.heartbeat_s < self.dead_after_s:
+            raise ConfigError("heartbeat_s must be positive and shorter than dead_after_s")
+        if self.min_workers < 1:
+            raise ConfigError("min_workers must be at least 1")
+        if self.join_check_every_steps < 0:
+            raise ConfigError("join_check_every_steps must be 0 or more")
+
+
+@dataclass
+class FailureEvent:
+    """One re-form: who was lost, when it was noticed, what it cost."""
+
+    generation: int
+    lost_members: list[int]
+    members: list[int]
+    error: str
+    joined_members: list[int]
+    """Newcomers taken in at this re-form."""
+    failed_at: float
+    """time.time() when this worker's collective failed (or the change was noticed)."""
+    declared_at: float
+    """time.time() when the new member list (naming the lost) was known."""
+    fault_at: float | None = None
+    """time.time() when an injected fault struck (fault-injection runs only)."""
+    steps_lost: int = 0
+    """Steps whose computation was thrown away (started by some survivor, committed by none)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "generation": self.generation, "lost_members": self.lost_members,
+            "joined_members": self.joined_members, "members": self.members,
+            "error": self.error, "failed_at": self.failed_at,
+            "declared_at": self.declared_at, "fault_at": self.fault_at,
+            "steps_lost": self.steps_lost,
+        }
+
+
+def env_int(name: str, default: int) -> int:
+    text = os.environ.get(name, str(default))
+    if not text.isdigit():
+        raise ConfigError(f"environment variable {name}={text!r} is not an integer")
+    return int(text)
+
+
+def store_prefix() -> str:
+    """Store keys of this run: torchrun's run id and restart count keep runs apart."""
+    run = os.environ.get("TORCHELASTIC_RUN_ID", "local")
+    return f"idla-elastic/{run}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+
+def join_check(
+    rdzv: Rendezvous | None, group: Group, every_steps: int
+) -> Callable[[int], None] | None:
+    """Every `every_steps` committed steps, rank 0 looks for join requests and tells the others
+    (one 1-element broadcast), so that all ranks re-form at the same step boundary."""
+    if rdzv is None or every_steps == 0:
+        return None
+    checked: set[int] = set()
+
+    def check(step: int) -> None:
+        if step == 0 or step % every_steps or step in checked:
+            return
+        checked.add(step)
+        flag = torch.tensor([1 if group.rank == 0 and rdzv.join_pending() else 0])
+        if group.world_size > 1:
+            dist.broadcast(flag, src=0)
+        if int(flag.item()):
+            raise MembershipChange("a newcomer asked to join")
+
+    return check
