@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeVar
 
+from idla.errors import ConfigError
 from idla.serve.http import HttpLimits, create_app
 from idla.serve.metrics import ServeMetrics
 from idla.serve.router import Router, RouterConfig
@@ -79,8 +80,6 @@ async def start(addresses: Sequence[tuple[str, int]], options: ServeOptions) -> 
     except OSError as error:
         sock.close()
         await router.close()
-        from idla.errors import ConfigError
-
         raise ConfigError(f"cannot listen on {options.host}:{options.port} ({error})") from None
     port = int(sock.getsockname()[1])
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", ws="none",
