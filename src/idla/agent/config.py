@@ -46,6 +46,10 @@ class AgentConfig:
     """Carry what the codec dropped into the next step (per tensor); off only to compare."""
     min_compress_numel: int = 1024
     """Tensors with fewer elements travel uncompressed (with the statistics)."""
+    history_steps: int = 10_000
+    """Steps `report()["history"]` keeps (shares, loss, compute seconds per rank, topology,
+    samples/s); a longer run keeps the last this many, and the report's `history_first_step`
+    says where they start. Memory: about (2 × world size + 4) numbers per step."""
 
     def __post_init__(self) -> None:
         if self.global_batch_size < 1:
@@ -62,6 +66,8 @@ class AgentConfig:
             parse_codec(self.compress)  # raises ConfigError naming the valid forms
         if self.min_compress_numel < 1:
             raise ConfigError("min_compress_numel must be at least 1")
+        if self.history_steps < 1:
+            raise ConfigError(f"history_steps must be at least 1, got {self.history_steps}")
         shares = self.initial_shares
         if shares is not None and (
             any(s < 0 for s in shares) or sum(shares) != self.global_batch_size

@@ -109,8 +109,8 @@ def idla_worker(config: HeteroConfig) -> dict[str, Any]:
                 break
         epoch += 1
     elapsed_s = time.perf_counter() - start
-    history = agent.history
-    samples = sum(sum(s) for s in history["shares"][config.warmup_steps :])
+    shares = list(agent.history["shares"])
+    samples = sum(sum(s) for s in shares[config.warmup_steps :])
     agent.close()
     return {
         "samples_per_s": samples / elapsed_s,

@@ -1,0 +1,246 @@
+"""Every share decision of one data-parallel job, in one place: `JobPlanner`.
+
+"Where is worker 3's batch size decided?" Here, at four moments:
+
+- at the start: equal shares within the memory caps, or the configured ``initial_shares``
+  (`initial_shares`);
+- for a batch of another size, an epoch's short last batch (`JobPlanner.shares_for`);
+- after every step, from the statistics matrix (`JobPlanner.absorb`): a rank non-finite
+  ``nan_drop_after`` steps in a row is dropped and the batch re-planned around it; a new
+  reduction topology that persists for ``TOPOLOGY_PATIENCE_STEPS`` votes is applied with a
+  forced plan; otherwise the `SharePlanner`'s hysteresis decides whether a new plan pays.
+
+Every rank holds the same statistics matrix after the sync, so every rank's planner makes the
+same decisions without communicating: nothing here reads a clock or a random number.
+`SharePlanner` stays the learning part (per-worker step-time fits, their noise, the
+hysteresis) and is tested on its own; this class adds what a job needs around it: the shares in
+force, the caps, the topology, the dropped ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from idla.errors import ConfigError, PlanError
+from idla.plan.observer import JobObserver
+from idla.plan.planner import PlannerConfig, SharePlanner
+from idla.plan.shares import allocate_shares
+from idla.plan.topology import Topology, choose_topology
+from idla.profile.perf_model import StepModel
+from idla.runtime.stats import Stat
+
+TOPOLOGY_PATIENCE_STEPS = 5
+"""Consecutive steps that must ask for the same new topology before it is applied."""
+
+_EQUAL = StepModel(compute_fixed_s=0.0, compute_per_sample_s=1.0)
+
+
+def memory_caps(limits: Sequence[int | None], global_batch: int) -> list[int] | None:
+    """Every rank's cap on its local batch (None: no rank has one; a rank without a limit may
+    take the whole batch).
+
+    Raises:
+        PlanError: If the caps together cannot hold the global batch.
+    """
+    if all(limit is None for limit in limits):
+        return None
+    caps = [global_batch if limit is None else limit for limit in limits]
+    if sum(caps) < global_batch:
+        raise PlanError(
+            f"memory caps hold at most {sum(caps)} samples but the global batch is {global_batch}"
+        )
+    return caps
+
+
+def initial_shares(
+    global_batch: int, world_size: int, caps: Sequence[int] | None = None,
+    configured: Sequence[int] | None = None,
+) -> list[int]:
+    """Local batch per rank before anything is measured: `configured` when given, else equal
+    shares within `caps` (the first ``global_batch % world_size`` ranks take one more sample).
+
+    Raises:
+        ConfigError: If the batch is smaller than the number of workers, or `configured` does
+            not list one non-negative share per rank summing to the batch.
+        PlanError: If the caps cannot hold the batch.
+    """
+    if global_batch < world_size:
+        raise ConfigError(
+            f"the global batch {global_batch} is smaller than the number of workers {world_size}"
+        )
+    shares = allocate_shares(global_batch, [_EQUAL] * world_size, caps)
+    if configured is None:
+        return shares
+    if len(configured) != world_size:
+        raise ConfigError(
+            f"initial_shares lists {len(configured)} shares for {world_size} ranks"
+        )
+    if any(s < 0 for s in configured) or sum(configured) != global_batch:
+        raise ConfigError(
+            f"initial_shares {list(configured)} must be non-negative and sum to the global batch "
+            f"{global_batch}"
+        )
+    return list(configured)
+
+
+def lockstep_batch(global_batch: int, workers: int) -> int:
+    """The one local batch for modes whose workers all step alike and count alike (local SGD,
+    DiLoCo, asynchronous pushes): the smallest equal share, ⌊global_batch / workers⌋, and at
+    least 1."""
+    if workers < 1:
+        raise ConfigError(f"workers must be at least 1, got {workers}")
+    if global_batch < workers:
+        return 1
+    return min(initial_shares(global_batch, workers))
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    """What `JobPlanner.absorb` decided for the next step."""
+
+    shares: tuple[int, ...]
+    """Local batch per rank for a full global batch."""
+    topology: Topology
+    """Reduction topology for the next step."""
+    topology_changed: bool
+    """True when `topology` is new: apply it to the gradient exchange before the next step."""
+
+
+class JobPlanner:
+    """Owns the shares, caps, topology and dropped ranks of one job, and every decision on them.
+
+    Args:
+        global_batch: Samples per optimizer step, summed over all ranks.
+        world_size: Number of ranks.
+        caps: Largest local batch per rank (see `memory_caps`), or None for no limit.
+        initial: Configured shares before anything is measured (None: equal shares).
+        rebalance: Re-plan from measurements; False keeps the shares except to route around
+            dropped ranks and to split a short batch in proportion.
+        nan_drop_after: A rank non-finite this many steps in a row gets no more samples
+            (0: never drop).
+        leaf_ratio: A rank this many times slower per sample than the fastest becomes a leaf.
+        config: How measurements become a plan (fits, noise, hysteresis).
+        hub_leaf: Whether the gradient exchange supports hub/leaf topologies; False keeps the
+            ring (a compressed exchange has no leaves).
+
+    Raises:
+        ConfigError, PlanError: As `initial_shares`.
+    """
+
+    def __init__(
+        self, global_batch: int, world_size: int, *, caps: Sequence[int] | None = None,
+        initial: Sequence[int] | None = None, rebalance: bool = True, nan_drop_after: int = 3,
+        leaf_ratio: float = 1.8, config: PlannerConfig | None = None, hub_leaf: bool = True,
+    ) -> None:
+        self.global_batch = global_batch
+        self.world_size = world_size
+        self.caps = None if caps is None else list(caps)
+        self.shares = initial_shares(global_batch, world_size, self.caps, initial)
+        self.rebalance = rebalance
+        self.nan_drop_after = nan_drop_after
+        self.leaf_ratio = leaf_ratio
+        self.hub_leaf = hub_leaf
+        self.share_planner = SharePlanner(world_size, config)
+        self.observer = JobObserver(world_size)
+        self.topology = Topology.ring(world_size)
+        self.nonfinite_steps = [0] * world_size  # steps each rank's contribution was dropped
+        self.dropped: set[int] = set()  # ranks planned no more samples (repeat offenders)
+        self._nonfinite_streak = [0] * world_size
+        self._topology_votes = 0  # consecutive steps that asked for the same new topology
+        self._prev_topology = self.topology  # the topology the next matrix's sync columns saw
+
+    @property
+    def replan_steps(self) -> list[int]:
+        """Steps at which a new plan was applied by the hysteresis or forced, in order."""
+        return self.share_planner.controller.changes
+
+    def set_topology(self, topology: Topology) -> None:
+        """Fix the reduction topology from the next step on (the caller applies it to the
+        exchange)."""
+        self.topology = topology
+
+    def shares_for(self, batch_size: int) -> list[int]:
+        """Local batch per rank for a global batch of `batch_size` samples: the shares in force
+        for a full batch; for another size (an epoch's short last batch) a one-off plan from the
+        fits, or in proportion to the shares in force before every rank is measured or without
+        rebalancing."""
+        if batch_size == self.global_batch:
+            return list(self.shares)
+        return self.share_planner.plan_now(batch_size, self.shares, self.caps,
+                                           measured=self.rebalance)
+
+    def absorb(self, step: int, stats: list[list[float]], batch_shares: Sequence[int]) -> StepPlan:
+        """Learn from one step's statistics matrix (world_size × WIDTH, the same on every rank)
+        and decide the shares and topology of the next step.
+
+        Args:
+            step: The step the matrix describes (0 for the first of the run).
+            stats: One row per rank, columns as `idla.runtime.stats.Stat`.
+            batch_shares: The local batches the step ran with.
+
+        Raises:
+            PlanError: If a dropped rank leaves too little memory for the global batch.
+        """
+        costs = self.observer.absorb(stats, batch_shares, self._prev_topology, step == 0)
+        for rank, r in enumerate(stats):
+            self.share_planner.observe(rank, batch_shares[rank], r[Stat.COMPUTE_S], costs[rank])
+        self._prev_topology = self.topology
+        self._drop_repeat_offenders(stats)
+        before = self.topology
+        if self.rebalance and self.world_size > 1:
+            self._replan(step)
+        return StepPlan(tuple(self.shares), self.topology, self.topology != before)
+
+    def _drop_repeat_offenders(self, stats: list[list[float]]) -> None:
+        """Count non-finite steps per rank; a repeat offender is planned no more samples."""
+        limit = self.nan_drop_after
+        for rank, r in enumerate(stats):
+            if r[Stat.NONFINITE]:
+                self.nonfinite_steps[rank] += 1
+                self._nonfinite_streak[rank] += 1
+            else:
+                self._nonfinite_streak[rank] = 0
+            if limit and self._nonfinite_streak[rank] >= limit and rank not in self.dropped:
+                self.dropped.add(rank)
+                big = self.global_batch
+                self.caps = [0 if q in self.dropped else (self.caps[q] if self.caps else big)
+                             for q in range(self.world_size)]
+                if sum(self.caps) < big:
+                    raise PlanError(f"rank {rank} was dropped for non-finite gradients and the "
+                                    "remaining ranks cannot hold the global batch")
+                weights = [0 if q in self.dropped else s for q, s in enumerate(self.shares)]
+                self.shares = self.share_planner.plan_now(big, weights, self.caps,
+                                                          measured=self.rebalance)
+
+    def _replan(self, step: int) -> None:
+        models = self.share_planner.models()
+        if self._vote_topology(step, models) and all(m is not None for m in models):
+            self.shares = allocate_shares(
+                self.global_batch, models, self.caps  # type: ignore[arg-type]
+            )
+            return
+        new = self.share_planner.decide(step, self.shares, self.global_batch, self.caps)
+        if new is not None:
+            self.shares = list(new)
+
+    def _vote_topology(self, step: int, models: list[StepModel | None]) -> bool:
+        """Vote for the topology the fits ask for; True when a new one was applied."""
+        fits = self.share_planner.fits
+        if not self.hub_leaf or step < 2 or any(f.count < 2 for f in fits):
+            return False
+        # Compute time per sample at an equal share is the role-independent measure of a
+        # worker's speed (robust to how a noisy fit splits α from β); a worker several times
+        # slower than the fastest stalls every ring phase.
+        equal = self.global_batch / self.world_size
+        slowness = [
+            (m.compute_fixed_s + m.compute_per_sample_s * equal) / equal  # type: ignore[union-attr]
+            for m in models
+        ]
+        topology = choose_topology(slowness, self.leaf_ratio, previous=self.topology)
+        self._topology_votes = self._topology_votes + 1 if topology != self.topology else 0
+        if self._topology_votes < TOPOLOGY_PATIENCE_STEPS:
+            return False
+        self._topology_votes = 0
+        self.topology = topology
+        return True
