@@ -71,6 +71,12 @@ def test_help_is_the_docstring_with_the_default() -> None:
     assert "100% of the base" in parser.format_help()  # argparse un-escapes the %
 
 
+def test_default_joins_a_closing_note_but_not_a_call() -> None:
+    assert fields._with_default("Rate (0: off).", "2") == "Rate (0: off; default: 2)"
+    shown = fields._with_default("0 picks min(2, cores).", "0")
+    assert shown == "0 picks min(2, cores) (default: 0)"
+
+
 def test_flag_override_and_nested_default_come_from_the_parent() -> None:
     parser = _parser()
 

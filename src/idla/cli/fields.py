@@ -184,7 +184,12 @@ def _shown(value: Any) -> str:
 def _with_default(doc: str, shown: str) -> str:
     """``doc`` with its default: "text (default: 4)", or "text (note; default: 4)"."""
     doc = doc.rstrip(".")
-    if doc.endswith(")"):
+    depth = 0
+    for at in range(len(doc) - 1, -1, -1):  # the "(" that the final ")" closes
+        depth += {")": 1, "(": -1}.get(doc[at], 0)
+        if depth == 0:
+            break
+    if doc.endswith(")") and depth == 0 and doc[at - 1 : at] == " ":  # a closing note
         return f"{doc[:-1]}; default: {shown})"
     return f"{doc} (default: {shown})"
 
