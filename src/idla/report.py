@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -94,6 +95,14 @@ def atomic_target(path: str | Path) -> Iterator[Path]:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def settings_dict(config: Any) -> dict[str, Any]:
+    """``dataclasses.asdict(config)``, each field under its ``metadata["json_key"]`` where it
+    has one: a field renamed in code keeps the key that JSON outputs have always used."""
+    values = dataclasses.asdict(config)
+    return {field.metadata.get("json_key", field.name): values[field.name]
+            for field in dataclasses.fields(config)}
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

@@ -17,7 +17,8 @@ from idla.jobs.elastic import elastic_worker
 from idla.jobs.train import TrainConfig
 from idla.runtime.launch import launch_local
 
-CONFIG = TrainConfig(workers=3, emulate_speeds=None, epochs=3, global_batch=128, out=None)
+CONFIG = TrainConfig(workers=3, emulate_speeds=None, epochs=3,
+                     agent=AgentConfig(global_batch_size=128), out=None)
 
 
 def _launch(faults: str) -> list[Any]:

@@ -13,12 +13,13 @@ from idla.plan.planner import PlannerConfig
 class AgentConfig:
     """How the agent plans and checks; every field has a default except the global batch."""
 
-    global_batch_size: int
+    global_batch_size: int = field(metadata={"flag": "--global-batch", "parse": "positive_int",
+                                             "metavar": "B"})
     """Samples per optimizer step, summed over all workers."""
-    seed: int = 0
+    seed: int = field(default=0, metadata={"metavar": "S"})
     """Seeds the data order (one permutation per epoch); the same seed gives the same run."""
     rebalance: bool = True
-    """Re-plan shares from measurements; False keeps equal shares (the DDP-like baseline)."""
+    """Re-plan shares from measurements; off (False) keeps equal shares, as DDP does."""
     check_every_steps: int = 50
     """Compare a hash of the parameters across ranks every this many steps (0: never)."""
     bucket_cap_bytes: int = 4 * 1024 * 1024
@@ -39,11 +40,11 @@ class AgentConfig:
     """Local batch per rank before anything is measured (None: equal shares)."""
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     """How measurements become a plan: fit memory, noise and hysteresis."""
-    compress: str = "none"
+    compress: str = field(default="none", metadata={"metavar": "CODEC"})
     """Gradient codec: "none" (exact, bucketed, hub/leaf topology), "fp16", "topk:0.01",
     "randk:0.01", "sign", "powersgd:2", or "auto" (chosen from measured link and compute)."""
     error_feedback: bool = True
-    """Carry what the codec dropped into the next step (per tensor); off only to compare."""
+    """Carry what the codec dropped into the next step (per tensor); turn off only to compare."""
     min_compress_numel: int = 1024
     """Tensors with fewer elements travel uncompressed (with the statistics)."""
     history_steps: int = 10_000

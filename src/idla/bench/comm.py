@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +34,7 @@ from idla.demo import DigitsCNN, accuracy, load_digits_split
 from idla.emulate.netns import NetnsRig, parse_rate
 from idla.errors import ConfigError
 from idla.plan.shares import proportional_shares
+from idla.report import settings_dict
 from idla.runtime.data import GlobalBatchSampler, local_slice
 from idla.runtime.group import Group
 from idla.runtime.launch import launch_local
@@ -45,16 +46,24 @@ DEFAULT_CODECS = ["fp16", "topk:0.01", "randk:0.01", "sign", "powersgd:2"]
 class CommConfig:
     """Settings of one `idla bench comm` invocation."""
 
-    hosts: int = 4  # network namespaces, one worker each
-    bandwidth: str = "10mbit"  # tc rate of every host's link, each direction
-    target_accuracy: float = 0.95  # test accuracy that stops the clock
-    steps: int = 100  # optimizer steps per run (the final accuracy is taken after them)
+    hosts: int = field(default=4, metadata={"parse": "positive_int", "metavar": "N"})
+    """Hosts (network namespaces), one worker each."""
+    bandwidth: str = field(default="10mbit", metadata={"metavar": "RATE"})
+    """Link rate of every host, each way, in tc syntax."""
+    target_accuracy: float = field(default=0.95, metadata={"flag": "--target"})
+    """Test accuracy that stops the clock."""
+    steps: int = field(default=100, metadata={"parse": "positive_int"})
+    """Optimizer steps per run (the final accuracy is taken after them)."""
     eval_every_steps: int = 5  # test accuracy is checked this often
-    global_batch: int = 128  # samples per step, summed over hosts
+    global_batch_size: int = field(default=128, metadata={"json_key": "global_batch"})
+    """Samples per step, summed over hosts."""
     optimizer: str = "adam"  # "adam" or "sgd" (momentum 0.9)
     lr: float = 3e-3  # learning rate of that optimizer
-    repeats: int = 3  # runs of each setting (seeds 0..repeats-1); medians reported
-    codecs: list[str] = field(default_factory=lambda: list(DEFAULT_CODECS))
+    repeats: int = field(default=3, metadata={"parse": "positive_int"})
+    """Runs of each setting (seeds 0..repeats-1); the table shows medians."""
+    codecs: list[str] = field(default_factory=lambda: list(DEFAULT_CODECS),
+                              metadata={"parse": "names", "metavar": "LIST"})
+    """idla codecs to compare."""
     powersgd_start_iter: int = 2  # PyTorch hook: plain all-reduce before this step
 
     def __post_init__(self) -> None:
@@ -129,7 +138,7 @@ def comm_worker(config: CommConfig, run: CommRun) -> dict[str, Any]:
     optimizer = _optimizer(config, model)
     if run.kind == "idla":
         agent = Agent(model, optimizer, train_set, config=AgentConfig(
-            global_batch_size=config.global_batch, seed=run.seed, compress=run.codec,
+            global_batch_size=config.global_batch_size, seed=run.seed, compress=run.codec,
             error_feedback=run.error_feedback, check_every_steps=0))
         group = agent.group
     else:
@@ -156,7 +165,7 @@ def comm_worker(config: CommConfig, run: CommRun) -> dict[str, Any]:
                     break
             epoch += 1
     else:
-        sampler = GlobalBatchSampler(len(train_set), config.global_batch, run.seed)
+        sampler = GlobalBatchSampler(len(train_set), config.global_batch_size, run.seed)
         images, labels = train_set.tensors
         step, epoch = 0, 0
         while step < config.steps:
@@ -240,7 +249,7 @@ def summarize(config: CommConfig, rows: dict[str, list[dict[str, Any]]]) -> dict
             "reached_target": sum(r["time_to_target_s"] is not None for r in results),
             "repeats": results,
         }
-    return {"settings": asdict(config), "machine": machine_info(), "runs": runs,
+    return {"settings": settings_dict(config), "machine": machine_info(), "runs": runs,
             "summary": headline(runs)}
 
 

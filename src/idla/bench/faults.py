@@ -1,7 +1,7 @@
 """`idla bench faults`: the fault-injection suite for elastic training.
 
-Every trial trains the demo CNN elastically (`agent/elastic.py`) on 4 local workers with the same
-data, seed, global batch and epochs; one fault strikes at a random step (seeded):
+Every trial trains the demo CNN elastically (`idla/agent/elastic.py`) on 4 local workers with the
+same data, seed, global batch and epochs; one fault strikes at a random step (seeded):
 - `kill`: a worker sends itself SIGKILL (kill -9) before computing the step;
 - `link`: the workers run on the multi-host rig (one network namespace each, the store on a fifth
   "lighthouse" host) and the launcher takes a worker's eth0 down (`ip link set down`) when rank 0
@@ -21,14 +21,16 @@ import random
 import statistics
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from idla.agent import AgentConfig
 from idla.bench.machine import machine_info
 from idla.elastic.membership import ElasticConfig
 from idla.errors import ConfigError, EmulationError
 from idla.jobs.elastic import elastic_worker
 from idla.jobs.train import TrainConfig
+from idla.report import settings_dict
 from idla.runtime.launch import launch_local
 
 KINDS = ("kill", "link", "slow", "nan")
@@ -38,14 +40,17 @@ NAN_STEPS = 3
 @dataclass(kw_only=True, slots=True)
 class FaultBenchConfig:
     workers: int = 4
-    epochs: int = 4
-    global_batch: int = 128
+    epochs: int = field(default=4, metadata={"parse": "positive_int"})
+    """Epochs of every trial."""
+    global_batch_size: int = field(default=128, metadata={"json_key": "global_batch"})
     kills: int = 3
-    """kill trials (each at its own random worker and step)."""
-    kinds: tuple[str, ...] = KINDS
+    """kill -9 trials, each at its own random worker and step."""
+    kinds: tuple[str, ...] = field(default=KINDS, metadata={"parse": "names", "metavar": "LIST"})
+    """Faults to inject."""
     base_cores: float = 0.45
     """CPU cores per worker (cgroup throttling, so `slow` lowers a real quota)."""
     seed: int = 0
+    """Seeds the fault steps and the run."""
     collective_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
@@ -61,7 +66,8 @@ class FaultBenchConfig:
 
 def _train_config(config: FaultBenchConfig) -> TrainConfig:
     return TrainConfig(workers=config.workers, emulate_speeds=None, epochs=config.epochs,
-                       global_batch=config.global_batch, seed=config.seed, out=None)
+                       agent=AgentConfig(global_batch_size=config.global_batch_size,
+                                         seed=config.seed), out=None)
 
 
 def _speeds(config: FaultBenchConfig) -> list[float] | None:
@@ -184,7 +190,7 @@ def run_fault_bench(config: FaultBenchConfig, on_trial: Any = None) -> dict[str,
     faulty = [t for t in trials[1:] if t["kind"] in ("kill", "link")]
     detections = [t["detection_s"] for t in faulty if t.get("detection_s") is not None]
     return {
-        "settings": {**asdict(config), "throttled": speeds is not None},
+        "settings": {**settings_dict(config), "throttled": speeds is not None},
         "machine": machine_info(),
         "trials": trials,
         "summary": {

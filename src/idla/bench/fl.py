@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rich.console import Console
@@ -43,12 +43,17 @@ ROBUST = tuple(a for a in AGGREGATORS if a != "fedavg")
 class FlBenchConfig:
     """Settings of one `idla bench fl` run."""
 
-    clients: int = 100
-    rounds: int = 20
-    clients_per_round: int = 50
-    """Clients per round in the straggler and attack scenarios."""
+    clients: int = field(default=100, metadata={"metavar": "N"})
+    """Virtual clients."""
+    rounds: int = field(default=20, metadata={"metavar": "R"})
+    """Federated rounds."""
+    clients_per_round: int = field(default=50, metadata={"metavar": "K"})
+    """Clients per round in the straggler and attack scenarios (the Flower comparison uses all
+    clients)."""
     alpha: float = 0.5
-    local_epochs: int = 3
+    """Dirichlet α of the non-IID label skew, > 0."""
+    local_epochs: int = field(default=3, metadata={"metavar": "E"})
+    """Local epochs per client and round."""
     batch_size: int = 8
     lr: float = 0.3
     model: str = "mlp"
@@ -57,9 +62,12 @@ class FlBenchConfig:
     malicious_fraction: float = 0.3
     attacks: tuple[str, ...] = ATTACKS
     aggregators: tuple[str, ...] = AGGREGATORS
-    processes: int = 0
-    seed: int = 0
+    processes: int = field(default=0, metadata={"metavar": "P"})
+    """Worker processes running the clients; 0 picks min(2, cores)."""
+    seed: int = field(default=0, metadata={"metavar": "S"})
+    """Seed of partitions, selection, model and client order."""
     flower: bool = True
+    """Run Flower's simulation as the baseline (off: no flwr needed)."""
     scenarios: bool = True
 
     def __post_init__(self) -> None:

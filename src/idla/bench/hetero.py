@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ from idla.bench.machine import machine_info
 from idla.demo import DigitsCNN, accuracy, load_digits_split
 from idla.errors import ConfigError
 from idla.plan.shares import proportional_shares
+from idla.report import settings_dict
 from idla.runtime.data import GlobalBatchSampler, local_slice
 from idla.runtime.group import Group
 from idla.runtime.launch import launch_local
@@ -31,19 +32,28 @@ from idla.runtime.launch import launch_local
 class HeteroConfig:
     """Settings of one `idla bench hetero` invocation."""
 
-    speeds: list[float]  # relative CPU speed per worker
-    base_cores: float = 0.5  # cores of a speed-1 worker
-    steps: int = 60  # optimizer steps per run
+    speeds: list[float] = field(default_factory=lambda: [1.0, 1.0, 0.5, 0.25],
+                                metadata={"parse": "speeds_or_one", "metavar": "LIST"})
+    """Relative CPU speed per worker."""
+    base_cores: float = field(default=0.5, metadata={"metavar": "CORES"})
+    """CPU cores a speed-1 worker gets."""
+    steps: int = field(default=60, metadata={"parse": "positive_int"})
+    """Optimizer steps per run."""
     warmup_steps: int = 10  # steps excluded from the throughput (both kinds)
-    repeats: int = 3  # runs of each kind; medians are reported
-    global_batch: int = 512  # samples per step, summed over workers
+    repeats: int = field(default=3, metadata={"parse": "positive_int"})
+    """Runs of each kind; the table shows medians."""
+    global_batch_size: int = field(default=512, metadata={
+        "flag": "--global-batch", "json_key": "global_batch", "parse": "positive_int",
+        "metavar": "B"})
+    """Samples per step, summed over workers."""
     seed: int = 0
+    """Seeds the model, the data order and the split."""
     lr: float = 3e-3  # Adam
 
     def __post_init__(self) -> None:
         if self.steps <= self.warmup_steps:
             raise ConfigError(f"--steps must exceed the {self.warmup_steps} warm-up steps")
-        if self.global_batch < len(self.speeds):
+        if self.global_batch_size < len(self.speeds):
             raise ConfigError("--global-batch is smaller than the number of workers")
 
 
@@ -71,7 +81,7 @@ def ddp_worker(config: HeteroConfig) -> dict[str, Any]:
     train_set, test_set, model, optimizer = _setup(config)
     group = Group()
     ddp = DistributedDataParallel(model)
-    sampler = GlobalBatchSampler(len(train_set), config.global_batch, config.seed)
+    sampler = GlobalBatchSampler(len(train_set), config.global_batch_size, config.seed)
     batches = _first_batches(sampler, config.steps)
     images, labels = train_set.tensors
 
@@ -94,7 +104,7 @@ def idla_worker(config: HeteroConfig) -> dict[str, Any]:
     """The same job through idla's Agent."""
     train_set, test_set, model, optimizer = _setup(config)
     agent = Agent(model, optimizer, train_set, config=AgentConfig(
-        global_batch_size=config.global_batch, seed=config.seed))
+        global_batch_size=config.global_batch_size, seed=config.seed))
     agent.group.barrier()
     sizes: list[int] = []
     start, epoch = 0.0, 0
@@ -124,7 +134,7 @@ def idla_worker(config: HeteroConfig) -> dict[str, Any]:
 def standalone_worker(config: HeteroConfig) -> dict[str, Any]:
     """One worker alone: forward, backward and Adam on the whole global batch."""
     train_set, _, model, optimizer = _setup(config)
-    sampler = GlobalBatchSampler(len(train_set), config.global_batch, config.seed)
+    sampler = GlobalBatchSampler(len(train_set), config.global_batch_size, config.seed)
     batches = _first_batches(sampler, config.steps)
     images, labels = train_set.tensors
 
@@ -162,7 +172,7 @@ def run_hetero(config: HeteroConfig) -> dict[str, Any]:
                  for _ in range(config.repeats)]
         standalone[speed] = statistics.median(rates)
     ideal = sum(standalone[s] for s in config.speeds)
-    result: dict[str, Any] = {"settings": asdict(config), "machine": machine_info()}
+    result: dict[str, Any] = {"settings": settings_dict(config), "machine": machine_info()}
     for name, rows in runs.items():
         result[name] = {
             "samples_per_s": statistics.median(r["samples_per_s"] for r in rows),

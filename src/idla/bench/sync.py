@@ -68,9 +68,9 @@ def run_sync_bench(config: SyncBenchConfig, on_run: Any = None) -> dict[str, Any
 
 
 def _settings(config: SyncBenchConfig) -> dict[str, Any]:
-    from dataclasses import asdict
+    from idla.report import settings_dict
 
-    return asdict(config)
+    return settings_dict(config)
 
 
 def _summary(scenarios: dict[str, Any]) -> dict[str, Any]:

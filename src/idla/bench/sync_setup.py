@@ -19,19 +19,29 @@ from idla.errors import ConfigError
 class SyncBenchConfig:
     """Settings of one `idla bench sync` invocation."""
 
-    speeds: list[float] = field(default_factory=lambda: [1.0, 1.0, 0.5, 0.25])
+    speeds: list[float] = field(default_factory=lambda: [1.0, 1.0, 0.5, 0.25],
+                                metadata={"parse": "speeds_or_one", "metavar": "LIST"})
+    """Relative CPU speed per worker."""
     base_cores: float = 0.33  # cores of a speed-1 worker (×1.5 headroom for jitter)
-    target_accuracy: float = 0.97
-    budget_s: float = 10.0  # wall seconds of training per run
-    global_batch: int = 128  # synchronous modes: samples per step over all workers
+    target_accuracy: float = field(default=0.97, metadata={"flag": "--target"})
+    """Test accuracy that stops the clock."""
+    budget_s: float = field(default=10.0, metadata={"flag": "--budget", "metavar": "SECONDS"})
+    """Wall seconds of training per run."""
+    global_batch_size: int = field(default=128, metadata={"json_key": "global_batch"})
+    """Synchronous modes: samples per step over all workers."""
     local_batch: int = 32  # local SGD, DiLoCo and async: samples per worker step
     lr: float = 3e-3  # Adam (inner optimizer / server optimizer)
-    period_steps: int = 20  # H of local SGD and DiLoCo
-    staleness_bound: int = 4  # S of async
-    delay_compensation: float = 2.0  # λ of DC-ASGD in the "async_dc" run
+    period_steps: int = field(default=20, metadata={
+        "flag": "--period", "parse": "positive_int", "metavar": "H"})
+    """H of local SGD and DiLoCo."""
+    staleness_bound: int = field(default=4, metadata={"flag": "--staleness", "metavar": "S"})
+    """Staleness bound S of async."""
+    delay_compensation: float = field(default=2.0, metadata={"metavar": "LAMBDA"})
+    """DC-ASGD λ of the async_dc run."""
     jitter_every_steps: int = 5
     eval_every_steps: int = 5
-    repeats: int = 3
+    repeats: int = field(default=3, metadata={"parse": "positive_int"})
+    """Runs of each mode and scenario."""
     seed: int = 0
 
     def __post_init__(self) -> None:

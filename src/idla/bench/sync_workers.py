@@ -48,12 +48,12 @@ def synchronous(config: SyncBenchConfig, mode: str, jitter_on: bool, seed: int) 
     optimizer = _adam(model, config)
     if mode == "allreduce":
         agent = Agent(model, optimizer, train_set, config=AgentConfig(
-            global_batch_size=config.global_batch, seed=seed, check_every_steps=0))
+            global_batch_size=config.global_batch_size, seed=seed, check_every_steps=0))
         group = agent.group
     else:
         group = Group()
         ddp = DistributedDataParallel(model)
-        sampler = GlobalBatchSampler(len(train_set), config.global_batch, seed)
+        sampler = GlobalBatchSampler(len(train_set), config.global_batch_size, seed)
         images, labels = train_set.tensors
     jitter = Jitter(jitter_on, group.rank, seed, config.jitter_every_steps)
     group.barrier()

@@ -8,21 +8,28 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from idla.cli import fields
 
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--clients", type=int, default=100, metavar="N",
-                        help="virtual clients (default: 100)")
-    parser.add_argument("--rounds", type=int, default=20, metavar="R",
-                        help="federated rounds (default: 20)")
-    parser.add_argument("--alpha", type=float, default=0.5,
-                        help="Dirichlet α of the non-IID label skew, > 0 (default: 0.5)")
-    parser.add_argument("--local-epochs", type=int, default=3, metavar="E",
-                        help="local epochs per client and round (default: 3)")
-    parser.add_argument("--processes", type=int, default=0, metavar="P",
-                        help="worker processes running the clients (default: min(2, cores))")
-    parser.add_argument("--seed", type=int, default=0, metavar="S",
-                        help="seed of partitions, selection, model and client order (default: 0)")
-    parser.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+# Options shared by `idla fl simulate` and `idla bench fl` (listed first, then --json).
+RUN_OPTIONS = ("clients", "rounds", "alpha", "local_epochs", "processes", "seed")
+SIMULATE_OPTIONS = (
+    "clients_per_round", "aggregator", "server_optimizer", "proximal_mu", "selection",
+    "deadline_s", "slow_fraction", "slow_factor", "malicious_fraction", "attack",
+    "trim_fraction", "availability", "model",
+)
+BENCH_OPTIONS = ("clients_per_round", "flower")
+
+
+def _simulation_config() -> type:
+    from idla.fl.simulate import SimulationConfig
+
+    return SimulationConfig
+
+
+def _bench_config() -> type:
+    from idla.bench.fl import FlBenchConfig
+
+    return FlBenchConfig
 
 
 def add_commands(commands: Any, benches: Any) -> None:
@@ -36,37 +43,7 @@ def add_commands(commands: Any, benches: Any) -> None:
         description="Simulate federated rounds: N virtual clients with Dirichlet non-IID "
         "digits, ≤ 2 worker processes, emulated slow clients and attackers.",
     )
-    _add_run_options(simulate)
-    simulate.add_argument("--clients-per-round", type=int, default=20, metavar="K",
-                          help="clients selected per round (default: 20)")
-    simulate.add_argument("--aggregator", default="fedavg",
-                          help="fedavg | median | trimmed | krum | multikrum | trust "
-                          "(default: fedavg)")
-    simulate.add_argument("--server-optimizer", default="none",
-                          help="none | adam | yogi (default: none)")
-    simulate.add_argument("--proximal-mu", type=float, default=0.0, metavar="MU",
-                          help="FedProx μ (default: 0, plain FedAvg)")
-    simulate.add_argument("--selection", default="uniform",
-                          help="uniform | deadline (default: uniform)")
-    simulate.add_argument("--deadline", type=float, metavar="S",
-                          help="round deadline in emulated seconds (deadline selection; default: "
-                          "the predicted finish of the slowest client that is not slow)")
-    simulate.add_argument("--slow-fraction", type=float, default=0.0, metavar="F",
-                          help="share of clients that are slow (default: 0)")
-    simulate.add_argument("--slow-factor", type=float, default=10.0, metavar="K",
-                          help="how many times slower a slow client computes (default: 10)")
-    simulate.add_argument("--malicious", type=float, default=0.0, metavar="F",
-                          help="share of malicious clients (default: 0)")
-    simulate.add_argument("--attack", default="signflip",
-                          help="signflip | gaussian | scale | labelflip (default: signflip)")
-    simulate.add_argument("--trim-fraction", type=float, default=0.2, metavar="F",
-                          help="share cut at each end by --aggregator trimmed (default: 0.2)")
-    simulate.add_argument("--availability", type=float, default=1.0, metavar="P",
-                          help="probability that a selected client answers (default: 1)")
-    simulate.add_argument("--model", default="mlp", help="mlp | cnn (default: mlp)")
-    simulate.add_argument("--out", default="runs/fl", metavar="DIR",
-                          help="write report.json and fl.png here (default: runs/fl)")
-    simulate.add_argument("--quiet", action="store_true", help="no progress bar")
+    simulate.defer(_simulate_options)
     simulate.set_defaults(handler=_simulate)
 
     bench = benches.add_parser(
@@ -75,13 +52,23 @@ def add_commands(commands: Any, benches: Any) -> None:
         "partitions, model, local epochs and seed; then stragglers (uniform vs deadline "
         "selection) and attacks (FedAvg, median, trimmed mean, Krum, trust).",
     )
-    _add_run_options(bench)
-    bench.add_argument("--clients-per-round", type=int, default=50, metavar="K",
-                       help="clients per round in the straggler and attack scenarios "
-                       "(default: 50; the Flower comparison uses all clients)")
-    bench.add_argument("--no-flower", action="store_true",
-                       help="skip Flower's simulation (no flwr installed)")
+    bench.defer(_bench_options)
     bench.set_defaults(bench_handler=_bench)
+
+
+def _simulate_options(parser: argparse.ArgumentParser) -> None:
+    fields.add_options(parser, _simulation_config(), RUN_OPTIONS)
+    parser.add_argument("--json", metavar="PATH", help="Write the results as JSON here")
+    fields.add_options(parser, _simulation_config(), SIMULATE_OPTIONS)
+    parser.add_argument("--out", default="runs/fl", metavar="DIR",
+                        help="Write report.json and fl.png here (default: runs/fl)")
+    parser.add_argument("--quiet", action="store_true", help="No progress bar")
+
+
+def _bench_options(parser: argparse.ArgumentParser) -> None:
+    fields.add_options(parser, _bench_config(), RUN_OPTIONS)
+    parser.add_argument("--json", metavar="PATH", help="Write the results as JSON here")
+    fields.add_options(parser, _bench_config(), BENCH_OPTIONS)
 
 
 def _fl_help(parser: argparse.ArgumentParser) -> Any:
@@ -96,15 +83,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from idla.fl.simulate import SimulationConfig, run_simulation
     from idla.fl.summary import RoundProgress, print_summary, write_outputs
 
-    config = SimulationConfig(
-        clients=args.clients, rounds=args.rounds, clients_per_round=args.clients_per_round,
-        alpha=args.alpha, aggregator=args.aggregator, server_optimizer=args.server_optimizer,
-        proximal_mu=args.proximal_mu, selection=args.selection, deadline_s=args.deadline,
-        slow_fraction=args.slow_fraction, slow_factor=args.slow_factor,
-        malicious_fraction=args.malicious, attack=args.attack, availability=args.availability,
-        trim_fraction=args.trim_fraction, local_epochs=args.local_epochs, model=args.model,
-        processes=args.processes, seed=args.seed,
-    )
+    config = fields.build(SimulationConfig, args, RUN_OPTIONS + SIMULATE_OPTIONS)
     if args.quiet:
         report = run_simulation(config)
     else:
@@ -122,11 +101,7 @@ def _simulate(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> dict[str, Any]:
     from idla.bench.fl import FlBenchConfig, print_fl_bench, run_fl_bench
 
-    config = FlBenchConfig(
-        clients=args.clients, rounds=args.rounds, clients_per_round=args.clients_per_round,
-        alpha=args.alpha, local_epochs=args.local_epochs, processes=args.processes,
-        seed=args.seed, flower=not args.no_flower,
-    )
+    config = fields.build(FlBenchConfig, args, RUN_OPTIONS + BENCH_OPTIONS)
     result = run_fl_bench(config)
     print_fl_bench(result)
     return result

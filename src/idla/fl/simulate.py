@@ -21,7 +21,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -52,35 +52,52 @@ def default_processes() -> int:
 class SimulationConfig:
     """Settings of one simulation; invalid values raise ConfigError naming the CLI option."""
 
-    clients: int = 100
-    rounds: int = 20
-    clients_per_round: int = 20
+    clients: int = field(default=100, metadata={"metavar": "N"})
+    """Virtual clients."""
+    rounds: int = field(default=20, metadata={"metavar": "R"})
+    """Federated rounds."""
+    clients_per_round: int = field(default=20, metadata={"metavar": "K"})
+    """Clients selected per round."""
     alpha: float = 0.5
-    """Dirichlet concentration of the label skew (> 0; small: very non-IID)."""
+    """Dirichlet α of the non-IID label skew, > 0 (small: very non-IID)."""
     aggregator: str = "fedavg"
+    """fedavg | median | trimmed | krum | multikrum | trust."""
     server_optimizer: str = "none"
-    proximal_mu: float = 0.0
+    """none | adam | yogi."""
+    proximal_mu: float = field(default=0.0, metadata={"metavar": "MU"})
+    """FedProx μ (0: plain FedAvg)."""
     selection: str = "uniform"
-    deadline_s: float | None = None
-    """Round deadline, emulated seconds; None with selection=deadline: the predicted finish of
-    the slowest client that is not a straggler."""
-    slow_fraction: float = 0.0
-    slow_factor: float = 10.0
-    malicious_fraction: float = 0.0
+    """uniform | deadline."""
+    deadline_s: float | None = field(default=None, metadata={
+        "flag": "--deadline", "metavar": "S",
+        "default_text": "the predicted finish of the slowest client that is not slow"})
+    """Round deadline in emulated seconds (deadline selection)."""
+    slow_fraction: float = field(default=0.0, metadata={"metavar": "F"})
+    """Share of clients that are slow."""
+    slow_factor: float = field(default=10.0, metadata={"metavar": "K"})
+    """How many times slower a slow client computes."""
+    malicious_fraction: float = field(default=0.0, metadata={"flag": "--malicious",
+                                                             "metavar": "F"})
+    """Share of malicious clients."""
     attack: str = "signflip"
-    availability: float = 1.0
+    """signflip | gaussian | scale | labelflip."""
+    availability: float = field(default=1.0, metadata={"metavar": "P"})
     """Probability that a selected client answers in a round, in (0, 1]."""
-    trim_fraction: float = 0.2
+    trim_fraction: float = field(default=0.2, metadata={"metavar": "F"})
+    """Share cut at each end by the trimmed aggregator."""
     krum_malicious: int = 0
     """f assumed by Krum (0: the largest it tolerates)."""
-    local_epochs: int = 3
+    local_epochs: int = field(default=3, metadata={"metavar": "E"})
+    """Local epochs per client and round."""
     batch_size: int = 8
     lr: float = 0.3
     model: str = "mlp"
+    """mlp | cnn."""
     link_bytes_per_s: float = 20e6
-    processes: int = 0
-    """Worker processes (0: min(2, cores))."""
-    seed: int = 0
+    processes: int = field(default=0, metadata={"metavar": "P"})
+    """Worker processes running the clients; 0 picks min(2, cores)."""
+    seed: int = field(default=0, metadata={"metavar": "S"})
+    """Seed of partitions, selection, model and client order."""
 
     def __post_init__(self) -> None:
         _at_least("--clients", self.clients, 1)

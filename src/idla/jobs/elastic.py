@@ -1,16 +1,15 @@
-"""`idla train --elastic`: the demo job, surviving the loss of workers (agent/elastic.py)."""
+"""`idla train --elastic`: the demo job, surviving lost workers (see idla/agent/elastic.py)."""
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from idla.agent import Agent, AgentConfig, parameter_digest
+from idla.agent import Agent, parameter_digest
 from idla.agent.elastic import ElasticState, run_elastic
 from idla.demo import DigitsCNN, accuracy, load_digits_split
 from idla.elastic.membership import ElasticConfig, FailureEvent
@@ -21,14 +20,10 @@ from idla.runtime.launch import report_progress
 def elastic_worker(config: TrainConfig, elastic: ElasticConfig | None = None) -> dict[str, Any]:
     """One worker of the elastic demo; every survivor returns its report (any may be lost)."""
     torch.set_num_threads(config.threads)
-    train_set, test_set = load_digits_split(seed=config.seed)
-    torch.manual_seed(config.seed)
+    train_set, test_set = load_digits_split(seed=config.agent.seed)
+    torch.manual_seed(config.agent.seed)
     model = DigitsCNN()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    agent_config = AgentConfig(
-        global_batch_size=config.global_batch, seed=config.seed, rebalance=config.rebalance,
-        compress=config.compress, error_feedback=config.error_feedback,
-    )
 
     def train(agent: Agent, state: ElasticState) -> None:
         steps = config.epochs * agent.sampler.steps_per_epoch()
@@ -47,13 +42,13 @@ def elastic_worker(config: TrainConfig, elastic: ElasticConfig | None = None) ->
             report_progress({"event": event.as_dict()})
 
     start = time.perf_counter()
-    report = run_elastic(train, model, optimizer, train_set, agent_config, elastic,
+    report = run_elastic(train, model, optimizer, train_set, config.agent, elastic,
                          on_event=on_event)
     elapsed_s = time.perf_counter() - start
     result = report.as_dict()
     result.update(
         test_accuracy=accuracy(model, test_set, torch.device("cpu")),
-        elapsed_s=elapsed_s, config=asdict(config),
+        elapsed_s=elapsed_s, config=config.as_dict(),
         param_digest=parameter_digest(model),
     )
     return result

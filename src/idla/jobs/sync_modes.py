@@ -37,15 +37,15 @@ def mode_worker(config: TrainConfig) -> dict[str, Any]:
     spec = parse_sync(config.sync)
     torch.set_num_threads(config.threads)
     group = Group(timeout_s=300.0)
-    train_set, test_set = load_digits_split(seed=config.seed)
-    torch.manual_seed(config.seed)
+    train_set, test_set = load_digits_split(seed=config.agent.seed)
+    torch.manual_seed(config.agent.seed)
     model = DigitsCNN()
     samples_total = config.epochs * len(train_set)
     start = time.perf_counter()
     if spec.mode is SyncMode.ASYNC:
         if group.world_size < 2:
             raise ConfigError("--sync async needs at least 2 workers (rank 0 is the server)")
-        local = max(1, config.global_batch // (group.world_size - 1))
+        local = max(1, config.agent.global_batch_size // (group.world_size - 1))
         async_config = AsyncConfig(staleness_bound=spec.staleness_bound,
                                    delay_compensation=config.delay_compensation)
         if group.rank == 0:
@@ -57,7 +57,7 @@ def mode_worker(config: TrainConfig) -> dict[str, Any]:
                                     "staleness_histogram": report["staleness_histogram"],
                                     "dead": report["dead"], "updates": report["version"]}
         else:
-            batches = local_batches(train_set, local, config.seed, group.rank)
+            batches = local_batches(train_set, local, config.agent.seed, group.rank)
 
             def compute(worker_model: torch.nn.Module) -> tuple[int, float]:
                 x, y = next(batches)
@@ -88,9 +88,9 @@ def _local_rounds(config: TrainConfig, mode: SyncMode, period_steps: int, group:
         strategy = PeriodicAveraging(model, group, period_steps)
     else:
         strategy = DiLoCo(model, group, period_steps)
-    local = max(1, config.global_batch // group.world_size)
-    steps = max(1, config.epochs * len(train_set) // config.global_batch)
-    batches = local_batches(train_set, local, config.seed, group.rank)
+    local = max(1, config.agent.global_batch_size // group.world_size)
+    steps = max(1, config.epochs * len(train_set) // config.agent.global_batch_size)
+    batches = local_batches(train_set, local, config.agent.seed, group.rank)
     compute_s = sync_s = 0.0
     for step in range(steps):
         begin = time.perf_counter()
