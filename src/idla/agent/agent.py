@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from idla.agent.config import AgentConfig
-from idla.agent.exchange import compression_report, make_sync
+from idla.agent.exchange import make_sync
 from idla.errors import ConfigError, PlanError, ReplicaMismatchError
 from idla.plan.observer import JobObserver
 from idla.plan.planner import SharePlanner
@@ -36,7 +36,6 @@ from idla.report import diagnose_stragglers
 from idla.runtime.data import BatchFetcher, GlobalBatch, GlobalBatchSampler, local_slice
 from idla.runtime.group import Group
 from idla.runtime.stats import WIDTH, Stat, row
-from idla.sync.allreduce import GradientSync
 from idla.sync.modes import advise_from_history
 
 
@@ -73,8 +72,7 @@ class Agent:
         )
         self._broadcast_initial_state()
         self.caps = self._gather_caps()
-        self.sync, self.codec_policy = make_sync(config, list(self.model.parameters()),
-                                                 self.group, WIDTH)
+        self.sync = make_sync(config, list(self.model.parameters()), self.group, WIDTH)
         equal = [StepModel(compute_fixed_s=0.0, compute_per_sample_s=1.0)] * world
         self.shares = allocate_shares(config.global_batch_size, equal, self.caps)
         if config.initial_shares is not None:
@@ -196,7 +194,7 @@ class Agent:
             loss_sum=loss_sum,
             nonfinite=nonfinite,
         )
-        stats = self.sync.finish(stats_row.to(self.sync.flat.device))
+        stats = self.sync.finish(stats_row.to(self.sync.grads.device))
         self._sync_end = time.perf_counter()
         self._prev_sync_s = self._sync_end - compute_end
         self._prev_comm_cpu_s = time.process_time() - compute_cpu_end
@@ -226,8 +224,7 @@ class Agent:
             self.planner.observe(rank, shares[rank], compute[rank], costs[rank])
         self._prev_topology = self.topology
         self._drop_repeat_offenders(stats)
-        if self.codec_policy is not None:
-            self.codec_policy.after_step(self.step, stats)
+        self.sync.after_step(self.step, stats)
         total = sum(r[Stat.SAMPLES] for r in stats)
         self.history["step"].append(self.step)
         self.history["shares"].append(list(shares))
@@ -261,7 +258,7 @@ class Agent:
     def _replan(self) -> None:
         models = self.planner.models()
         forced = False
-        ring_only = not isinstance(self.sync, GradientSync)  # compressed sync has no leaves
+        ring_only = not self.sync.supports_leaves  # compressed exchanges have no leaves
         if not ring_only and self.step >= 2 and all(f.count >= 2 for f in self.planner.fits):
             # Compute time per sample at an equal share is the role-independent measure of a
             # worker's speed (robust to how a noisy fit splits α from β); a worker several times
@@ -327,7 +324,7 @@ class Agent:
             "stragglers": _stragglers(snaps),
             "nonfinite_steps": list(self.nonfinite_steps),
             "dropped_ranks": sorted(self.dropped),
-            "compression": compression_report(self.sync, self.codec_policy),
+            "compression": self.sync.report(),
             "sync_advice": advise_from_history(
                 self.history["compute_s"], [s["comm_s"] for s in snaps]).as_dict(),
             "history": self.history,
