@@ -1,4 +1,5 @@
-"""Error-feedback residuals and PowerSGD's warm Q survive a save/load through safetensors."""
+"""Error-feedback residuals and PowerSGD's warm Q survive a save/load through safetensors;
+an exchange that holds no state refuses them."""
 
 from __future__ import annotations
 
@@ -7,8 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch.utils.data import TensorDataset
 
+from idla import Agent, AgentConfig
+from idla.agent import restore_agent, save_agent
 from idla.compress import ErrorFeedback, parse_codec
+from idla.errors import ConfigError
+from idla.runtime.checkpoint import load_checkpoint
 from idla.runtime.group import Group
 from idla.runtime.stats import WIDTH
 from idla.sync.compressed import CompressedExchange, compressed_exchange
@@ -62,3 +68,25 @@ def test_loading_state_of_another_model_is_refused() -> None:
 
     with pytest.raises(ValueError, match="p0"):
         sync.load_state_dict(state)
+
+
+def test_resuming_compression_state_into_the_exact_exchange_is_refused(tmp_path: Path) -> None:
+    # Prepare: a one-process agent that compresses, checkpointed after one step
+    data = TensorDataset(torch.randn(32, 64), torch.randint(0, 10, (32,)))
+
+    def agent(compress: str) -> Agent:
+        model = _model()
+        return Agent(model, torch.optim.SGD(model.parameters(), lr=0.1), data,
+                     config=AgentConfig(global_batch_size=16, compress=compress,
+                                        min_compress_numel=16))
+
+    first = agent("topk:0.05")
+    for x, y in first.batches(0):
+        first.backward(torch.nn.functional.cross_entropy(first.model(x), y))
+        break
+    path = save_agent(tmp_path, first, epoch=0, batch_in_epoch=1)
+    assert any(k.startswith("rank0.sync.ef.") for k in load_checkpoint(path).extra_tensors)
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="holds compression state but this agent compresses"):
+        restore_agent(agent("none"), load_checkpoint(path))
