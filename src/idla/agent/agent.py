@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from idla.agent.config import AgentConfig
-from idla.agent.exchange import compression_report, make_sync
+from idla.agent.exchange import make_sync
 from idla.agent.history import StepHistory, agent_report, stragglers
 from idla.errors import ConfigError, ReplicaMismatchError
 from idla.plan.job_planner import JobPlanner, memory_caps
@@ -35,7 +35,6 @@ from idla.plan.topology import Topology
 from idla.runtime.data import BatchFetcher, GlobalBatch, GlobalBatchSampler, local_slice
 from idla.runtime.group import Group
 from idla.runtime.stats import WIDTH, Stat, row
-from idla.sync.allreduce import GradientSync
 
 
 class Agent:
@@ -65,15 +64,14 @@ class Agent:
         )
         self._broadcast_initial_state()
         limits = self._gather_memory_limits()
-        self.sync, self.codec_policy = make_sync(config, list(self.model.parameters()),
-                                                 self.group, WIDTH)
+        self.sync = make_sync(config, list(self.model.parameters()), self.group, WIDTH)
         self.planner = JobPlanner(
             config.global_batch_size, self.group.world_size,
             caps=memory_caps(limits, config.global_batch_size),
             initial=config.initial_shares, rebalance=config.rebalance,
             nan_drop_after=config.nan_drop_after, leaf_ratio=config.leaf_ratio,
             config=config.planner,
-            hub_leaf=isinstance(self.sync, GradientSync),  # compressed sync has no leaves
+            hub_leaf=self.sync.supports_leaves,
         )
         self.step = 0
         self._history = StepHistory(config.history_steps)
@@ -195,7 +193,7 @@ class Agent:
             loss_sum=loss_sum,
             nonfinite=nonfinite,
         )
-        stats = self.sync.finish(stats_row.to(self.sync.flat.device))
+        stats = self.sync.finish(stats_row.to(self.sync.grads.device))
         self._sync_end = time.perf_counter()
         self._prev_sync_s = self._sync_end - compute_end
         self._prev_comm_cpu_s = time.process_time() - compute_cpu_end
@@ -222,8 +220,7 @@ class Agent:
         plan = self.planner.absorb(self.step, stats, shares)
         if plan.topology_changed:
             self.sync.set_topology(plan.topology)
-        if self.codec_policy is not None:
-            self.codec_policy.after_step(self.step, stats)
+        self.sync.after_step(self.step, stats)
         total = sum(r[Stat.SAMPLES] for r in stats)
         self._history.record_step(
             self.step, shares, sum(r[Stat.LOSS_SUM] for r in stats) / max(total, 1),
@@ -254,7 +251,7 @@ class Agent:
         """A JSON-ready summary of the run so far (identical on every rank)."""
         return agent_report(
             self.planner, self._history, backend=self.group.backend, steps=self.step,
-            compression=compression_report(self.sync, self.codec_policy),
+            compression=self.sync.report(),
         )
 
     def close(self) -> None:

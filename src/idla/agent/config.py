@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from idla.compress import parse_codec
+from idla.compress import Codec, parse_codec
 from idla.errors import ConfigError
 from idla.plan.planner import PlannerConfig
 
@@ -52,6 +52,11 @@ class AgentConfig:
     samples/s); a longer run keeps the last this many, and the report's `history_first_step`
     says where they start. Memory: about (2 × world size + 4) numbers per step."""
 
+    @property
+    def codec(self) -> Codec | None:
+        """`compress` parsed: the codec, or None for "auto" (the agent chooses one)."""
+        return parse_compress(self.compress)
+
     def __post_init__(self) -> None:
         if self.global_batch_size < 1:
             raise ConfigError(f"global_batch_size must be at least 1, got {self.global_batch_size}")
@@ -63,8 +68,7 @@ class AgentConfig:
             raise ConfigError("leaf_ratio must be greater than 1")
         if self.max_local_batch is not None and self.max_local_batch < 0:
             raise ConfigError("max_local_batch must be 0 or more")
-        if self.compress != "auto":
-            parse_codec(self.compress)  # raises ConfigError naming the valid forms
+        parse_compress(self.compress)  # raises ConfigError naming the valid forms
         if self.min_compress_numel < 1:
             raise ConfigError("min_compress_numel must be at least 1")
         if self.history_steps < 1:
@@ -77,3 +81,17 @@ class AgentConfig:
                 f"initial_shares {shares} must be non-negative and sum to the global batch "
                 f"{self.global_batch_size}"
             )
+
+
+def parse_compress(spec: str) -> Codec | None:
+    """An `AgentConfig.compress` value parsed: the codec, or None for "auto".
+
+    Raises:
+        ConfigError: If `spec` is neither "auto" nor a codec, naming the valid forms.
+    """
+    if spec == "auto":
+        return None
+    try:
+        return parse_codec(spec)
+    except ConfigError as error:
+        raise ConfigError(f"compress: {error}, or auto") from None

@@ -18,7 +18,6 @@ from torch import Tensor
 
 from idla.errors import ConfigError
 from idla.runtime.checkpoint import Checkpoint, restore_rng, save_checkpoint
-from idla.sync.compressed import CompressedSync
 
 if TYPE_CHECKING:
     from idla.agent.agent import Agent
@@ -55,8 +54,7 @@ def save_agent(
         ConfigError: On every rank, if rank 0 could not write the checkpoint.
     """
     per_rank: dict[str, Tensor] = {"rng.torch": torch.get_rng_state()}
-    if isinstance(agent.sync, CompressedSync):
-        per_rank.update({f"sync.{k}": v for k, v in agent.sync.state_dict().items()})
+    per_rank.update({f"sync.{k}": v for k, v in agent.sync.state_dict().items()})
     gathered = _gather_per_rank(agent, per_rank)
     path, failure = Path(directory) / f"step-{agent.step}", ""
     if agent.rank == 0:
@@ -91,13 +89,13 @@ def restore_agent(agent: Agent, checkpoint: Checkpoint) -> tuple[int, int]:
     own = {k[len(prefix):]: v for k, v in checkpoint.extra_tensors.items()
            if k.startswith(prefix)}
     sync_state = {k[len("sync."):]: v for k, v in own.items() if k.startswith("sync.")}
-    if sync_state and not isinstance(agent.sync, CompressedSync):
+    if sync_state and not agent.sync.state_dict():  # an exchange that holds no state
         raise ConfigError(f"{where} holds compression state but this agent compresses nothing")
     try:
         agent.model.load_state_dict(checkpoint.model_state)
         if agent.optimizer is not None:
             agent.optimizer.load_state_dict(checkpoint.optimizer_state)
-        if isinstance(agent.sync, CompressedSync) and sync_state:
+        if sync_state:
             agent.sync.load_state_dict(sync_state)
     except (RuntimeError, ValueError, KeyError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""

@@ -5,7 +5,7 @@ collective its ``transport`` names, and ``ErrorFeedback`` adds each tensor's res
 the previous step before compressing.
 """
 
-from idla.compress.base import Codec, Transport
+from idla.compress.base import Codec, Transport, compresses
 from idla.compress.codecs import Fp16, NoCompression, RandomK, ScaledSign, TopK, parse_codec
 from idla.compress.error_feedback import ErrorFeedback
 from idla.compress.packing import pack, unpack
@@ -21,6 +21,7 @@ __all__ = [
     "ScaledSign",
     "TopK",
     "Transport",
+    "compresses",
     "pack",
     "parse_codec",
     "unpack",

@@ -47,6 +47,10 @@ class Codec(abc.ABC):
     def payload_spec(self, shape: torch.Size) -> PayloadSpec:
         """The ``(dtype, numel)`` of each payload tensor for an input of ``shape``."""
 
+    def eligible(self, shape: torch.Size) -> bool:
+        """Whether compressing a tensor of ``shape`` can save anything (most codecs: always)."""
+        return True
+
     def wire_bytes(self, shape: torch.Size) -> int:
         """Bytes of one rank's payload for an input of ``shape``."""
         return sum(numel * dtype.itemsize for dtype, numel in self.payload_spec(shape))
@@ -77,3 +81,9 @@ class Codec(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
+
+
+def compresses(codec: Codec, shape: torch.Size, min_compress_numel: int) -> bool:
+    """The size rule: a tensor is compressed only when it has at least ``min_compress_numel``
+    elements and ``codec`` can shrink it; the others travel uncompressed."""
+    return shape.numel() >= min_compress_numel and codec.eligible(shape)

@@ -32,6 +32,9 @@ class NoCompression(Codec):
     name = "none"
     transport = Transport.ALLREDUCE
 
+    def eligible(self, shape: torch.Size) -> bool:
+        return False  # the payload is the tensor itself: nothing to save
+
     def payload_spec(self, shape: torch.Size) -> PayloadSpec:
         return [(torch.float32, shape.numel())]
 

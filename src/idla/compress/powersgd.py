@@ -53,8 +53,9 @@ class PowerSGD(Codec):
     For a gradient viewed as an m×n matrix M the sync layer all-reduces P = M Q (m·r floats),
     orthonormalizes it, then all-reduces Q = Mᵀ P̂ (n·r floats) and applies P̂ Qᵀ: both
     exchanges are linear, so the result approximates the sum of the ranks' gradients.
-    Cost: (m+n)·r·4 bytes against m·n·4, worth it only where ``eligible``; Q is warm-started
-    from the last step by the caller, and error feedback holds one float32 copy of M.
+    Cost: (m+n)·r·4 bytes against m·n·4, worth it only where ``eligible``. The codec holds no
+    state: the exchange that runs it (``idla.sync.powersgd``) warm-starts Q from the last step
+    and keeps the error feedback, one float32 copy of M.
 
     ``compress``/``decompress`` run the single-worker version (one iteration from
     ``initial_q(seed)``, payload [P̂, Q]) so the codec can be tested on its own.

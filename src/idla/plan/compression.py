@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from idla.compress import PowerSGD, Transport, parse_codec
+from idla.compress import Transport, compresses, parse_codec
 
 STEPS_FACTOR: dict[str, float] = {
     "none": 1.0,  # exact
@@ -59,10 +59,7 @@ def sent_bytes_per_step(
     ring = 2 * (world_size - 1) / world_size
     dense_bytes, payload_bytes = 0, 0
     for shape in shapes:
-        eligible = shape.numel() >= min_compress_numel and spec != "none"
-        if isinstance(codec, PowerSGD):
-            eligible = eligible and codec.eligible(shape)
-        if eligible:
+        if compresses(codec, shape, min_compress_numel):
             payload_bytes += codec.wire_bytes(shape)
         else:
             dense_bytes += 4 * shape.numel()

@@ -20,7 +20,8 @@ rank), plus, per leaf, one send and one receive of the buffer through its hub.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,6 +32,8 @@ from idla.runtime.group import Group, Work
 
 class GradientSync:
     """Owns the flat gradient buffer, its buckets and the exchange of one step."""
+
+    supports_leaves = True
 
     def __init__(
         self,
@@ -205,6 +208,22 @@ class GradientSync:
             self._send_buf.copy_(self.flat)
             self._pending_sends = [self.group.isend(self._send_buf, leaf) for leaf in leaves]
         return self.stats.clone()
+
+    def after_step(self, step: int, stats: Sequence[Sequence[float]]) -> None:
+        """Nothing to learn: the exchange is exact."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Empty: nothing carries over from one step to the next."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"the exact all-reduce holds no state, got {sorted(state)[:3]}")
+
+    def report(self) -> dict[str, Any]:
+        return {"codec": "none", "error_feedback": False,
+                "payload_bytes_per_step": 4 * sum(p.numel() for p in self.params),
+                "reason": "compress='none': exact fp32 all-reduce", "decisions": []}
 
     def close(self) -> None:
         for work in self._pending_sends:

@@ -1,59 +1,109 @@
 """`compress="auto"`: pick the codec from measured bandwidth and compute, and re-check it.
 
-The first `probe_steps` steps run with the leanest candidate (cheap on any link) while the
-agent measures compute time. Then every rank measures its link (a timed ring exchange); the
-slowest link sets the pace of a ring, so all ranks agree on the minimum, and the same pure
-`choose_codec` on the same numbers gives every rank the same choice. Every
+`AutoCodecExchange` is a gradient exchange that runs the concrete compressed exchange its
+current codec needs (`compressed_exchange`: a stateless codec's, or PowerSGD's) and swaps it
+for another between steps. The first `probe_steps` steps run with the leanest candidate (cheap
+on any link) while the agent measures compute time. Then every rank measures its link (a timed
+ring exchange); the slowest link sets the pace of a ring, so all ranks agree on the minimum,
+and the same pure `choose_codec` on the same numbers gives every rank the same choice. Every
 `recheck_every_steps` the measured communication time is compared with the prediction; when it
 is off by more than 2× (the link changed), the link is measured again and the choice redone.
+
+A swap carries the error-feedback residuals (residuals of tensors that stay compressed go on
+being used) and the step count over; PowerSGD restarts from a fresh Q.
 """
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
-from idla.compress import parse_codec
+from idla.compress import Codec, ErrorFeedback, parse_codec
 from idla.plan.compression import CANDIDATES, CodecChoice, choose_codec, link_changed
+from idla.plan.topology import Topology
 from idla.profile.probe import measure_link_bandwidth
 from idla.runtime.group import Group
 from idla.runtime.stats import Stat
-from idla.sync.compressed import CompressedSync
+from idla.sync.compressed import CompressedExchange, compressed_exchange
 
 
-class CodecPolicy:
+class AutoCodecExchange:
     """Owns the codec choice of one run; every rank calls `after_step` with the same stats."""
+
+    supports_leaves = False
 
     def __init__(
         self,
-        sync: CompressedSync,
+        params: Sequence[nn.Parameter],
         group: Group,
+        stats_width: int,
+        *,
+        error_feedback: ErrorFeedback | None,
+        min_compress_numel: int = 1024,
+        seed: int = 0,
         probe_steps: int = 3,
         recheck_every_steps: int = 20,
         probe_bytes: int = 128 * 1024,
     ) -> None:
-        self.sync = sync
         self.group = group
+        self.stats_width = stats_width
+        self.min_compress_numel = min_compress_numel
+        self.seed = seed
         self.probe_steps = probe_steps
         self.recheck_every_steps = recheck_every_steps
         self.probe_bytes = probe_bytes
-        self.shapes = [p.shape for p in sync.params]
+        self.exchange: CompressedExchange = compressed_exchange(
+            params, group, stats_width, parse_codec(CANDIDATES[-1]),
+            error_feedback=error_feedback, min_compress_numel=min_compress_numel, seed=seed)
+        self.shapes = [p.shape for p in self.exchange.params]
         self.choice: CodecChoice | None = None
         self.bandwidth_bytes_per_s: float | None = None
         self.decisions: list[dict[str, Any]] = []
         self._compute_s: list[float] = []  # the slowest rank's compute, per step
         self._comm_s: list[float] = []  # the least-waiting rank's sync time, per step
         self._since_step = 0
-        sync.set_codec(parse_codec(CANDIDATES[-1]))
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return self.exchange.params
+
+    @property
+    def grads(self) -> torch.Tensor:
+        return self.exchange.grads
+
+    @property
+    def codec(self) -> Codec:
+        return self.exchange.codec
+
+    def start_step(self, shares: Sequence[int]) -> None:
+        self.exchange.start_step(shares)
+
+    def drop_local_gradient(self) -> None:
+        self.exchange.drop_local_gradient()
+
+    def finish(self, stats_row: torch.Tensor) -> torch.Tensor:
+        return self.exchange.finish(stats_row)
+
+    def set_topology(self, topology: Topology) -> None:
+        self.exchange.set_topology(topology)
+
+    def _swap(self, codec: Codec) -> None:
+        """Run `codec` from the next step on (all ranks, between steps)."""
+        old = self.exchange
+        self.exchange = compressed_exchange(
+            old.params, self.group, self.stats_width, codec, error_feedback=old.error_feedback,
+            min_compress_numel=self.min_compress_numel, seed=self.seed,
+            steps_done=old.steps_done)
 
     def _measure_link(self) -> float | None:
         mine = measure_link_bandwidth(self.probe_bytes, repeats=2)
         if mine is None:
             return None
-        value = torch.tensor([mine], dtype=torch.float64, device=self.sync.flat.device)
+        value = torch.tensor([mine], dtype=torch.float64, device=self.grads.device)
         return min(float(t.item()) for t in self.group.all_gather(value))
 
     def after_step(self, step: int, stats: Sequence[Sequence[float]]) -> None:
@@ -76,11 +126,27 @@ class CodecPolicy:
         self.bandwidth_bytes_per_s = self._measure_link()
         compute_s = statistics.median(self._compute_s[-self.probe_steps :])
         choice = choose_codec(self.shapes, self.group.world_size, compute_s,
-                              self.bandwidth_bytes_per_s, self.sync.min_compress_numel)
+                              self.bandwidth_bytes_per_s, self.min_compress_numel)
         codec = parse_codec(choice.spec)
-        if codec.name != self.sync.codec.name:
-            self.sync.set_codec(codec)
+        if codec.name != self.codec.name:
+            self._swap(codec)
         self.choice = choice
         self._since_step = step
         self.decisions.append({"step": step, "trigger": why, "codec": choice.spec,
                                "reason": choice.reason})
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The current exchange's state. The choice is not part of it: an agent resumed after
+        the probe steps keeps the leanest candidate."""
+        return self.exchange.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.exchange.load_state_dict(state)
+
+    def report(self) -> dict[str, Any]:
+        """The current exchange's report, with why this codec and every decision so far."""
+        reason = self.choice.reason if self.choice else "probing the link and compute"
+        return {**self.exchange.report(), "reason": reason, "decisions": list(self.decisions)}
+
+    def close(self) -> None:
+        self.exchange.close()

@@ -1,0 +1,144 @@
+"""The size rule of the compressed exchanges: what compression cannot pay for travels plain.
+
+Tensors with fewer than `min_compress_numel` elements, and tensors the codec cannot shrink
+(`Codec.eligible`: for PowerSGD, matrices where (m+n)·r ≥ m·n), would each cost a codec call
+and a collective for little or nothing saved. `SizeRule` lays out one flat fp32 buffer for an
+exchange: the tensors to compress first, then the others and the statistics matrix
+(world_size × width), which travel together in one all-reduce. Its `finish` wraps the
+exchange's own collectives for the compressed tensors: it starts the all-reduce of the plain
+part, runs them, then waits for it. Every rank does the same arithmetic on the same reduced
+data, so replicas stay bit-identical.
+
+It also holds what the compressed exchanges checkpoint alike: the step counter (which seeds
+random-k's positions) and the error-feedback residuals, ``ef.<key>`` for parameter ``p<i>``.
+
+Cost per step: one all-reduce of the plain part, 4 bytes per element of the small tensors plus
+the statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from idla.compress import Codec, ErrorFeedback, compresses
+from idla.plan.topology import Topology
+from idla.runtime.group import Group
+
+
+class SizeRule:
+    """The flat buffer of a compressed exchange, split by the size rule."""
+
+    def __init__(
+        self,
+        params: Sequence[nn.Parameter],
+        group: Group,
+        stats_width: int,
+        codec: Codec,
+        min_compress_numel: int,
+        steps_done: int = 0,
+    ) -> None:
+        """`steps_done`: steps already exchanged (a codec switch continues the count)."""
+        self.group = group
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters")
+        if any(p.dtype != torch.float32 for p in self.params):
+            raise ValueError("compression needs float32 parameters")
+        self.min_compress_numel = min_compress_numel
+        self.steps_done = steps_done
+        keys = {id(p): f"p{i}" for i, p in enumerate(self.params)}
+        self.shapes = {keys[id(p)]: p.shape for p in self.params}
+        stats_numel = group.world_size * stats_width
+        total = sum(p.numel() for p in self.params) + stats_numel
+        self.flat = torch.zeros(total, dtype=torch.float32, device=self.params[0].device)
+        self.grads = self.flat[: total - stats_numel]  # (params,) this rank's, then the sum
+        self.stats = self.flat[total - stats_numel :].view(group.world_size, stats_width)
+        large = [p for p in self.params if compresses(codec, p.shape, min_compress_numel)]
+        chosen = {id(p) for p in large}
+        self._views: list[tuple[nn.Parameter, torch.Tensor]] = []
+        offset = 0
+        for p in [*large, *(p for p in self.params if id(p) not in chosen)]:
+            self._views.append((p, self.flat[offset : offset + p.numel()].view_as(p)))
+            offset += p.numel()
+        self.large = [(keys[id(p)], view) for p, view in self._views[: len(large)]]
+        """(key, gradient view) of every tensor to compress, in model order."""
+        self._plain_start = sum(p.numel() for p in large)
+        self.payload_bytes = sum(codec.wire_bytes(v.shape) for _, v in self.large) + 4 * (
+            self.grads.numel() - self._plain_start
+        )
+        """Bytes of gradient this rank contributes per step (codec payloads + small tensors)."""
+
+    def start_step(self) -> None:
+        """Zero the buffer and point every ``.grad`` into it."""
+        self.flat.zero_()
+        for p, view in self._views:
+            p.grad = view
+
+    def drop_local_gradient(self) -> None:
+        self.grads.zero_()
+
+    def set_topology(self, topology: Topology) -> None:
+        if topology.hub_of:
+            raise ValueError("compressed sync runs as a ring; leaves are not supported")
+
+    def finish(self, stats_row: torch.Tensor, exchange_large: Callable[[], None]) -> torch.Tensor:
+        """Write this rank's statistics, all-reduce the plain part while `exchange_large`
+        sums the compressed tensors in place (skipped when there are none), and return
+        everybody's statistics."""
+        self.stats[self.group.rank].copy_(stats_row)
+        plain_work = self.group.all_reduce(self.flat[self._plain_start :])
+        if self.large:
+            exchange_large()
+        if plain_work is not None:
+            self.group.wait(plain_work)
+        self.steps_done += 1
+        return self.stats.clone()
+
+    def state_dict(self, error_feedback: ErrorFeedback | None) -> dict[str, torch.Tensor]:
+        """The step counter and every residual (``ef.<key>``), as CPU tensors."""
+        state = {"steps_done": torch.tensor([self.steps_done], dtype=torch.int64)}
+        if error_feedback is not None:
+            state.update({f"ef.{k}": v for k, v in error_feedback.state_dict().items()})
+        return state
+
+    def load_state_dict(
+        self, state: Mapping[str, torch.Tensor], error_feedback: ErrorFeedback | None
+    ) -> dict[str, torch.Tensor]:
+        """Restore the step counter and the residuals; return PowerSGD's warm Q per key
+        (``q.<key>``, moved to this buffer's device) for the exchange that keeps one.
+
+        Raises:
+            ValueError: An entry does not fit this model; nothing is restored.
+        """
+        residuals, warm_q = {}, {}
+        for name, tensor in state.items():
+            kind, _, key = name.partition(".")
+            if kind == "ef" and self.shapes.get(key) == tensor.shape:
+                residuals[key] = tensor
+            elif kind == "q" and key in self.shapes and tensor.dim() == 2:
+                warm_q[key] = tensor.to(self.flat.device)
+            elif name != "steps_done":
+                raise ValueError(f"compression state '{name}' does not fit this model "
+                                 f"(shape {tuple(tensor.shape)})")
+        if error_feedback is not None:
+            error_feedback.load_state_dict(residuals)
+        if "steps_done" in state:
+            self.steps_done = int(state["steps_done"].item())
+        return warm_q
+
+
+def fixed_report(
+    codec: Codec, error_feedback: ErrorFeedback | None, payload_bytes: int
+) -> dict[str, Any]:
+    """The compression report of an exchange whose codec the configuration fixed."""
+    return {
+        "codec": codec.name,
+        "error_feedback": error_feedback is not None,
+        "payload_bytes_per_step": payload_bytes,
+        "reason": f"fixed by configuration (compress='{codec.name}')",
+        "decisions": [],
+    }
