@@ -1,7 +1,7 @@
 """`idla bench faults`: the fault-injection suite for elastic training.
 
-Every trial trains the demo CNN elastically (`idla/agent/elastic.py`) on 4 local workers with the same
-data, seed, global batch and epochs; one fault strikes at a random step (seeded):
+Every trial trains the demo CNN elastically (`idla/agent/elastic.py`) on 4 local workers with the
+same data, seed, global batch and epochs; one fault strikes at a random step (seeded):
 - `kill`: a worker sends itself SIGKILL (kill -9) before computing the step;
 - `link`: the workers run on the multi-host rig (one network namespace each, the store on a fifth
   "lighthouse" host) and the launcher takes a worker's eth0 down (`ip link set down`) when rank 0

@@ -1,4 +1,5 @@
-"""`idla train --elastic`: the demo job, surviving the loss of workers (see idla/agent/elastic.py)."""
+"""`idla train --elastic`: the demo job, surviving the loss of workers (see
+idla/agent/elastic.py)."""
 
 from __future__ import annotations
 
