@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from idla.demo import DigitsCNN, accuracy, load_digits_split
 from idla.jobs.async_loop import train_async
+from idla.runtime.data import local_batches
 from idla.runtime.group import Group
 from idla.sync.async_ps import (
     AsyncConfig,
@@ -94,6 +96,33 @@ def tiny_run(config: AsyncConfig, total_steps: int, batches_per_worker: int) -> 
         group.close()
 
 
+def digits_async(
+    config: AsyncConfig,
+    total_steps: int,
+    wrap_compute: Callable[[ComputeGrad], ComputeGrad] | None = None,
+    group: Group | None = None,
+) -> dict[str, Any]:
+    """The demo CNN on digits through the shared async loop (jobs/async_loop.py) for
+    `total_steps` pushes, each one SGD step of lr 0.05 with a worker's mean gradient over 32
+    samples. The server returns its report plus the final `test_accuracy`, a worker {}. With
+    `group` None a group is made (timeout 300 s) and closed; a group passed in stays open."""
+    torch.set_num_threads(1)
+    owned = group is None
+    group = Group(timeout_s=300.0) if group is None else group
+    try:
+        train, test = load_digits_split()
+        torch.manual_seed(0)
+        model = DigitsCNN()
+        result = train_async(model, group, config, local_batches(train, 32, 0, group.rank),
+                             optimizer=0.05, total_steps=total_steps, wrap_compute=wrap_compute)
+        if group.rank != config.server_rank:
+            return {}
+        return {**result, "test_accuracy": accuracy(model, test, torch.device("cpu"))}
+    finally:
+        if owned:
+            group.close()
+
+
 def _attach_to(cgroup_path: str) -> Callable[[ComputeGrad], ComputeGrad]:
     """Throttle this process from now on: move it into a cgroup made by the test's CpuThrottle
     (after imports and data loading, which would take ~25 s at a tenth of a core)."""
@@ -108,13 +137,13 @@ def _attach_to(cgroup_path: str) -> Callable[[ComputeGrad], ComputeGrad]:
 def staleness_runs(
     configs: list[AsyncConfig], total_steps: int, cgroup_paths: dict[int, str]
 ) -> list[dict[str, Any]]:
-    """Several train_async runs back to back on one group, workers throttled by cgroup."""
+    """Several digits_async runs back to back on one group, workers throttled by cgroup."""
     torch.set_num_threads(1)
     group = Group(timeout_s=300)
     wrap = _attach_to(cgroup_paths[group.rank]) if group.rank in cgroup_paths else None
     try:
         return [
-            train_async(config, total_steps, group=group, wrap_compute=wrap) for config in configs
+            digits_async(config, total_steps, group=group, wrap_compute=wrap) for config in configs
         ]
     finally:
         group.close()
@@ -141,19 +170,19 @@ def _faulty(mode: str, after_pushes: int, hang_s: float) -> Callable[[ComputeGra
 def _faulty_child(
     config: AsyncConfig, total_steps: int, mode: str, after_pushes: int, hang_s: float
 ) -> None:
-    train_async(config, total_steps, wrap_compute=_faulty(mode, after_pushes, hang_s))
+    digits_async(config, total_steps, wrap_compute=_faulty(mode, after_pushes, hang_s))
 
 
 def faulty_job(
     config: AsyncConfig, total_steps: int, faults: dict[int, tuple[str, int]], hang_s: float
 ) -> dict[str, Any]:
-    """train_async on every rank, except that a rank in `faults` is a supervisor: it runs the
+    """digits_async on every rank, except that a rank in `faults` is a supervisor: it runs the
     real rank (same RANK, same group) in a child process that dies ("exit": os._exit(1)) or
     hangs ("hang": silent for hang_s, then exits) after a number of pushes, and reports the
     child's exit code. launch_local sees the supervisor return normally."""
     rank = int(os.environ["RANK"])
     if rank not in faults:
-        return train_async(config, total_steps)
+        return digits_async(config, total_steps)
     mode, after_pushes = faults[rank]
     child = mp.get_context("spawn").Process(
         target=_faulty_child, args=(config, total_steps, mode, after_pushes, hang_s)

@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from idla.errors import ConfigError
 from idla.serve.model_io import MLP, load_model, save_model
@@ -82,11 +83,13 @@ def test_predictions_equal_the_models_own_outputs(serving: ServingThread,
         np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
         assert client.get("/healthz").json() == {"status": "ok", "workers_up": 2, "workers": 2}
         metrics = client.get("/metrics").text
-    for line in ('idla_requests_total{endpoint="predict",code="200"} 2',
-                 'idla_model_version_info{worker="1",version="v1"} 1',
-                 "idla_request_latency_seconds_count 2", 'idla_queue_requests{worker="0"}',
-                 "idla_router_overhead_seconds_bucket"):
-        assert line in metrics
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(metrics) for s in family.samples}
+    assert samples[("idla_requests_total", (("code", "200"), ("endpoint", "predict")))] == 2
+    assert samples[("idla_model_version_info", (("version", "v1"), ("worker", "1")))] == 1
+    assert samples[("idla_request_latency_seconds_count", ())] == 2
+    assert samples[("idla_router_overhead_seconds_bucket", (("le", "+Inf"),))] == 2
+    assert ("idla_queue_requests", (("worker", "0"),)) in samples
 
 
 def test_auth_refuses_a_missing_or_wrong_token(serving: ServingThread) -> None:

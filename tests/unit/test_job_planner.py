@@ -52,7 +52,7 @@ def run(planner: JobPlanner, steps: int, seed: int = 0, last_batch_every: int = 
     trace = []
     for step in range(steps):
         short = last_batch_every and step % last_batch_every == last_batch_every - 1
-        shares = planner.shares_for(last_batch if short else planner.global_batch)
+        shares = planner.shares_for(last_batch if short else planner.global_batch_size)
         plan = planner.absorb(step, matrix(rng, step, shares, planner.topology.hub_of), shares)
         trace.append((shares, plan.topology.describe()))
     return trace

@@ -143,8 +143,8 @@ class Agent:
     def batches(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
         """This rank's part of every global batch of `epoch`, in order, from `start_batch` on
         (a resumed run continues inside the epoch it was saved in)."""
-        for global_batch in self.sampler.epoch(epoch)[start_batch:]:
-            shares = self.planner.shares_for(global_batch.size)
+        for batch in self.sampler.epoch(epoch)[start_batch:]:
+            shares = self.planner.shares_for(batch.size)
             now = time.perf_counter()
             if self._sync_end is not None:
                 self._prev_other_s = now - self._sync_end
@@ -156,9 +156,9 @@ class Agent:
                 self.check_replicas()
             self._step_start = time.perf_counter()
             self._step_cpu = time.process_time()
-            self._batch, self._batch_shares = global_batch, shares
+            self._batch, self._batch_shares = batch, shares
             self.sync.start_step(shares)
-            indices = global_batch.indices[local_slice(shares, self.rank)]
+            indices = batch.indices[local_slice(shares, self.rank)]
             parts = self._fetcher.fetch(indices)
             self._awaiting_backward = True
             yield tuple(t.to(self.group.device, non_blocking=True) for t in parts)

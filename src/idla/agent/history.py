@@ -81,7 +81,7 @@ def agent_report(
     return {
         "world_size": planner.world_size,
         "backend": backend,
-        "global_batch_size": planner.global_batch,
+        "global_batch_size": planner.global_batch_size,
         "steps": steps,
         "shares": list(planner.shares),
         "topology": planner.topology.describe(),

@@ -24,18 +24,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
-from torch.nn.parallel import DistributedDataParallel
 
 from idla.agent import Agent, AgentConfig, parameter_digest
+from idla.bench.ddp import CommHook, DDPBaseline
 from idla.bench.machine import machine_info
 from idla.bench.reached import median_reached, seconds
 from idla.compress import parse_codec
 from idla.demo import DigitsCNN, accuracy, load_digits_split
 from idla.emulate.netns import NetnsRig, parse_rate
 from idla.errors import ConfigError
-from idla.plan.shares import proportional_shares
 from idla.report import settings_dict
-from idla.runtime.data import GlobalBatchSampler, local_slice
 from idla.runtime.group import Group
 from idla.runtime.launch import launch_local
 
@@ -130,6 +128,18 @@ def _optimizer(config: CommConfig, model: torch.nn.Module) -> torch.optim.Optimi
     return torch.optim.Adam(model.parameters(), lr=config.lr)
 
 
+def _comm_hook(config: CommConfig, kind: str) -> CommHook | None:
+    """PyTorch's own compression for the DDP baselines: fp16, or PowerSGD of rank 2."""
+    if kind == "ddp_fp16":
+        return None, default_hooks.fp16_compress_hook
+    if kind == "ddp_powersgd":
+        state = powerSGD_hook.PowerSGDState(
+            process_group=None, matrix_approximation_rank=2,
+            start_powerSGD_iter=config.powersgd_start_iter)
+        return state, powerSGD_hook.powerSGD_hook
+    return None
+
+
 def comm_worker(config: CommConfig, run: CommRun) -> dict[str, Any]:
     torch.set_num_threads(1)
     train_set, test_set = load_digits_split()
@@ -143,14 +153,8 @@ def comm_worker(config: CommConfig, run: CommRun) -> dict[str, Any]:
         group = agent.group
     else:
         group = Group()
-        ddp = DistributedDataParallel(model)
-        if run.kind == "ddp_fp16":
-            ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
-        elif run.kind == "ddp_powersgd":
-            state = powerSGD_hook.PowerSGDState(
-                process_group=None, matrix_approximation_rank=2,
-                start_powerSGD_iter=config.powersgd_start_iter)
-            ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+        baseline = DDPBaseline(model, optimizer, train_set, group, config.global_batch_size,
+                               run.seed, _comm_hook(config, run.kind))
     group.barrier()
     tx_start = _tx_bytes()
     clock = _Clock(config, model, test_set)
@@ -165,21 +169,8 @@ def comm_worker(config: CommConfig, run: CommRun) -> dict[str, Any]:
                     break
             epoch += 1
     else:
-        sampler = GlobalBatchSampler(len(train_set), config.global_batch_size, run.seed)
-        images, labels = train_set.tensors
-        step, epoch = 0, 0
-        while step < config.steps:
-            for batch in sampler.epoch(epoch):
-                shares = proportional_shares(batch.size, [1.0] * group.world_size)
-                mine = batch.indices[local_slice(shares, group.rank)]
-                optimizer.zero_grad()
-                F.cross_entropy(ddp(images[mine]), labels[mine]).backward()
-                optimizer.step()
-                step += 1
-                clock.after_step(step)
-                if step == config.steps:
-                    break
-            epoch += 1
+        baseline.train(lambda step: step == config.steps,
+                       after_step=lambda step, _: clock.after_step(step))
     train_s = time.perf_counter() - clock.start - clock.eval_s
     tx_per_step = (_tx_bytes() - tx_start) / config.steps
     result = {
@@ -199,6 +190,7 @@ def comm_worker(config: CommConfig, run: CommRun) -> dict[str, Any]:
         numel = sum(p.numel() for p in model.parameters())
         result["payload_bytes_per_step"] = {"ddp": 4 * numel, "ddp_fp16": 2 * numel}.get(
             run.kind)
+        baseline.close()
         group.close()
     return result
 

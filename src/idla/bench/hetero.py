@@ -13,17 +13,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 from idla.agent import Agent, AgentConfig
+from idla.bench.ddp import DDPBaseline
 from idla.bench.machine import machine_info
 from idla.demo import DigitsCNN, accuracy, load_digits_split
 from idla.errors import ConfigError
-from idla.plan.shares import proportional_shares
 from idla.report import settings_dict
-from idla.runtime.data import GlobalBatchSampler, local_slice
 from idla.runtime.group import Group
 from idla.runtime.launch import launch_local
 
@@ -65,37 +62,38 @@ def _setup(config: HeteroConfig) -> tuple[Any, Any, torch.nn.Module, torch.optim
     return train_set, test_set, model, torch.optim.Adam(model.parameters(), lr=config.lr)
 
 
-def _timed_steps(config: HeteroConfig, step_fn: Any, sizes: list[int]) -> float:
-    """Run the steps; samples/s over the steps after the warm-up."""
-    start = 0.0
-    for step in range(len(sizes)):
-        if step == config.warmup_steps:
-            start = time.perf_counter()
-        step_fn(step)
-    elapsed_s = time.perf_counter() - start
-    return sum(sizes[config.warmup_steps :]) / elapsed_s
+class _Throughput:
+    """Samples per second over the steps after the warm-up."""
+
+    def __init__(self, warmup_steps: int) -> None:
+        self.warmup_steps = warmup_steps
+        self.start = time.perf_counter()
+        self.samples = 0
+
+    def after_step(self, step: int, samples: int) -> None:
+        if step == self.warmup_steps:
+            self.start = time.perf_counter()
+        elif step > self.warmup_steps:
+            self.samples += samples
+
+    def samples_per_s(self) -> float:
+        return self.samples / (time.perf_counter() - self.start)
 
 
 def ddp_worker(config: HeteroConfig) -> dict[str, Any]:
-    """Plain DistributedDataParallel with its defaults; equal shares of the same batches."""
+    """Plain DistributedDataParallel (bench/ddp.py): equal shares of the same batches. Alone
+    (one rank) it is the standalone run: the whole global batch at this worker's speed."""
     train_set, test_set, model, optimizer = _setup(config)
     group = Group()
-    ddp = DistributedDataParallel(model)
-    sampler = GlobalBatchSampler(len(train_set), config.global_batch_size, config.seed)
-    batches = _first_batches(sampler, config.steps)
-    images, labels = train_set.tensors
-
-    def step_fn(step: int) -> None:
-        indices = batches[step].indices
-        shares = proportional_shares(indices.numel(), [1.0] * group.world_size)
-        mine = indices[local_slice(shares, group.rank)]
-        optimizer.zero_grad()
-        F.cross_entropy(ddp(images[mine]), labels[mine]).backward()
-        optimizer.step()
-
-    dist.barrier()
-    rate = _timed_steps(config, step_fn, [b.size for b in batches])
-    result = {"samples_per_s": rate, "test_accuracy": accuracy(model, test_set, group.device)}
+    baseline = DDPBaseline(model, optimizer, train_set, group, config.global_batch_size,
+                           config.seed)
+    meter = _Throughput(config.warmup_steps)
+    group.barrier()
+    baseline.train(lambda step: step == config.steps, after_step=meter.after_step)
+    rate = meter.samples_per_s()
+    baseline.close()
+    cpu = torch.device("cpu")  # the baseline trains where the data lies
+    result = {"samples_per_s": rate, "test_accuracy": accuracy(model, test_set, cpu)}
     group.close()
     return result
 
@@ -131,31 +129,6 @@ def idla_worker(config: HeteroConfig) -> dict[str, Any]:
     }
 
 
-def standalone_worker(config: HeteroConfig) -> dict[str, Any]:
-    """One worker alone: forward, backward and Adam on the whole global batch."""
-    train_set, _, model, optimizer = _setup(config)
-    sampler = GlobalBatchSampler(len(train_set), config.global_batch_size, config.seed)
-    batches = _first_batches(sampler, config.steps)
-    images, labels = train_set.tensors
-
-    def step_fn(step: int) -> None:
-        indices = batches[step].indices
-        optimizer.zero_grad()
-        F.cross_entropy(model(images[indices]), labels[indices]).backward()
-        optimizer.step()
-
-    return {"samples_per_s": _timed_steps(config, step_fn, [b.size for b in batches])}
-
-
-def _first_batches(sampler: GlobalBatchSampler, steps: int) -> list[Any]:
-    batches: list[Any] = []
-    epoch = 0
-    while len(batches) < steps:
-        batches.extend(sampler.epoch(epoch))
-        epoch += 1
-    return batches[:steps]
-
-
 def run_hetero(config: HeteroConfig) -> dict[str, Any]:
     world = len(config.speeds)
     runs: dict[str, list[dict[str, Any]]] = {"ddp": [], "idla": []}
@@ -167,7 +140,7 @@ def run_hetero(config: HeteroConfig) -> dict[str, Any]:
     standalone: dict[float, float] = {}
     alone = replace(config, steps=config.warmup_steps + 20)  # a steady rate needs few steps
     for speed in sorted(set(config.speeds)):
-        rates = [launch_local(standalone_worker, (alone,), 1, [speed],
+        rates = [launch_local(ddp_worker, (alone,), 1, [speed],
                               config.base_cores)[0]["samples_per_s"]
                  for _ in range(config.repeats)]
         standalone[speed] = statistics.median(rates)

@@ -35,12 +35,12 @@ def bench_allocate(n_workers: int = 10_000, repeats: int = 20, seed: int = 0) ->
         StepModel(float(a), float(b), float(c))
         for a, b, c in zip(fixed_s, per_sample_s, comm_s, strict=True)
     ]
-    global_batch = _SAMPLES_PER_WORKER * n_workers
-    allocate_shares(global_batch, models)
+    global_batch_size = _SAMPLES_PER_WORKER * n_workers
+    allocate_shares(global_batch_size, models)
     times_ms = []
     for _ in range(max(repeats, 1)):
         start = time.perf_counter()
-        allocate_shares(global_batch, models)
+        allocate_shares(global_batch_size, models)
         times_ms.append((time.perf_counter() - start) * 1e3)
     return {
         "n_workers": float(n_workers),

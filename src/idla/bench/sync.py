@@ -24,8 +24,8 @@ def _launch(config: SyncBenchConfig, name: str, jitter: bool, seed: int) -> dict
     speeds = [s * Jitter.HEADROOM for s in config.speeds]
     world = len(speeds)
     if name in ("ddp", "allreduce"):
-        args: tuple[Any, ...] = (config, name, jitter, seed)
-        return launch_local(sync_workers.synchronous, args, world, speeds, config.base_cores)[0]
+        worker = sync_workers.ddp if name == "ddp" else sync_workers.allreduce
+        return launch_local(worker, (config, jitter, seed), world, speeds, config.base_cores)[0]
     if name in ("local", "diloco"):
         args = (config, name, jitter, seed)
         return launch_local(sync_workers.local, args, world, speeds, config.base_cores)[0]

@@ -84,14 +84,12 @@ class Jitter:
         if self._steps % self.every_steps == 0:
             self._draw()
 
-
-def dilated_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 jitter: Jitter) -> torch.Tensor:
-    """Forward and the mean loss, then the jitter's sleep (counted as compute)."""
-    start = time.perf_counter()
-    loss = F.cross_entropy(model(x), y)
-    jitter.after_forward(time.perf_counter() - start)
-    return loss
+    def loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward and the mean loss, then the sleep (counted as compute): a `LossFn`."""
+        start = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        self.after_forward(time.perf_counter() - start)
+        return loss
 
 
 class RunClock:

@@ -1,24 +1,28 @@
-"""The per-process loops of `idla bench sync`, one per synchronization mode."""
+"""The per-process runs of `idla bench sync`, one per synchronization mode: the shared DDP
+baseline (bench/ddp.py), idla's Agent, and the loops of jobs/ (local SGD, DiLoCo, async) with the
+benchmark's jitter in the loss and its wall-clock budget in the stop decision."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from idla.agent import Agent, AgentConfig
-from idla.bench.sync_setup import Jitter, RunClock, SyncBenchConfig, dilated_loss
+from idla.bench.ddp import DDPBaseline
+from idla.bench.sync_setup import Jitter, RunClock, SyncBenchConfig
 from idla.demo import DigitsCNN, load_digits_split
-from idla.jobs.async_loop import local_batches
-from idla.plan.shares import proportional_shares
-from idla.runtime.data import GlobalBatchSampler, local_slice
+from idla.jobs.async_loop import train_async
+from idla.jobs.local_sgd import LocalProgress, round_strategy, train_local
+from idla.runtime.data import local_batches
 from idla.runtime.group import Group
-from idla.sync.async_ps import AsyncConfig, ParameterServer, async_worker
+from idla.sync.async_ps import AsyncConfig
 from idla.sync.async_wire import load_flat
-from idla.sync.local_sgd import DiLoCo, PeriodicAveraging
+from idla.sync.local_sgd import DiLoCo
+from idla.sync.modes import SyncMode
 
 
 def _setup(config: SyncBenchConfig, seed: int) -> tuple[Any, Any, torch.nn.Module]:
@@ -42,87 +46,78 @@ def _stop_together(group: Group, clock: RunClock | None) -> bool:
     return bool(flag.item())
 
 
-def synchronous(config: SyncBenchConfig, mode: str, jitter_on: bool, seed: int) -> dict[str, Any]:
-    """`ddp` (equal shares, PyTorch DDP) or `allreduce` (idla's Agent): one global batch a step."""
+def _every_eval(config: SyncBenchConfig, group: Group, clock: RunClock) -> Callable[[int], bool]:
+    """The synchronous runs' stop predicate: decide together every few steps."""
+    return lambda steps: steps % config.eval_every_steps == 0 and _stop_together(group, clock)
+
+
+def ddp(config: SyncBenchConfig, jitter_on: bool, seed: int) -> dict[str, Any]:
+    """PyTorch DDP with equal shares (bench/ddp.py): one global batch a step."""
     train_set, test_set, model = _setup(config, seed)
     optimizer = _adam(model, config)
-    if mode == "allreduce":
-        agent = Agent(model, optimizer, train_set, config=AgentConfig(
-            global_batch_size=config.global_batch_size, seed=seed, check_every_steps=0))
-        group = agent.group
-    else:
-        group = Group()
-        ddp = DistributedDataParallel(model)
-        sampler = GlobalBatchSampler(len(train_set), config.global_batch_size, seed)
-        images, labels = train_set.tensors
+    group = Group()
+    baseline = DDPBaseline(model, optimizer, train_set, group, config.global_batch_size, seed)
     jitter = Jitter(jitter_on, group.rank, seed, config.jitter_every_steps)
     group.barrier()
     clock = RunClock(config, model, test_set)
-    steps, epoch, stop = 0, 0, False
-    while not stop:
-        if mode == "allreduce":
-            for x, y in agent.batches(epoch):
-                agent.backward(dilated_loss(model, x, y, jitter))
-                optimizer.step()
-                steps += 1
-                if steps % config.eval_every_steps == 0 and _stop_together(group, clock):
-                    stop = True
-                    break
-        else:
-            for batch in sampler.epoch(epoch):
-                shares = proportional_shares(batch.size, [1.0] * group.world_size)
-                mine = batch.indices[local_slice(shares, group.rank)]
-                optimizer.zero_grad()
-                dilated_loss(ddp, images[mine], labels[mine], jitter).backward()
-                optimizer.step()
-                steps += 1
-                if steps % config.eval_every_steps == 0 and _stop_together(group, clock):
-                    stop = True
-                    break
-        epoch += 1
+    steps = baseline.train(_every_eval(config, group, clock), loss_fn=jitter.loss)
     numel = sum(p.numel() for p in model.parameters())
     result = {**clock.result(), "steps": steps, "bytes_sent_per_worker": 4 * numel * steps}
-    if mode == "allreduce":
-        result["shares"] = agent.shares
-        agent.close()
-    else:
-        del ddp  # its reducer holds the process group: release it before the group goes
-        group.barrier()
-        group.close()
+    baseline.close()
+    group.barrier()
+    group.close()
+    return result if group.rank == 0 else {}
+
+
+def allreduce(config: SyncBenchConfig, jitter_on: bool, seed: int) -> dict[str, Any]:
+    """idla's Agent (planned shares, exact all-reduce): one global batch a step."""
+    train_set, test_set, model = _setup(config, seed)
+    optimizer = _adam(model, config)
+    agent = Agent(model, optimizer, train_set, config=AgentConfig(
+        global_batch_size=config.global_batch_size, seed=seed, check_every_steps=0))
+    group = agent.group
+    jitter = Jitter(jitter_on, group.rank, seed, config.jitter_every_steps)
+    group.barrier()
+    clock = RunClock(config, model, test_set)
+    should_stop = _every_eval(config, group, clock)
+    steps, epoch, stop = 0, 0, False
+    while not stop:
+        for x, y in agent.batches(epoch):
+            agent.backward(jitter.loss(model, x, y))
+            optimizer.step()
+            steps += 1
+            if should_stop(steps):
+                stop = True
+                break
+        epoch += 1
+    numel = sum(p.numel() for p in model.parameters())
+    result = {**clock.result(), "steps": steps, "bytes_sent_per_worker": 4 * numel * steps,
+              "shares": agent.shares}
+    agent.close()
     return result if group.rank == 0 else {}
 
 
 def local(config: SyncBenchConfig, mode: str, jitter_on: bool, seed: int) -> dict[str, Any]:
     """`local` (periodic averaging every H steps) or `diloco` (H inner steps; with speeds, a
-    faster worker does proportionally more inner steps in the same wall time)."""
+    faster worker does proportionally more inner steps in the same wall time): the loop of
+    jobs/local_sgd.py."""
     train_set, test_set, model = _setup(config, seed)
     optimizer = _adam(model, config)
     group = Group()
-    strategy: PeriodicAveraging | DiLoCo
-    if mode == "local":
-        strategy = PeriodicAveraging(model, group, config.period_steps)
-    else:
-        strategy = DiLoCo(model, group, config.period_steps)
+    strategy = round_strategy(SyncMode(mode), model, group, config.period_steps)
     jitter = Jitter(jitter_on, group.rank, seed, config.jitter_every_steps)
     batches = local_batches(train_set, config.local_batch, seed, group.rank)
     group.barrier()
     clock = RunClock(config, model, test_set)
-    steps, round_steps, round_start = 0, 0, time.perf_counter()
-    while True:
-        x, y = next(batches)
-        optimizer.zero_grad()
-        dilated_loss(model, x, y, jitter).backward()
-        optimizer.step()
-        steps, round_steps = steps + 1, round_steps + 1
-        step_s = (time.perf_counter() - round_start) / round_steps  # this round, before sync
-        if not strategy.after_step(x.shape[0]):
-            continue
+
+    def after_round(progress: LocalProgress) -> bool:
         if isinstance(strategy, DiLoCo):
-            _replan_inner_steps(strategy, group, config.period_steps, step_s)
-        if _stop_together(group, clock):
-            break
-        round_steps, round_start = 0, time.perf_counter()
-    result = {**clock.result(), "steps": steps, "rounds": strategy.syncs,
+            _replan_inner_steps(strategy, group, config.period_steps, progress.round_step_s())
+        return _stop_together(group, clock)
+
+    progress = train_local(model, optimizer, strategy, batches, loss_fn=jitter.loss,
+                           after_round=after_round)
+    result = {**clock.result(), "steps": progress.steps, "rounds": strategy.syncs,
               "bytes_sent_per_worker": strategy.bytes_sent}
     group.close()
     return result if group.rank == 0 else {}
@@ -137,47 +132,38 @@ def _replan_inner_steps(strategy: DiLoCo, group: Group, period_steps: int, step_
 
 def asynchronous(config: SyncBenchConfig, lam: float, jitter_on: bool,
                  seed: int) -> dict[str, Any]:
-    """Rank 0 serves (Adam on the flat parameters, one step per push); the rest train."""
+    """Rank 0 serves (Adam on the flat parameters, one step per push); the rest train: the
+    loop of jobs/async_loop.py, stopped by the budget."""
     train_set, test_set, model = _setup(config, seed)
     group = Group(timeout_s=120.0)
     async_config = AsyncConfig(staleness_bound=config.staleness_bound,
                                delay_compensation=lam, dead_after_s=60.0)
-    if group.rank == 0:
-        clock = RunClock(config, model, test_set)
-        server = ParameterServer(
-            model, group, async_config,
-            lambda params: torch.optim.Adam(params, lr=config.lr), total_steps=10**6,
-            should_stop=lambda version: _server_should_stop(server, clock, config, version))
+    jitter = Jitter(jitter_on, group.rank, seed, config.jitter_every_steps)
+    clock = RunClock(config, model, test_set)  # only the server's counts
+
+    def should_stop(version: int, flat: torch.Tensor) -> bool:
+        if version % config.eval_every_steps == 0:
+            load_flat(clock.model, flat)
+            clock.evaluate()
+        return clock.over_budget()
+
+    def start() -> None:
         group.barrier()
         clock.start = time.perf_counter()
-        report = server.run()
-        clock.evaluate()
+
+    out = train_async(model, group, async_config,
+                      local_batches(train_set, config.local_batch, seed, group.rank),
+                      optimizer=lambda params: torch.optim.Adam(params, lr=config.lr),
+                      total_steps=10**6, loss_fn=jitter.loss, should_stop=should_stop,
+                      on_start=start)
+    if group.rank != async_config.server_rank:
         group.close()
-        numel = server.flat.numel()
-        pushes = max(report["pushes"].values()) if report["pushes"] else 0
-        return {**clock.result(), "steps": report["version"],
-                "bytes_sent_per_worker": 4 * (numel + 4) * pushes,
-                "staleness": report["staleness_summary"],
-                "staleness_histogram": report["staleness_histogram"],
-                "pushes": report["pushes"]}
-    jitter = Jitter(jitter_on, group.rank, seed, config.jitter_every_steps)
-    batches = local_batches(train_set, config.local_batch, seed, group.rank)
-
-    def compute(worker_model: torch.nn.Module) -> tuple[int, float]:
-        x, y = next(batches)
-        loss = dilated_loss(worker_model, x, y, jitter)
-        loss.backward()
-        return int(y.shape[0]), float(loss.detach())
-
-    group.barrier()
-    async_worker(model, compute, group, async_config)
+        return {}
+    clock.evaluate()
     group.close()
-    return {}
-
-
-def _server_should_stop(server: ParameterServer, clock: RunClock, config: SyncBenchConfig,
-                        version: int) -> bool:
-    if version % config.eval_every_steps == 0:
-        load_flat(clock.model, server.flat.detach())
-        clock.evaluate()
-    return clock.over_budget()
+    numel = sum(p.numel() for p in model.parameters())
+    pushes = max(out["pushes"].values()) if out["pushes"] else 0
+    return {**clock.result(), "steps": out["version"],
+            "bytes_sent_per_worker": 4 * (numel + 4) * pushes,
+            "staleness": out["staleness_summary"],
+            "staleness_histogram": out["staleness_histogram"], "pushes": out["pushes"]}

@@ -1,8 +1,13 @@
-"""The demo job trained asynchronously: DigitsCNN on digits through a parameter server.
+"""The one asynchronous loop, run by the demo job (`idla train --sync async:S`), by
+`idla bench sync` and by the tests: a parameter server and the workers that push to it.
 
-Run `train_async` in every process of a job (e.g. through `launch_local`): the server rank
-serves (sync/async_ps.py) and returns its report with the final test accuracy, every other rank
-trains on fixed-size batches drawn from its own seeded permutations of the training set.
+Call `train_async` on every rank of the group. The server rank serves (sync/async_ps.py: every
+push is one optimizer step with that worker's mean gradient, SSP holds a worker that runs more
+than S versions ahead of the slowest); every other rank computes gradients on its own batches.
+Cost per push: one receive of n + 2 and one send of n + 4 float32 values (n parameters). The
+caller adds what it needs through hooks: the loss (a benchmark dilates the forward), a wrapper
+around each worker's gradient callback (tests inject faults), a stop predicate on the server and
+a callback on every rank just before the run starts (a barrier, a clock).
 """
 
 from __future__ import annotations
@@ -11,86 +16,69 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch.utils.data import TensorDataset
+from torch import nn
 
-from idla.demo import DigitsCNN, accuracy, load_digits_split
 from idla.errors import ConfigError
+from idla.jobs.loss import LossFn, cross_entropy_loss
 from idla.runtime.group import Group
 from idla.sync.async_ps import (
     AsyncConfig,
     ComputeGrad,
+    OptimizerFactory,
     ParameterServer,
     async_worker,
-    gradient_from_batches,
 )
 
 
-def local_batches(
-    dataset: TensorDataset, batch_size: int, seed: int, rank: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (inputs, targets) batches of exactly `batch_size` samples for one rank.
-
-    Epoch e visits a permutation seeded by (seed, rank, e), so each rank draws its own order and
-    a run is reproducible; the tail of an epoch shorter than a batch is dropped. Cost: one
-    permutation per epoch and one gather per batch.
-    """
-    images, labels = dataset.tensors
-    if not 1 <= batch_size <= len(labels):
-        raise ConfigError(f"async.batch_size must be in 1..{len(labels)}, got {batch_size}")
-    epoch = 0
-    while True:
-        generator = torch.Generator().manual_seed((seed * 1_000_003 + rank) * 1_000_003 + epoch)
-        order = torch.randperm(len(labels), generator=generator)
-        for start in range(0, len(labels) - batch_size + 1, batch_size):
-            batch = order[start : start + batch_size]
-            yield images[batch], labels[batch]
-        epoch += 1
-
-
 def train_async(
+    model: nn.Module,
+    group: Group,
     config: AsyncConfig,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    optimizer: float | OptimizerFactory,
     total_steps: int,
-    batch_size: int = 32,
-    lr: float = 0.05,
-    seed: int = 0,
-    group_timeout_s: float = 300.0,
+    loss_fn: LossFn = cross_entropy_loss,
     wrap_compute: Callable[[ComputeGrad], ComputeGrad] | None = None,
-    group: Group | None = None,
+    should_stop: Callable[[int, torch.Tensor], bool] | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Train DigitsCNN asynchronously for `total_steps` pushes (each one SGD step of `lr` with a
-    worker's mean gradient over `batch_size` samples).
+    """Serve or train until `total_steps` pushes were applied, `should_stop` says so or no live
+    worker is left; `model` then holds the final parameters on every rank.
 
-    The server rank returns the ParameterServer report plus `test_accuracy` of the final
-    parameters; the other ranks return {}. `wrap_compute` wraps each worker's gradient callback
-    (tests use it to inject faults or throttle). With `group` None, a group is made from the
-    environment and closed at the end; `group_timeout_s`, its timeout, bounds every blocking
-    receive, so it must exceed the longest SSP hold (about the slowest step plus
-    `config.dead_after_s`). A `group` passed in stays open, so several runs can share it.
+    On the server: `optimizer` (plain SGD's learning rate or a factory) makes each step,
+    `should_stop(version, flat)` is asked after every applied push with the server's flat
+    parameters (n,); returns the ParameterServer report. On a worker: `batches` feed
+    `loss_fn`, `wrap_compute` wraps the gradient callback; returns the worker's pushes and
+    seconds waiting and computing. `batches` is not drawn from on the server. The group's
+    timeout bounds every blocking receive, so it must exceed `config.dead_after_s` (a held
+    worker waits about that long for its parameters).
     """
-    if group is None and group_timeout_s <= config.dead_after_s:
+    timeout_s = group.timeout.total_seconds()
+    if timeout_s <= config.dead_after_s:
         raise ConfigError(
-            f"group_timeout_s {group_timeout_s} must exceed async.dead_after_s "
+            f"group_timeout_s {timeout_s} must exceed async.dead_after_s "
             f"{config.dead_after_s}: a held worker waits that long for its parameters"
         )
-    torch.set_num_threads(1)
-    owned = group is None
-    group = Group(timeout_s=group_timeout_s) if group is None else group
-    try:
-        train, test = load_digits_split()
-        torch.manual_seed(seed)
-        model = DigitsCNN()
-        if group.rank == config.server_rank:
-            report = ParameterServer(model, group, config, lr, total_steps).run()
-            report["test_accuracy"] = accuracy(model, test, torch.device("cpu"))
-            return report
-        compute = gradient_from_batches(
-            local_batches(train, batch_size, seed, group.rank), F.cross_entropy
-        )
-        if wrap_compute is not None:
-            compute = wrap_compute(compute)
-        async_worker(model, compute, group, config)
-        return {}
-    finally:
-        if owned:
-            group.close()
+    if group.rank == config.server_rank:
+        def stop(version: int) -> bool:
+            return should_stop is not None and should_stop(version, server.flat.detach())
+
+        server = ParameterServer(model, group, config, optimizer, total_steps,
+                                 should_stop=None if should_stop is None else stop)
+        if on_start is not None:
+            on_start()
+        return server.run()
+
+    def compute(worker_model: nn.Module) -> tuple[int, float] | None:
+        batch = next(batches, None)
+        if batch is None:
+            return None
+        loss = loss_fn(worker_model, *batch)
+        loss.backward()
+        return int(batch[1].shape[0]), float(loss.detach())
+
+    if on_start is not None:
+        on_start()
+    return async_worker(model, compute if wrap_compute is None else wrap_compute(compute),
+                        group, config)

@@ -17,16 +17,17 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
 from idla.demo import DigitsCNN, accuracy, load_digits_split
 from idla.errors import ConfigError
-from idla.jobs.async_loop import local_batches
+from idla.jobs.async_loop import train_async
+from idla.jobs.local_sgd import LocalProgress, round_strategy, train_local
+from idla.plan.job_planner import lockstep_batch
+from idla.runtime.data import local_batches
 from idla.runtime.group import Group
 from idla.runtime.launch import report_progress
-from idla.sync.async_ps import AsyncConfig, ParameterServer, async_worker
-from idla.sync.local_sgd import DiLoCo, PeriodicAveraging
-from idla.sync.modes import SyncMode, parse_sync
+from idla.sync.async_ps import AsyncConfig
+from idla.sync.modes import SyncMode, SyncSpec, parse_sync
 
 if TYPE_CHECKING:
     from idla.jobs.train import TrainConfig
@@ -43,34 +44,9 @@ def mode_worker(config: TrainConfig) -> dict[str, Any]:
     samples_total = config.epochs * len(train_set)
     start = time.perf_counter()
     if spec.mode is SyncMode.ASYNC:
-        if group.world_size < 2:
-            raise ConfigError("--sync async needs at least 2 workers (rank 0 is the server)")
-        local = max(1, config.agent.global_batch_size // (group.world_size - 1))
-        async_config = AsyncConfig(staleness_bound=spec.staleness_bound,
-                                   delay_compensation=config.delay_compensation)
-        if group.rank == 0:
-            updates = max(1, samples_total // local)
-            report = ParameterServer(
-                model, group, async_config,
-                lambda params: torch.optim.Adam(params, lr=config.lr), updates).run()
-            mine: dict[str, Any] = {"role": "server", "staleness": report["staleness_summary"],
-                                    "staleness_histogram": report["staleness_histogram"],
-                                    "dead": report["dead"], "updates": report["version"]}
-        else:
-            batches = local_batches(train_set, local, config.agent.seed, group.rank)
-
-            def compute(worker_model: torch.nn.Module) -> tuple[int, float]:
-                x, y = next(batches)
-                loss = F.cross_entropy(worker_model(x), y)
-                loss.backward()
-                return int(y.shape[0]), float(loss.detach())
-
-            stats = async_worker(model, compute, group, async_config)
-            mine = {"role": "worker", "compute_s": stats["compute_s"],
-                    "wait_s": stats["wait_s"], "steps": stats["pushes"],
-                    "samples": stats["pushes"] * local}
+        mine = _async(config, spec, group, model, train_set, samples_total)
     else:
-        mine = _local_rounds(config, spec.mode, spec.period_steps, group, model, train_set)
+        mine = _local_rounds(config, spec, group, model, train_set)
     elapsed_s = time.perf_counter() - start
     mine.update(rank=group.rank, elapsed_s=elapsed_s)
     if group.rank == 0:
@@ -80,36 +56,42 @@ def mode_worker(config: TrainConfig) -> dict[str, Any]:
     return mine
 
 
-def _local_rounds(config: TrainConfig, mode: SyncMode, period_steps: int, group: Group,
-                  model: torch.nn.Module, train_set: Any) -> dict[str, Any]:
+def _async(config: TrainConfig, spec: SyncSpec, group: Group, model: torch.nn.Module,
+           train_set: Any, samples_total: int) -> dict[str, Any]:
+    if group.world_size < 2:
+        raise ConfigError("--sync async needs at least 2 workers (rank 0 is the server)")
+    local = lockstep_batch(config.agent.global_batch_size, group.world_size - 1)
+    async_config = AsyncConfig(staleness_bound=spec.staleness_bound,
+                               delay_compensation=config.delay_compensation)
+    out = train_async(model, group, async_config,
+                      local_batches(train_set, local, config.agent.seed, group.rank),
+                      optimizer=lambda params: torch.optim.Adam(params, lr=config.lr),
+                      total_steps=max(1, samples_total // local))
+    if group.rank == async_config.server_rank:
+        return {"role": "server", "staleness": out["staleness_summary"],
+                "staleness_histogram": out["staleness_histogram"], "dead": out["dead"],
+                "updates": out["version"]}
+    return {"role": "worker", "compute_s": out["compute_s"], "wait_s": out["wait_s"],
+            "steps": out["pushes"], "samples": out["pushes"] * local}
+
+
+def _local_rounds(config: TrainConfig, spec: SyncSpec, group: Group, model: torch.nn.Module,
+                  train_set: Any) -> dict[str, Any]:
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    strategy: PeriodicAveraging | DiLoCo
-    if mode is SyncMode.LOCAL:
-        strategy = PeriodicAveraging(model, group, period_steps)
-    else:
-        strategy = DiLoCo(model, group, period_steps)
-    local = max(1, config.agent.global_batch_size // group.world_size)
+    strategy = round_strategy(spec.mode, model, group, spec.period_steps)
+    local = lockstep_batch(config.agent.global_batch_size, group.world_size)
     steps = max(1, config.epochs * len(train_set) // config.agent.global_batch_size)
-    batches = local_batches(train_set, local, config.agent.seed, group.rank)
-    compute_s = sync_s = 0.0
-    for step in range(steps):
-        begin = time.perf_counter()
-        x, y = next(batches)
-        optimizer.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-        middle = time.perf_counter()
-        strategy.after_step(x.shape[0])
-        compute_s += middle - begin
-        sync_s += time.perf_counter() - middle
+
+    def progress_bar(progress: LocalProgress, loss: torch.Tensor) -> None:
         if group.rank == 0:
-            report_progress({"step": step + 1, "steps": steps, "shares": [local] * group.world_size,
-                             "loss": float(loss.detach())})
-    if steps % period_steps:
-        strategy.sync_now()  # every rank did the same steps: close the last round everywhere
-    return {"role": "worker", "compute_s": compute_s, "comm_s": sync_s, "steps": steps,
-            "samples": steps * local, "rounds": strategy.syncs,
+            report_progress({"step": progress.steps, "steps": steps,
+                             "shares": [local] * group.world_size, "loss": float(loss.detach())})
+
+    progress = train_local(model, optimizer, strategy,
+                           local_batches(train_set, local, config.agent.seed, group.rank),
+                           steps=steps, after_step=progress_bar)
+    return {"role": "worker", "compute_s": progress.compute_s, "comm_s": progress.sync_s,
+            "steps": steps, "samples": steps * local, "rounds": strategy.syncs,
             "bytes_sent": strategy.bytes_sent}
 
 

@@ -75,24 +75,24 @@ class RebalanceController:
         step: int,
         current: Sequence[int],
         models: Sequence[StepModel | None],
-        global_batch: int,
+        global_batch_size: int,
         caps: Sequence[int] | None = None,
         noise: float = 0.0,
     ) -> list[int] | None:
         """New shares to apply now, or None to keep ``current``.
 
         A plan is forced, bypassing warm-up and hysteresis, when ``current`` does not sum to
-        ``global_batch`` (e.g. the last, smaller batch of an epoch) or exceeds a cap; before every
-        worker has a model it splits the batch evenly within the caps. Otherwise None is returned
-        until every model is present for ``warmup_steps`` decisions, and then a plan is applied
-        once its predicted gain has exceeded ``min_gain`` for ``patience_steps`` decisions in a
-        row.
+        ``global_batch_size`` (e.g. the last, smaller batch of an epoch) or exceeds a cap; before
+        every worker has a model it splits the batch evenly within the caps. Otherwise None is
+        returned until every model is present for ``warmup_steps`` decisions, and then a plan is
+        applied once its predicted gain has exceeded ``min_gain`` for ``patience_steps`` decisions
+        in a row.
 
         Args:
             step: Training step this decision is made at; recorded in ``changes``.
             current: Local batch per worker now in force.
             models: Step-time model per worker, None where not yet measured.
-            global_batch: Samples per step the shares must sum to.
+            global_batch_size: Samples per step the shares must sum to.
             caps: Largest local batch per worker, or None for no limit.
             noise: Relative standard error of the models' predictions; a gain must also exceed
                 twice this, so that noisy timings alone do not move the plan.
@@ -106,14 +106,14 @@ class RebalanceController:
         complete = len(measured) == len(models)
         if complete:
             self._measured_decisions += 1
-        if _needs_forced_plan(current, global_batch, caps):
+        if _needs_forced_plan(current, global_batch_size, caps):
             stand_in = measured if complete else [_EQUAL_MODEL] * len(models)
             self._forced.append(step)
             self._changes.append(step)
-            return allocate_shares(global_batch, stand_in, caps)
+            return allocate_shares(global_batch_size, stand_in, caps)
         if not complete or self._measured_decisions < self._config.warmup_steps:
             return None
-        candidate = allocate_shares(global_batch, measured, caps)
+        candidate = allocate_shares(global_batch_size, measured, caps)
         now_s = predicted_step_s(current, measured)
         gain = (now_s - predicted_step_s(candidate, measured)) / now_s if now_s > 0.0 else 0.0
         if gain <= max(self._config.min_gain, 2.0 * noise):
@@ -128,8 +128,8 @@ class RebalanceController:
 
 
 def _needs_forced_plan(
-    current: Sequence[int], global_batch: int, caps: Sequence[int] | None
+    current: Sequence[int], global_batch_size: int, caps: Sequence[int] | None
 ) -> bool:
-    if sum(current) != global_batch or any(b < 0 for b in current):
+    if sum(current) != global_batch_size or any(b < 0 for b in current):
         return True
     return caps is not None and any(b > cap for b, cap in zip(current, caps, strict=False))

@@ -36,7 +36,7 @@ TOPOLOGY_PATIENCE_STEPS = 5
 _EQUAL = StepModel(compute_fixed_s=0.0, compute_per_sample_s=1.0)
 
 
-def memory_caps(limits: Sequence[int | None], global_batch: int) -> list[int] | None:
+def memory_caps(limits: Sequence[int | None], global_batch_size: int) -> list[int] | None:
     """Every rank's cap on its local batch (None: no rank has one; a rank without a limit may
     take the whole batch).
 
@@ -45,54 +45,56 @@ def memory_caps(limits: Sequence[int | None], global_batch: int) -> list[int] | 
     """
     if all(limit is None for limit in limits):
         return None
-    caps = [global_batch if limit is None else limit for limit in limits]
-    if sum(caps) < global_batch:
+    caps = [global_batch_size if limit is None else limit for limit in limits]
+    if sum(caps) < global_batch_size:
         raise PlanError(
-            f"memory caps hold at most {sum(caps)} samples but the global batch is {global_batch}"
+            f"memory caps hold at most {sum(caps)} samples but the global batch is "
+            f"{global_batch_size}"
         )
     return caps
 
 
 def initial_shares(
-    global_batch: int, world_size: int, caps: Sequence[int] | None = None,
+    global_batch_size: int, world_size: int, caps: Sequence[int] | None = None,
     configured: Sequence[int] | None = None,
 ) -> list[int]:
     """Local batch per rank before anything is measured: `configured` when given, else equal
-    shares within `caps` (the first ``global_batch % world_size`` ranks take one more sample).
+    shares within `caps` (the first ``global_batch_size % world_size`` ranks take one more sample).
 
     Raises:
         ConfigError: If the batch is smaller than the number of workers, or `configured` does
             not list one non-negative share per rank summing to the batch.
         PlanError: If the caps cannot hold the batch.
     """
-    if global_batch < world_size:
+    if global_batch_size < world_size:
         raise ConfigError(
-            f"the global batch {global_batch} is smaller than the number of workers {world_size}"
+            f"the global batch {global_batch_size} is smaller than the number of workers "
+            f"{world_size}"
         )
-    shares = allocate_shares(global_batch, [_EQUAL] * world_size, caps)
+    shares = allocate_shares(global_batch_size, [_EQUAL] * world_size, caps)
     if configured is None:
         return shares
     if len(configured) != world_size:
         raise ConfigError(
             f"initial_shares lists {len(configured)} shares for {world_size} ranks"
         )
-    if any(s < 0 for s in configured) or sum(configured) != global_batch:
+    if any(s < 0 for s in configured) or sum(configured) != global_batch_size:
         raise ConfigError(
             f"initial_shares {list(configured)} must be non-negative and sum to the global batch "
-            f"{global_batch}"
+            f"{global_batch_size}"
         )
     return list(configured)
 
 
-def lockstep_batch(global_batch: int, workers: int) -> int:
+def lockstep_batch(global_batch_size: int, workers: int) -> int:
     """The one local batch for modes whose workers all step alike and count alike (local SGD,
-    DiLoCo, asynchronous pushes): the smallest equal share, ⌊global_batch / workers⌋, and at
+    DiLoCo, asynchronous pushes): the smallest equal share, ⌊global_batch_size / workers⌋, and at
     least 1."""
     if workers < 1:
         raise ConfigError(f"workers must be at least 1, got {workers}")
-    if global_batch < workers:
+    if global_batch_size < workers:
         return 1
-    return min(initial_shares(global_batch, workers))
+    return min(initial_shares(global_batch_size, workers))
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +113,7 @@ class JobPlanner:
     """Owns the shares, caps, topology and dropped ranks of one job, and every decision on them.
 
     Args:
-        global_batch: Samples per optimizer step, summed over all ranks.
+        global_batch_size: Samples per optimizer step, summed over all ranks.
         world_size: Number of ranks.
         caps: Largest local batch per rank (see `memory_caps`), or None for no limit.
         initial: Configured shares before anything is measured (None: equal shares).
@@ -129,14 +131,14 @@ class JobPlanner:
     """
 
     def __init__(
-        self, global_batch: int, world_size: int, *, caps: Sequence[int] | None = None,
+        self, global_batch_size: int, world_size: int, *, caps: Sequence[int] | None = None,
         initial: Sequence[int] | None = None, rebalance: bool = True, nan_drop_after: int = 3,
         leaf_ratio: float = 1.8, config: PlannerConfig | None = None, hub_leaf: bool = True,
     ) -> None:
-        self.global_batch = global_batch
+        self.global_batch_size = global_batch_size
         self.world_size = world_size
         self.caps = None if caps is None else list(caps)
-        self.shares = initial_shares(global_batch, world_size, self.caps, initial)
+        self.shares = initial_shares(global_batch_size, world_size, self.caps, initial)
         self.rebalance = rebalance
         self.nan_drop_after = nan_drop_after
         self.leaf_ratio = leaf_ratio
@@ -165,7 +167,7 @@ class JobPlanner:
         for a full batch; for another size (an epoch's short last batch) a one-off plan from the
         fits, or in proportion to the shares in force before every rank is measured or without
         rebalancing."""
-        if batch_size == self.global_batch:
+        if batch_size == self.global_batch_size:
             return list(self.shares)
         return self.share_planner.plan_now(batch_size, self.shares, self.caps,
                                            measured=self.rebalance)
@@ -203,7 +205,7 @@ class JobPlanner:
                 self._nonfinite_streak[rank] = 0
             if limit and self._nonfinite_streak[rank] >= limit and rank not in self.dropped:
                 self.dropped.add(rank)
-                big = self.global_batch
+                big = self.global_batch_size
                 self.caps = [0 if q in self.dropped else (self.caps[q] if self.caps else big)
                              for q in range(self.world_size)]
                 if sum(self.caps) < big:
@@ -217,10 +219,10 @@ class JobPlanner:
         models = self.share_planner.models()
         if self._vote_topology(step, models) and all(m is not None for m in models):
             self.shares = allocate_shares(
-                self.global_batch, models, self.caps  # type: ignore[arg-type]
+                self.global_batch_size, models, self.caps  # type: ignore[arg-type]
             )
             return
-        new = self.share_planner.decide(step, self.shares, self.global_batch, self.caps)
+        new = self.share_planner.decide(step, self.shares, self.global_batch_size, self.caps)
         if new is not None:
             self.shares = list(new)
 
@@ -232,7 +234,7 @@ class JobPlanner:
         # Compute time per sample at an equal share is the role-independent measure of a
         # worker's speed (robust to how a noisy fit splits α from β); a worker several times
         # slower than the fastest stalls every ring phase.
-        equal = self.global_batch / self.world_size
+        equal = self.global_batch_size / self.world_size
         slowness = [
             (m.compute_fixed_s + m.compute_per_sample_s * equal) / equal  # type: ignore[union-attr]
             for m in models

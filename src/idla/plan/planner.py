@@ -62,13 +62,13 @@ class SharePlanner:
         return min(self.config.noise_factor * median, self.config.max_noise_gain)
 
     def decide(
-        self, step: int, current: Sequence[int], global_batch: int,
+        self, step: int, current: Sequence[int], global_batch_size: int,
         caps: Sequence[int] | None = None,
     ) -> list[int] | None:
-        """New shares for `global_batch`, or None to keep `current`."""
+        """New shares for `global_batch_size`, or None to keep `current`."""
         # the controller's threshold is max(min_gain, 2 × noise)
         return self.controller.decide(
-            step, current, self.models(), global_batch, caps, self.noise_gain() / 2.0
+            step, current, self.models(), global_batch_size, caps, self.noise_gain() / 2.0
         )
 
     def plan_now(

@@ -38,31 +38,31 @@ many float ulps and the closed-form count below is off by at most one."""
 
 
 def allocate_shares(
-    global_batch: int, models: Sequence[StepModel], caps: Sequence[int] | None = None
+    global_batch_size: int, models: Sequence[StepModel], caps: Sequence[int] | None = None
 ) -> list[int]:
     """Local batch sizes that minimize the predicted slowest step.
 
     Args:
-        global_batch: Samples per step across all workers (≥ 1).
+        global_batch_size: Samples per step across all workers (≥ 1).
         models: One step-time model per worker.
         caps: Largest local batch each worker's memory holds, or None for no limit.
 
     Returns:
-        Non-negative local batches, one per worker, summing exactly to ``global_batch``.
+        Non-negative local batches, one per worker, summing exactly to ``global_batch_size``.
 
     Raises:
         PlanError: If the batch, the models or the caps are invalid, or the caps cannot hold the
             global batch.
     """
-    if global_batch < 1:
-        raise PlanError(f"global_batch must be >= 1, got {global_batch}")
-    fleet = _Fleet(models, caps, global_batch)
-    level = fleet.water_level(global_batch)
+    if global_batch_size < 1:
+        raise PlanError(f"global_batch_size must be >= 1, got {global_batch_size}")
+    fleet = _Fleet(models, caps, global_batch_size)
+    level = fleet.water_level(global_batch_size)
     upper = fleet.counts(level)
     lower = fleet.counts(math.nextafter(level, -math.inf))
     extra = upper - lower
     before = np.cumsum(extra) - extra
-    taken = np.clip(global_batch - lower.sum() - before, 0.0, extra)
+    taken = np.clip(global_batch_size - lower.sum() - before, 0.0, extra)
     shares: list[int] = (lower + taken).astype(np.int64).tolist()
     return shares
 
@@ -109,7 +109,7 @@ class _Fleet:
     """The workers' models and caps as arrays, with the counting passes of the bisection."""
 
     def __init__(
-        self, models: Sequence[StepModel], caps: Sequence[int] | None, global_batch: int
+        self, models: Sequence[StepModel], caps: Sequence[int] | None, global_batch_size: int
     ) -> None:
         if not models:
             raise PlanError("models is empty: at least one worker is needed")
@@ -118,7 +118,7 @@ class _Fleet:
         self.per_sample_s = _field(models, "compute_per_sample_s")  # β, seconds per sample
         _check_models(self.comm_s, self.fixed_s, self.per_sample_s)
         self.base_s: _FloatArray = self.comm_s + self.fixed_s  # c + α, seconds
-        self.cap: _FloatArray = _cap_array(caps, len(models), global_batch)  # samples
+        self.cap: _FloatArray = _cap_array(caps, len(models), global_batch_size)  # samples
 
     def estimate(self, level_s: float) -> float:
         """Samples the workers take by ``level_s`` from the closed form, each within ±1."""
@@ -140,21 +140,21 @@ class _Fleet:
     def total(self, level_s: float) -> float:
         return float(self.counts(level_s).sum())
 
-    def water_level(self, global_batch: int) -> float:
-        """The smallest float ``T`` at which the workers can take ``global_batch`` samples."""
+    def water_level(self, global_batch_size: int) -> float:
+        """The smallest float ``T`` at which the workers can take ``global_batch_size`` samples."""
         inverse_sum = float(np.sum(1.0 / self.per_sample_s))
-        lo = float(self.base_s.min()) + 0.5 * global_batch / inverse_sum
-        if self.total(lo) >= global_batch:
+        lo = float(self.base_s.min()) + 0.5 * global_batch_size / inverse_sum
+        if self.total(lo) >= global_batch_size:
             lo = 0.0  # no sample finishes by 0 s because β > 0
-        hi = float(self.base_s.max()) + (global_batch + 2.0 * len(self.cap)) / inverse_sum
-        if self.total(hi) < global_batch:
+        hi = float(self.base_s.max()) + (global_batch_size + 2.0 * len(self.cap)) / inverse_sum
+        if self.total(hi) < global_batch_size:
             hi = float(self._step_s(self.cap).max())  # every worker full; caps hold the batch
         # The closed-form estimate is cheaper; it may disagree with the exact count within a
         # few ulps of a breakpoint, so its bracket is checked and widened before finishing.
-        lo_est, hi_est = _bisect(lo, hi, global_batch, self.estimate)
-        lo_est = _widen(lo_est, lo, global_batch, self.total, below=True)
-        hi_est = _widen(hi_est, hi, global_batch, self.total, below=False)
-        return _bisect(lo_est, hi_est, global_batch, self.total)[1]
+        lo_est, hi_est = _bisect(lo, hi, global_batch_size, self.estimate)
+        lo_est = _widen(lo_est, lo, global_batch_size, self.total, below=True)
+        hi_est = _widen(hi_est, hi, global_batch_size, self.total, below=False)
+        return _bisect(lo_est, hi_est, global_batch_size, self.total)[1]
 
 
 def _field(models: Sequence[StepModel], name: str) -> _FloatArray:
@@ -180,10 +180,10 @@ def _check_models(comm_s: _FloatArray, fixed_s: _FloatArray, per_sample_s: _Floa
         )
 
 
-def _cap_array(caps: Sequence[int] | None, n_workers: int, global_batch: int) -> _FloatArray:
-    """Per-worker caps as floats, lowered to ``global_batch`` (no worker needs more)."""
+def _cap_array(caps: Sequence[int] | None, n_workers: int, global_batch_size: int) -> _FloatArray:
+    """Per-worker caps as floats, lowered to ``global_batch_size`` (no worker needs more)."""
     if caps is None:
-        return np.full(n_workers, float(global_batch))
+        return np.full(n_workers, float(global_batch_size))
     if len(caps) != n_workers:
         raise PlanError(f"caps has {len(caps)} entries but there are {n_workers} workers")
     cap = np.asarray(caps, dtype=np.int64)
@@ -191,11 +191,11 @@ def _cap_array(caps: Sequence[int] | None, n_workers: int, global_batch: int) ->
         i = int(np.argmax(cap < 0))
         raise PlanError(f"caps[{i}] must be >= 0, got {cap[i]}")
     total = int(cap.sum())
-    if total < global_batch:
+    if total < global_batch_size:
         raise PlanError(
-            f"memory caps hold at most {total} samples but the global batch is {global_batch}"
+            f"memory caps hold at most {total} samples but the global batch is {global_batch_size}"
         )
-    return np.minimum(cap, global_batch).astype(np.float64)
+    return np.minimum(cap, global_batch_size).astype(np.float64)
 
 
 def _bits(x: float) -> int:

@@ -1,8 +1,9 @@
-"""Exactly-once data sharding: one seeded permutation per epoch, cut by the current shares."""
+"""Exactly-once data sharding: one seeded permutation per epoch, cut by the current shares; and
+the per-rank batches of the relaxed synchronization modes."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,20 +33,20 @@ class GlobalBatchSampler:
     sample appears exactly once per epoch. The last batch of an epoch holds the remainder.
     """
 
-    def __init__(self, dataset_size: int, global_batch: int, seed: int) -> None:
-        if global_batch < 1:
-            raise ConfigError(f"global batch must be at least 1, got {global_batch}")
-        if dataset_size < global_batch:
+    def __init__(self, dataset_size: int, global_batch_size: int, seed: int) -> None:
+        if global_batch_size < 1:
+            raise ConfigError(f"global batch must be at least 1, got {global_batch_size}")
+        if dataset_size < global_batch_size:
             raise ConfigError(
                 f"the data set has {dataset_size} samples, fewer than the global batch "
-                f"{global_batch}"
+                f"{global_batch_size}"
             )
         self.dataset_size = dataset_size
-        self.global_batch = global_batch
+        self.global_batch_size = global_batch_size
         self.seed = seed
 
     def steps_per_epoch(self) -> int:
-        return -(-self.dataset_size // self.global_batch)
+        return -(-self.dataset_size // self.global_batch_size)
 
     def permutation(self, epoch: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -54,8 +55,8 @@ class GlobalBatchSampler:
     def epoch(self, epoch: int) -> list[GlobalBatch]:
         order = self.permutation(epoch)
         return [
-            GlobalBatch(epoch, k, order[start : start + self.global_batch])
-            for k, start in enumerate(range(0, self.dataset_size, self.global_batch))
+            GlobalBatch(epoch, k, order[start : start + self.global_batch_size])
+            for k, start in enumerate(range(0, self.dataset_size, self.global_batch_size))
         ]
 
 
@@ -94,3 +95,25 @@ class BatchFetcher:
         batch = default_collate([self._dataset[i] for i in picked])
         parts = tuple(batch) if isinstance(batch, list | tuple) else (batch,)
         return parts if indices.numel() else tuple(t[:0] for t in parts)
+
+
+def local_batches(
+    dataset: TensorDataset, batch_size: int, seed: int, rank: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (inputs, targets) batches of exactly `batch_size` samples for one rank.
+
+    Epoch e visits a permutation seeded by (seed, rank, e), so each rank draws its own order and
+    a run is reproducible; the tail of an epoch shorter than a batch is dropped. Cost: one
+    permutation per epoch and one gather per batch.
+    """
+    images, labels = dataset.tensors
+    if not 1 <= batch_size <= len(labels):
+        raise ConfigError(f"async.batch_size must be in 1..{len(labels)}, got {batch_size}")
+    epoch = 0
+    while True:
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + rank) * 1_000_003 + epoch)
+        order = torch.randperm(len(labels), generator=generator)
+        for start in range(0, len(labels) - batch_size + 1, batch_size):
+            batch = order[start : start + batch_size]
+            yield images[batch], labels[batch]
+        epoch += 1

@@ -1,18 +1,41 @@
-"""What the router counts, and its Prometheus text exposition (format 0.0.4), without a client
-library: counters by status code, latency and router-overhead histograms, per-worker gauges."""
+"""What the router counts, exposed in Prometheus' text format (0.0.4) through prometheus-client:
+counters by status code, latency and router-overhead histograms, per-worker gauges.
+
+Each `ServeMetrics` has its own `CollectorRegistry` (never the process-wide one, so two servers
+in one process, or a user's own metrics, do not collide) holding one collector: itself. At each
+scrape it turns its counts and the router's live per-worker state into metric families, so what
+`/metrics` reports is read at that moment, never copied into gauges in between.
+"""
 
 from __future__ import annotations
 
 import bisect
 import math
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                      10.0)
 OVERHEAD_BUCKETS_S = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01)
 RECENT_SAMPLES = 100_000  # router-overhead samples kept for percentiles (bounded memory)
+WORKER_GAUGES = {  # metric: (help, key of the router's per-worker stats)
+    "idla_worker_up": ("Whether the worker is healthy.", "up"),
+    "idla_queue_requests": ("Requests queued for the worker.", "queued_requests"),
+    "idla_queue_rows": ("Rows queued for the worker.", "queued_rows"),
+    "idla_worker_max_batch_rows": ("The worker's batch limit.", "max_batch_rows"),
+    "idla_worker_capacity_requests_per_second": (
+        "Measured capacity with full batches.", "capacity_requests_per_s"),
+    "idla_worker_served_requests_total": ("Requests answered.", "served_requests"),
+}
 
 
 class Histogram:
@@ -29,15 +52,12 @@ class Histogram:
         self.sum_s += value_s
         self.count += 1
 
-    def render(self, name: str, help_text: str) -> list[str]:
-        lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
-        running = 0
+    def family(self, name: str, help_text: str) -> HistogramMetricFamily:
+        buckets, running = [], 0
         for bound, count in zip((*self.buckets_s, math.inf), self.counts, strict=True):
-            running += count
-            label = "+Inf" if math.isinf(bound) else f"{bound:g}"
-            lines.append(f'{name}_bucket{{le="{label}"}} {running}')
-        lines += [f"{name}_sum {self.sum_s:.9g}", f"{name}_count {self.count}"]
-        return lines
+            running += count  # `le` as before the client library: "1", not its "1.0"
+            buckets.append(("+Inf" if math.isinf(bound) else f"{bound:g}", float(running)))
+        return HistogramMetricFamily(name, help_text, buckets=buckets, sum_value=self.sum_s)
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
@@ -48,10 +68,6 @@ def percentile(values: Sequence[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))]
 
 
-def _escape(value: Any) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
 class ServeMetrics:
     """Counts kept by the HTTP layer; `render` adds the router's live per-worker state."""
 
@@ -60,6 +76,10 @@ class ServeMetrics:
         self.latency = Histogram(LATENCY_BUCKETS_S)
         self.overhead = Histogram(OVERHEAD_BUCKETS_S)
         self.recent_overhead_s: deque[float] = deque(maxlen=RECENT_SAMPLES)
+        self.registry = CollectorRegistry()
+        self._router: tuple[Sequence[dict[str, Any]], int, int, dict[str, Any] | None] = (
+            (), 0, 0, None)  # workers' stats, failovers, retried requests, last rollout
+        self.registry.register(self)
 
     def count(self, endpoint: str, status: int) -> None:
         self.requests[(endpoint, status)] += 1
@@ -71,38 +91,36 @@ class ServeMetrics:
 
     def render(self, workers: Sequence[dict[str, Any]], failovers: int, retried: int,
                rollout: dict[str, Any] | None) -> str:
-        lines = ["# HELP idla_requests_total HTTP requests by endpoint and status code.",
-                 "# TYPE idla_requests_total counter"]
+        """The text exposition of the counts and of this router state."""
+        self._router = (workers, failovers, retried, rollout)
+        return generate_latest(self.registry).decode()
+
+    def collect(self) -> Iterator[Metric]:
+        """The metric families, for the registry (prometheus-client's collector protocol)."""
+        requests = CounterMetricFamily("idla_requests", "HTTP requests by endpoint and status "
+                                       "code.", labels=["endpoint", "code"])
         for (endpoint, status), n in sorted(self.requests.items()):
-            lines.append(f'idla_requests_total{{endpoint="{endpoint}",code="{status}"}} {n}')
-        lines += self.latency.render("idla_request_latency_seconds",
-                                     "Time from a predict request's arrival to its response.")
-        lines += self.overhead.render("idla_router_overhead_seconds",
-                                      "Time a predict request spends in the router's own code.")
-        gauges = {
-            "idla_worker_up": ("Whether the worker is healthy.", "up"),
-            "idla_queue_requests": ("Requests queued for the worker.", "queued_requests"),
-            "idla_queue_rows": ("Rows queued for the worker.", "queued_rows"),
-            "idla_worker_max_batch_rows": ("The worker's batch limit.", "max_batch_rows"),
-            "idla_worker_capacity_requests_per_second": (
-                "Measured capacity with full batches.", "capacity_requests_per_s"),
-            "idla_worker_served_requests_total": ("Requests answered.", "served_requests"),
-        }
-        for name, (help_text, key) in gauges.items():
-            kind = "counter" if name.endswith("_total") else "gauge"
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-            lines += [f'{name}{{worker="{w["worker"]}"}} {float(w[key]):.9g}' for w in workers]
-        lines += ["# HELP idla_model_version_info Model version each worker serves.",
-                  "# TYPE idla_model_version_info gauge"]
-        lines += [f'idla_model_version_info{{worker="{w["worker"]}",version='
-                  f'"{_escape(w["version"])}"}} 1' for w in workers]
-        lines += ["# HELP idla_failovers_total Workers declared dead.",
-                  "# TYPE idla_failovers_total counter", f"idla_failovers_total {failovers}",
-                  "# HELP idla_retried_requests_total Requests moved to another worker.",
-                  "# TYPE idla_retried_requests_total counter",
-                  f"idla_retried_requests_total {retried}"]
+            requests.add_metric([endpoint, str(status)], n)
+        yield requests
+        yield self.latency.family("idla_request_latency_seconds",
+                                  "Time from a predict request's arrival to its response.")
+        yield self.overhead.family("idla_router_overhead_seconds",
+                                   "Time a predict request spends in the router's own code.")
+        workers, failovers, retried, rollout = self._router
+        for name, (help_text, key) in WORKER_GAUGES.items():
+            kind = CounterMetricFamily if name.endswith("_total") else GaugeMetricFamily
+            family = kind(name, help_text, labels=["worker"])
+            for worker in workers:
+                family.add_metric([str(worker["worker"])], float(worker[key]))
+            yield family
+        versions = GaugeMetricFamily("idla_model_version_info", "Model version each worker "
+                                     "serves.", labels=["worker", "version"])
+        for worker in workers:
+            versions.add_metric([str(worker["worker"]), str(worker["version"])], 1)
+        yield versions
+        yield CounterMetricFamily("idla_failovers", "Workers declared dead.", value=failovers)
+        yield CounterMetricFamily("idla_retried_requests", "Requests moved to another worker.",
+                                  value=retried)
         if rollout is not None:
-            lines += ["# HELP idla_rollout_skew_seconds Spread of the workers' switch times in "
-                      "the last model rollout.", "# TYPE idla_rollout_skew_seconds gauge",
-                      f"idla_rollout_skew_seconds {rollout['skew_s']:.9g}"]
-        return "\n".join(lines) + "\n"
+            yield GaugeMetricFamily("idla_rollout_skew_seconds", "Spread of the workers' switch "
+                                    "times in the last model rollout.", value=rollout["skew_s"])
