@@ -17,7 +17,7 @@ from idla.plan.job_planner import (
     memory_caps,
 )
 from idla.plan.topology import Topology
-from idla.runtime.stats import WIDTH, Stat
+from idla.runtime.stats import WIDTH, Stat, StepFlag
 
 PER_SAMPLE_S = [1e-4, 1e-4, 1e-4, 9e-4]  # rank 3 is nine times slower
 
@@ -39,7 +39,7 @@ def matrix(
             r[Stat.PREV_OTHER_S] = rng.uniform(1e-4, 1e-3)
         r[Stat.SAMPLES] = 0.0 if rank in nonfinite else float(b)
         r[Stat.LOSS_SUM] = 0.0 if rank in nonfinite else 2.0 * b
-        r[Stat.NONFINITE] = 1.0 if rank in nonfinite else 0.0
+        r[Stat.FLAGS] = float(StepFlag.NONFINITE) if rank in nonfinite else 0.0
         r[Stat.LATE_S] = rng.uniform(0.0, 3e-3) if rank in hub_of else 0.0
         rows.append(r)
     return rows

@@ -28,7 +28,7 @@ from idla.plan.planner import PlannerConfig, SharePlanner
 from idla.plan.shares import allocate_shares
 from idla.plan.topology import Topology, choose_topology
 from idla.profile.perf_model import StepModel
-from idla.runtime.stats import Stat
+from idla.runtime.stats import Stat, StepFlag, flags_of
 
 TOPOLOGY_PATIENCE_STEPS = 5
 """Consecutive steps that must ask for the same new topology before it is applied."""
@@ -198,7 +198,7 @@ class JobPlanner:
         """Count non-finite steps per rank; a repeat offender is planned no more samples."""
         limit = self.nan_drop_after
         for rank, r in enumerate(stats):
-            if r[Stat.NONFINITE]:
+            if flags_of(r) & StepFlag.NONFINITE:
                 self.nonfinite_steps[rank] += 1
                 self._nonfinite_streak[rank] += 1
             else:

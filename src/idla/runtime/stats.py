@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 
 import torch
 
@@ -17,11 +18,25 @@ class Stat(enum.IntEnum):
     PREV_OTHER_S = 4  # wall seconds of the previous step after its sync (optimizer, bookkeeping)
     SAMPLES = 5  # local batch of this step
     LOSS_SUM = 6  # local mean loss × local batch
-    NONFINITE = 7  # 1 if this rank's loss was not finite
+    FLAGS = 7  # this rank's `StepFlag`s, as a small integer
     LATE_S = 8  # written by this rank's hub: how long the hub waited for this leaf's gradient
 
 
 WIDTH = len(Stat)
+
+
+class StepFlag(enum.IntFlag):
+    """Bits of the `Stat.FLAGS` column. Each row is written by one rank only and the others
+    add zeros, so the integer arrives exactly."""
+
+    NONFINITE = 1  # this rank's loss or gradient was not finite (its contribution is dropped)
+    GRADLESS = 2  # a parameter the exchange covers has no ``.grad`` on this rank
+    TRAINABLE_CHANGED = 4  # this rank's set of trainable parameters is not the agreed one
+
+
+def flags_of(stats_row: Sequence[float]) -> StepFlag:
+    """The `StepFlag`s of one row of a statistics matrix."""
+    return StepFlag(int(stats_row[Stat.FLAGS]))
 
 
 def row(
@@ -33,7 +48,11 @@ def row(
     samples: int,
     loss_sum: float,
     nonfinite: bool,
+    flags: int = 0,
 ) -> torch.Tensor:
+    """One rank's statistics row (WIDTH,); `nonfinite` adds `StepFlag.NONFINITE` to `flags`."""
+    if nonfinite:
+        flags |= StepFlag.NONFINITE
     values = [
         compute_s,
         compute_cpu_s,
@@ -42,7 +61,7 @@ def row(
         prev_other_s,
         float(samples),
         loss_sum,
-        1.0 if nonfinite else 0.0,
+        float(flags),
         0.0,  # LATE_S: filled in by the hub
     ]
     return torch.tensor(values, dtype=torch.float32)
