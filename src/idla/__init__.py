@@ -34,7 +34,7 @@ from idla.compress import (
     parse_codec,
 )
 from idla.elastic.membership import ElasticConfig
-from idla.errors import ConfigError, IdlaError
+from idla.errors import ConfigError, GradientError, IdlaError
 from idla.report import write_json_atomic
 from idla.runtime.checkpoint import load_checkpoint
 
@@ -60,6 +60,7 @@ __all__ = [
     "ElasticConfig",
     "ElasticState",
     "ErrorFeedback",
+    "GradientError",
     "Fp16",
     "IdlaError",
     "NoCompression",

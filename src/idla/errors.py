@@ -19,3 +19,8 @@ class EmulationError(IdlaError, RuntimeError):
 
 class ReplicaMismatchError(IdlaError, RuntimeError):
     """Replicas diverged: parameter hashes differ across ranks."""
+
+
+class GradientError(IdlaError, RuntimeError):
+    """A gradient the exchange cannot make exact (a foreign ``.grad`` with values in it, a
+    sparse gradient, ranks that disagree on which parameters train); the message names it."""

@@ -152,6 +152,8 @@ def test_size_rule_wraps_the_compressed_exchange_around_the_plain_all_reduce() -
     # Prepare: gradients of ones; the "compressed exchange" doubles what it is given
     params = _params((48, 64), (8,))
     split = SizeRule(params, Group(), WIDTH, parse_codec("fp16"), min_compress_numel=16)
+    for p in params:
+        p.grad = torch.zeros_like(p)  # start_step points a .grad that is a tensor at its view
     split.start_step()
     for p in params:
         assert p.grad is not None

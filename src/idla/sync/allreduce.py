@@ -9,6 +9,11 @@ of backward. A small matrix of per-rank statistics (world_size × width) rides a
 last bucket: each rank fills its own row and the sum hands every rank everybody's timings, so
 all ranks plan identically without an extra collective.
 
+Accumulation (`continue_step`, then `begin_backward(final=False)` for the micro-batches under
+``no_sync``) adds each micro-batch's gradient into the buffer with no communication; buckets
+start only during the final backward, and a leaf sends what it accumulated over the whole step.
+What a script does to ``.grad`` is handled by `idla.sync.grad_views.GradViews`.
+
 Ranks that are leaves of the `Topology` do not join the ring: they send their whole buffer to
 their hub, which adds it in before reducing, and receive the reduced buffer back. The result is
 bit-identical on every rank: the ring's output is identical on its members and hubs copy it.
@@ -28,6 +33,7 @@ from torch import nn
 
 from idla.plan.topology import Topology
 from idla.runtime.group import Group, Work
+from idla.sync.grad_views import GradViews
 
 
 class GradientSync:
@@ -70,14 +76,14 @@ class GradientSync:
             size_bytes += p.numel() * p.element_size()
         total = sum(p.numel() for p in self.params) + stats_numel
         self.flat = torch.zeros(total, dtype=dtype, device=device)  # (params + stats,)
-        self._grad_views: list[tuple[nn.Parameter, torch.Tensor]] = []
+        grad_views: list[tuple[nn.Parameter, torch.Tensor]] = []
         self._bucket_slices: list[slice] = []
         self._bucket_index: dict[int, int] = {}
         offset = 0
         for index, bucket in enumerate(self.buckets):
             start = offset
             for p in bucket:
-                self._grad_views.append((p, self.flat[offset : offset + p.numel()].view_as(p)))
+                grad_views.append((p, self.flat[offset : offset + p.numel()].view_as(p)))
                 self._bucket_index[id(p)] = index
                 offset += p.numel()
             end = total if index == len(self.buckets) - 1 else offset
@@ -91,15 +97,16 @@ class GradientSync:
         self._leaf_bufs: dict[int, torch.Tensor] = {}  # a whole buffer per sending leaf
         self._leaf_rows: dict[int, torch.Tensor] = {}  # a statistics row per idle leaf
         self._leaf_recvs: list[tuple[int, Work]] = []
-        self._my_share = 0
+        self._my_share = 0  # this rank's share in the step's first micro-batch
+        self._window: list[int] = []  # every rank's samples so far in this step
+        self._hold = False  # a backward under no_sync: gradients stay here
         self._sending_leaves: list[int] = []
         self._idle_leaves: list[int] = []
         self._leaves_added = False
         self._send_buf: torch.Tensor | None = None
         self._pending_sends: list[Work] = []
         self.topology = Topology.ring(group.world_size)
-        for p in self.params:
-            p.register_post_accumulate_grad_hook(self._on_grad_ready)
+        self.views = GradViews(grad_views, on_ready=self._on_grad_ready)
 
     @property
     def is_leaf(self) -> bool:
@@ -122,9 +129,10 @@ class GradientSync:
         A leaf with no samples this step has no gradient to give: it sends only its row of
         statistics, so it costs its hub nothing but a few bytes."""
         self.flat.zero_()
-        for p, view in self._grad_views:
-            p.grad = view
+        self.views.point()
         self._ready = [0] * len(self.buckets)
+        self._hold = False
+        self._window = list(shares)
         self._next_launch = 0
         self._works = []
         self._leaves_added = False
@@ -138,7 +146,29 @@ class GradientSync:
         self._sending_leaves = [leaf for leaf in leaves if shares[leaf] > 0]
         self._idle_leaves = [leaf for leaf in leaves if shares[leaf] == 0]
 
+    def continue_step(self, shares: Sequence[int]) -> None:
+        """Another micro-batch of the same step: the buffer keeps what it holds. A leaf that
+        had no samples in the first micro-batch and has some now sends its row (already
+        posted) and then its whole buffer, which is received here too."""
+        self._window = [a + b for a, b in zip(self._window, shares, strict=True)]
+        for leaf in self.topology.leaves_of(self.group.rank):
+            if leaf in self._idle_leaves and self._window[leaf] > 0:
+                self._idle_leaves.remove(leaf)
+                self._sending_leaves.append(leaf)
+                self._leaf_recvs.append(
+                    (leaf, self.group.irecv(self._leaf_bufs[leaf], leaf)))
+
+    def begin_backward(self, final: bool) -> None:
+        """Claim the ``.grad`` fields (`GradViews.claim`); `final`: this backward ends the
+        step, so its buckets may start as they fill; otherwise (``no_sync``) nothing leaves."""
+        self.views.claim()
+        self._hold = not final
+        if final:
+            self._ready = [0] * len(self.buckets)
+
     def _on_grad_ready(self, param: torch.Tensor) -> None:
+        if self._hold:
+            return
         index = self._bucket_index[id(param)]
         self._ready[index] += 1
         if self.early_launch and not self.is_leaf:
@@ -192,8 +222,10 @@ class GradientSync:
         self.stats[self.group.rank].copy_(stats_row)
         if self.is_leaf:
             hub = self.topology.hub_of[self.group.rank]
-            payload = self.flat if self._my_share > 0 else self.stats[self.group.rank]
-            self.group.wait(self.group.isend(payload, hub))
+            if self._my_share == 0:  # the hub posted a receive for the row only
+                self.group.wait(self.group.isend(self.stats[self.group.rank], hub))
+            if self._window[self.group.rank] > 0:
+                self.group.wait(self.group.isend(self.flat, hub))
             self.group.wait(self.group.irecv(self.flat, hub))
             return self.stats.clone()
         self._launch(final=True)
@@ -229,3 +261,4 @@ class GradientSync:
         for work in self._pending_sends:
             self.group.wait(work)
         self._pending_sends = []
+        self.views.release()

@@ -29,6 +29,7 @@ from idla.profile.probe import measure_link_bandwidth
 from idla.runtime.group import Group
 from idla.runtime.stats import Stat
 from idla.sync.compressed import CompressedExchange, compressed_exchange
+from idla.sync.grad_views import GradViews
 
 
 class AutoCodecExchange:
@@ -79,8 +80,18 @@ class AutoCodecExchange:
     def codec(self) -> Codec:
         return self.exchange.codec
 
+    @property
+    def views(self) -> GradViews:
+        return self.exchange.views
+
     def start_step(self, shares: Sequence[int]) -> None:
         self.exchange.start_step(shares)
+
+    def continue_step(self, shares: Sequence[int]) -> None:
+        self.exchange.continue_step(shares)
+
+    def begin_backward(self, final: bool) -> None:
+        self.exchange.begin_backward(final)
 
     def drop_local_gradient(self) -> None:
         self.exchange.drop_local_gradient()
@@ -94,6 +105,7 @@ class AutoCodecExchange:
     def _swap(self, codec: Codec) -> None:
         """Run `codec` from the next step on (all ranks, between steps)."""
         old = self.exchange
+        old.views.release()
         self.exchange = compressed_exchange(
             old.params, self.group, self.stats_width, codec, error_feedback=old.error_feedback,
             min_compress_numel=self.min_compress_numel, seed=self.seed,

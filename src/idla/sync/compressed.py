@@ -67,6 +67,7 @@ class CodecExchange:
         self.params = self.split.params
         self.grads = self.split.grads
         self.payload_bytes = self.split.payload_bytes
+        self.views = self.split.views
 
     @property
     def steps_done(self) -> int:
@@ -74,6 +75,13 @@ class CodecExchange:
 
     def start_step(self, shares: Sequence[int]) -> None:
         self.split.start_step()
+
+    def continue_step(self, shares: Sequence[int]) -> None:
+        """Another micro-batch of the step: the buffer keeps accumulating; nothing to do."""
+
+    def begin_backward(self, final: bool) -> None:
+        """Claim the ``.grad`` fields; nothing leaves before `finish` either way."""
+        self.views.claim()
 
     def drop_local_gradient(self) -> None:
         self.split.drop_local_gradient()
@@ -152,7 +160,8 @@ class CodecExchange:
         return fixed_report(self.codec, self.error_feedback, self.payload_bytes)
 
     def close(self) -> None:
-        """Nothing is left in flight after `finish`."""
+        """Nothing is left in flight after `finish`; the hooks go."""
+        self.views.release()
 
 
 CompressedExchange = CodecExchange | PowerSGDExchange

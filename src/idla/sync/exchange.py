@@ -3,13 +3,24 @@
 Every rank drives its exchange through the same calls, in the same order:
 
     exchange.start_step(shares)        # zero the buffer, point every ``.grad`` into it
+    exchange.begin_backward(final)     # take back any ``.grad`` the script replaced
     (loss × b/B).backward()            # this rank's gradient, weighted by its share
     exchange.drop_local_gradient()     # optional: contribute nothing (a non-finite gradient)
     stats = exchange.finish(row)       # every ``.grad`` holds the sum; everybody's statistics
     exchange.after_step(step, stats)   # learn from the step (only auto's codec choice does)
 
 and between steps `set_topology`, `state_dict` / `load_state_dict` (what a checkpoint keeps)
-and `report`; `close` at the end. The implementations:
+and `report`; `close` at the end.
+
+With gradient accumulation (``Agent.no_sync``) a step has several micro-batches: the first
+starts with `start_step`, each further one with `continue_step(shares)`, and every backward but
+the last is announced with ``begin_backward(final=False)``: gradients add up in the buffer and
+nothing is sent until the final backward and `finish`.
+
+The ``.grad`` fields are kept by `views` (`idla.sync.grad_views.GradViews`), with DDP's
+semantics for ``zero_grad(set_to_none=True)``, replaced tensors and unused parameters.
+
+The implementations:
 
 - `idla.sync.allreduce.GradientSync`: exact fp32, bucketed, overlapping backward; the only one
   that supports hub/leaf topologies;
@@ -30,6 +41,7 @@ import torch
 from torch import nn
 
 from idla.plan.topology import Topology
+from idla.sync.grad_views import GradViews
 
 
 @runtime_checkable
@@ -46,11 +58,23 @@ class GradientExchange(Protocol):
         `finish`, the summed gradient."""
 
     @property
+    def views(self) -> GradViews:
+        """The parameter/view pairs of the buffer and the hooks that keep ``.grad`` in it."""
+
+    @property
     def supports_leaves(self) -> bool:
         """Whether `set_topology` accepts hub/leaf topologies (else: the ring only)."""
 
     def start_step(self, shares: Sequence[int]) -> None:
         """Prepare the step in which rank r computes over ``shares[r]`` samples."""
+
+    def continue_step(self, shares: Sequence[int]) -> None:
+        """Another micro-batch of the current step, rank r computing over ``shares[r]``
+        samples; the buffer keeps what it holds."""
+
+    def begin_backward(self, final: bool) -> None:
+        """Before each backward of the step: claim back every ``.grad`` (`GradViews.claim`);
+        `final`: the step's last backward (its gradients may start leaving as they fill)."""
 
     def drop_local_gradient(self) -> None:
         """Contribute nothing this step; before `finish`."""

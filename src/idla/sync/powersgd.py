@@ -58,6 +58,7 @@ class PowerSGDExchange:
         self.params = self.split.params
         self.grads = self.split.grads
         self.payload_bytes = self.split.payload_bytes
+        self.views = self.split.views
         self.warm_q: dict[str, torch.Tensor] = {}  # (n, r) per tensor key, same on all ranks
 
     @property
@@ -66,6 +67,13 @@ class PowerSGDExchange:
 
     def start_step(self, shares: Sequence[int]) -> None:
         self.split.start_step()
+
+    def continue_step(self, shares: Sequence[int]) -> None:
+        """Another micro-batch of the step: the buffer keeps accumulating; nothing to do."""
+
+    def begin_backward(self, final: bool) -> None:
+        """Claim the ``.grad`` fields; nothing leaves before `finish` either way."""
+        self.views.claim()
 
     def drop_local_gradient(self) -> None:
         self.split.drop_local_gradient()
@@ -139,4 +147,5 @@ class PowerSGDExchange:
         return fixed_report(self.codec, self.error_feedback, self.payload_bytes)
 
     def close(self) -> None:
-        """Nothing is left in flight after `finish`."""
+        """Nothing is left in flight after `finish`; the hooks go."""
+        self.views.release()

@@ -27,6 +27,7 @@ from torch import nn
 from idla.compress import Codec, ErrorFeedback, compresses
 from idla.plan.topology import Topology
 from idla.runtime.group import Group
+from idla.sync.grad_views import GradViews
 
 
 class SizeRule:
@@ -59,12 +60,14 @@ class SizeRule:
         self.stats = self.flat[total - stats_numel :].view(group.world_size, stats_width)
         large = [p for p in self.params if compresses(codec, p.shape, min_compress_numel)]
         chosen = {id(p) for p in large}
-        self._views: list[tuple[nn.Parameter, torch.Tensor]] = []
+        pairs: list[tuple[nn.Parameter, torch.Tensor]] = []
         offset = 0
         for p in [*large, *(p for p in self.params if id(p) not in chosen)]:
-            self._views.append((p, self.flat[offset : offset + p.numel()].view_as(p)))
+            pairs.append((p, self.flat[offset : offset + p.numel()].view_as(p)))
             offset += p.numel()
-        self.large = [(keys[id(p)], view) for p, view in self._views[: len(large)]]
+        self.views = GradViews(pairs)
+        """Keeps every ``.grad`` in this buffer whatever the script does to it."""
+        self.large = [(keys[id(p)], view) for p, view in pairs[: len(large)]]
         """(key, gradient view) of every tensor to compress, in model order."""
         self._plain_start = sum(p.numel() for p in large)
         self.payload_bytes = sum(codec.wire_bytes(v.shape) for _, v in self.large) + 4 * (
@@ -73,10 +76,9 @@ class SizeRule:
         """Bytes of gradient this rank contributes per step (codec payloads + small tensors)."""
 
     def start_step(self) -> None:
-        """Zero the buffer and point every ``.grad`` into it."""
+        """Zero the buffer and point every ``.grad`` into it (`GradViews.point`)."""
         self.flat.zero_()
-        for p, view in self._views:
-            p.grad = view
+        self.views.point()
 
     def drop_local_gradient(self) -> None:
         self.grads.zero_()
