@@ -9,16 +9,26 @@
 
 Run as one process, or under `torchrun --nproc-per-node N`: the agent measures every worker,
 gives each the share of the global batch it can carry, and keeps the replicas exactly in sync.
+
+What a plain PyTorch script does keeps working, exactly:
+
+- ``optimizer.zero_grad(set_to_none=True)`` anywhere, ``.grad`` set to None or to zeros, and
+  parameters unused on some or all ranks follow DDP's reducer (`idla.sync.grad_views`);
+- ``requires_grad_`` changed after the agent exists: see `idla.agent.trainable`;
+- gradient accumulation: ``with agent.no_sync(): agent.backward(loss / K)`` for all but the
+  last of K micro-batches, each a global batch of its own (`Agent.no_sync`);
+- ``agent.backward(loss, reduction="sum")`` for a loss summed over the share.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -26,15 +36,20 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from idla.agent.config import AgentConfig
+from idla.agent.coverage import TrainableSet, rebuild_exchange, settle_step
 from idla.agent.exchange import make_sync
 from idla.agent.history import StepHistory, agent_report, stragglers
+from idla.agent.window import StepWindow, refuse_open_steps
 from idla.errors import ConfigError, ReplicaMismatchError
 from idla.plan.job_planner import JobPlanner, memory_caps
 from idla.plan.observer import JobObserver
 from idla.plan.topology import Topology
 from idla.runtime.data import BatchFetcher, GlobalBatch, GlobalBatchSampler, local_slice
 from idla.runtime.group import Group
-from idla.runtime.stats import WIDTH, Stat, row
+from idla.runtime.stats import WIDTH, Stat, StepFlag, flags_of, row
+
+REDUCTIONS = ("mean", "sum")
+"""What `Agent.backward` accepts as the loss: the mean over this rank's share, or the sum."""
 
 
 class Agent:
@@ -65,6 +80,7 @@ class Agent:
         self._broadcast_initial_state()
         limits = self._gather_memory_limits()
         self.sync = make_sync(config, list(self.model.parameters()), self.group, WIDTH)
+        self._trainable = TrainableSet(self.model, self.sync.params)
         self.planner = JobPlanner(
             config.global_batch_size, self.group.world_size,
             caps=memory_caps(limits, config.global_batch_size),
@@ -77,6 +93,8 @@ class Agent:
         self._history = StepHistory(config.history_steps)
         self._batch: GlobalBatch | None = None
         self._batch_shares: list[int] = []
+        self._window = StepWindow.empty(self.group.world_size)  # the step's micro-batches
+        self._no_sync = False
         self._awaiting_backward = False
         self._step_start = 0.0
         self._step_cpu = 0.0
@@ -84,6 +102,9 @@ class Agent:
         self._prev_sync_s = 0.0
         self._prev_comm_cpu_s = 0.0
         self._prev_other_s = 0.0
+        self._last_size = 0  # global samples of the last step
+        self._step_hook = (None if optimizer is None
+                           else refuse_open_steps(optimizer, lambda: self.accumulating))
 
     @property
     def rank(self) -> int:
@@ -140,24 +161,51 @@ class Agent:
         limits = [int(t.item()) for t in self.group.all_gather(cap)]
         return [None if c < 0 else c for c in limits]
 
+    @property
+    def accumulating(self) -> bool:
+        """Whether the step is open: the last backward ran under `no_sync`, so this rank's
+        gradients hold micro-batches that have not been exchanged yet."""
+        return self._window.micro_batches > 0
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward without exchange, for gradient accumulation (DDP's idiom)::
+
+            for i, (x, y) in enumerate(agent.batches(epoch)):
+                if (i + 1) % K:
+                    with agent.no_sync():
+                        agent.backward(loss_fn(model(x), y) / K)
+                else:
+                    agent.backward(loss_fn(model(x), y) / K)   # exchanges the sum
+                    optimizer.step()
+
+        Each micro-batch is a global batch of `agent.batches` (every rank gets its share of
+        each); gradients add up in the flat buffer, and the first backward outside `no_sync`
+        exchanges their sum and ends the step: the result is what one process gets running
+        the same loop over the same global batches. The planner sees one step per exchange,
+        with the samples and compute seconds of all its micro-batches; the NaN guard drops a
+        rank's whole step if any of its micro-batches was non-finite. ``optimizer.step()``
+        while the step is open would apply this rank's own gradients, and is refused
+        (`GradientError`)."""
+        before = self._no_sync
+        self._no_sync = True
+        try:
+            yield
+        finally:
+            self._no_sync = before
+
     def batches(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
         """This rank's part of every global batch of `epoch`, in order, from `start_batch` on
         (a resumed run continues inside the epoch it was saved in)."""
         for batch in self.sampler.epoch(epoch)[start_batch:]:
             shares = self.planner.shares_for(batch.size)
-            now = time.perf_counter()
-            if self._sync_end is not None:
-                self._prev_other_s = now - self._sync_end
-                self._history.record_rate(
-                    self._batch.size / (now - self._step_start) if self._batch else 0.0
-                )
-            every = self.config.check_every_steps
-            if every and self.step and self.step % every == 0:
-                self.check_replicas()
-            self._step_start = time.perf_counter()
-            self._step_cpu = time.process_time()
+            if self.accumulating:
+                self.sync.continue_step(shares)
+            else:
+                self._begin_step()
+                self.sync.start_step(shares)
+            self._window.add(batch.size, shares)
             self._batch, self._batch_shares = batch, shares
-            self.sync.start_step(shares)
             indices = batch.indices[local_slice(shares, self.rank)]
             parts = self._fetcher.fetch(indices)
             self._awaiting_backward = True
@@ -165,24 +213,75 @@ class Agent:
             if self._awaiting_backward:
                 raise RuntimeError("call agent.backward(loss) once for every batch")
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Backward of this rank's mean loss, then the exact weighted sync of all gradients."""
+    def _begin_step(self) -> None:
+        """Between steps: last step's timings, the periodic replica check, a rebuild of the
+        exchange when parameters were unfrozen; then the step's clocks start."""
+        now = time.perf_counter()
+        if self._sync_end is not None:
+            self._prev_other_s = now - self._sync_end
+            self._history.record_rate(self._last_size / (now - self._step_start))
+        every = self.config.check_every_steps
+        if every and self.step and self.step % every == 0:
+            self.check_replicas()
+        if self._trainable.rebuild_pending:
+            self._rebuild_sync()
+        self._step_start = time.perf_counter()
+        self._step_cpu = time.process_time()
+
+    def _rebuild_sync(self) -> None:
+        config, group = self.config, self.group
+        self.sync = rebuild_exchange(
+            self.sync, self.model, lambda params: make_sync(config, params, group, WIDTH))
+        self.sync.set_topology(self.topology)
+        self._trainable = TrainableSet(self.model, self.sync.params)
+
+    def backward(self, loss: torch.Tensor, reduction: Literal["mean", "sum"] = "mean") -> None:
+        """Backward of this rank's loss; outside `no_sync`, then the exact weighted exchange of
+        all gradients (inside, they accumulate here).
+
+        `reduction`: what `loss` is over this rank's share of the global batch: "mean" (e.g.
+        ``F.cross_entropy(..)``'s default), scaled by share / global batch so that the
+        exchanged gradient is the gradient of the mean over the global batch; or "sum"
+        (``reduction="sum"``), left as it is so that the exchanged gradient is that of the sum
+        over the global batch. Either is exact at any shares.
+
+        Raises:
+            ConfigError: `reduction` is neither "mean" nor "sum".
+        """
+        if reduction not in REDUCTIONS:
+            raise ConfigError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if not self._awaiting_backward or self._batch is None:
             raise RuntimeError("agent.backward() must follow a batch from agent.batches()")
-        local = self._batch_shares[self.rank]
-        loss_sum, nonfinite = 0.0, False
-        guard = self.config.nan_guard
+        final = not self._no_sync
+        self.sync.begin_backward(final)
+        local, window = self._batch_shares[self.rank], self._window
         if local > 0:
-            loss_sum = float(loss.detach()) * local
+            value = float(loss.detach())
+            loss_sum = value * local if reduction == "mean" else value
             nonfinite = not math.isfinite(loss_sum)
-            if not (guard and nonfinite):
-                (loss * (local / self._batch.size)).backward()
-            if guard and not nonfinite:
-                nonfinite = not bool(torch.isfinite(self.sync.grads).all())
-            if guard and nonfinite:
-                self.sync.drop_local_gradient()
-                loss_sum, local = 0.0, 0
+            if not (self.config.nan_guard and nonfinite):
+                scaled = loss * (local / self._batch.size) if reduction == "mean" else loss
+                scaled.backward()
+            window.record(local, loss_sum, nonfinite)
+        self._awaiting_backward = False
+        if final:
+            self._exchange()
+
+    def _exchange(self) -> None:
+        """End the step: the NaN guard, the exchange, what every rank learns from it."""
+        window, guard = self._window, self.config.nan_guard
+        local, loss_sum, nonfinite = window.local, window.loss_sum, window.nonfinite
+        if guard and local > 0 and not nonfinite:
+            nonfinite = not bool(torch.isfinite(self.sync.grads).all())
+        if guard and nonfinite:
+            self.sync.drop_local_gradient()
+            loss_sum, local = 0.0, 0
         compute_end, compute_cpu_end = time.perf_counter(), time.process_time()
+        flags = StepFlag(0)
+        if any(self.sync.views.gradless()):
+            flags |= StepFlag.GRADLESS
+        if self._trainable.changed():
+            flags |= StepFlag.TRAINABLE_CHANGED
         stats_row = row(
             compute_s=compute_end - self._step_start,
             compute_cpu_s=compute_cpu_end - self._step_cpu,
@@ -192,31 +291,42 @@ class Agent:
             samples=local,
             loss_sum=loss_sum,
             nonfinite=nonfinite,
+            flags=flags,
         )
         stats = self.sync.finish(stats_row.to(self.sync.grads.device))
+        table = stats.double().cpu().tolist()
+        seen = StepFlag(0)
+        for r in table:
+            seen |= flags_of(r)
+        extra = settle_step(self.sync, self._trainable, self.group, seen, self.step,
+                            drop=guard and nonfinite)
         self._sync_end = time.perf_counter()
         self._prev_sync_s = self._sync_end - compute_end
         self._prev_comm_cpu_s = time.process_time() - compute_cpu_end
-        self._awaiting_backward = False
         if guard:
-            self._reweight(int(stats[:, Stat.SAMPLES].sum().item()), self._batch.size)
-        self._absorb(stats.double().cpu().tolist())
+            self._reweight(int(stats[:, Stat.SAMPLES].sum().item()), window.size, extra)
+        self._last_size = window.size
+        self._absorb(table, window.shares)
+        self._window = StepWindow.empty(self.world_size)
         self.step += 1
 
-    def _reweight(self, valid: int, size: int) -> None:
-        """Make the summed gradient the mean over the samples that were kept: × size / valid;
-        with none kept there is no gradient, and optimizers skip the step."""
+    def _reweight(self, valid: int, size: int, extra: Sequence[torch.Tensor] = ()) -> None:
+        """Make the summed gradient the mean over the samples that were kept: × size / valid
+        (for a "sum" loss: the sum the whole batch would have had at that mean); with none
+        kept there is no gradient, and optimizers skip the step."""
         if valid == size:
             return
         if valid == 0:
-            for p in self.sync.params:
+            for p in [*self.sync.params, *self._trainable.uncovered()]:
                 p.grad = None
             return
         self.sync.grads.mul_(size / valid)
+        for grad in extra:
+            grad.mul_(size / valid)
 
-    def _absorb(self, stats: list[list[float]]) -> None:
+    def _absorb(self, stats: list[list[float]], shares: list[int]) -> None:
         """Learn from everybody's statistics; identical on every rank, so the plan is too."""
-        shares, topology = self._batch_shares, self.topology.describe()
+        topology = self.topology.describe()
         plan = self.planner.absorb(self.step, stats, shares)
         if plan.topology_changed:
             self.sync.set_topology(plan.topology)
@@ -258,9 +368,11 @@ class Agent:
         """Finish pending sends, check the replicas one last time, release the group."""
         if self._sync_end is not None and self._batch is not None:
             self._history.record_rate(
-                self._batch.size / max(time.perf_counter() - self._step_start, 1e-9)
+                self._last_size / max(time.perf_counter() - self._step_start, 1e-9)
             )
             self._sync_end = None
+        if self._step_hook is not None:
+            self._step_hook.remove()
         self.sync.close()
         if self.config.check_every_steps and self.step:
             self.check_replicas()

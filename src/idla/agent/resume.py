@@ -51,8 +51,12 @@ def save_agent(
     writes; the others wait for its outcome. Cost: one all-gather of the per-rank state.
 
     Raises:
-        ConfigError: On every rank, if rank 0 could not write the checkpoint.
+        ConfigError: On every rank, if rank 0 could not write the checkpoint, or if the step
+            is open (micro-batches under ``no_sync`` not exchanged yet).
     """
+    if agent.accumulating:
+        raise ConfigError("cannot checkpoint in the middle of a step: micro-batches under "
+                          "agent.no_sync() have not been exchanged yet")
     per_rank: dict[str, Tensor] = {"rng.torch": torch.get_rng_state()}
     per_rank.update({f"sync.{k}": v for k, v in agent.sync.state_dict().items()})
     gathered = _gather_per_rank(agent, per_rank)
