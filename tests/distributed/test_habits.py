@@ -1,0 +1,83 @@
+"""Every PyTorch habit gives what one process gives (float64, 1e-9), or fails loudly.
+
+One launch per world runs every habit (shared processes keep the module fast); each habit's
+idla run is compared with a single-process reference computed in the worker from the same
+initial model and the same global batches in the same order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from idla.errors import IdlaError
+from idla.runtime.launch import launch_local
+from tests.distributed import habit_workers
+from tests.distributed.habit_workers import BATCHES, GLOBAL_BATCH, HABITS, K
+
+WORLDS = {"one-process": (1, None), "two-equal": (2, None), "two-uneven": (2, [9, 3])}
+_results: dict[str, list[dict[str, Any]]] = {}
+
+
+def _run(world: str) -> list[dict[str, Any]]:
+    if world not in _results:
+        size, shares = WORLDS[world]
+        _results[world] = launch_local(habit_workers.run_habits, (HABITS, shares), size)
+    return _results[world]
+
+
+@pytest.mark.parametrize("habit", HABITS)
+@pytest.mark.parametrize("world", list(WORLDS))
+def test_habit_gives_the_single_process_result(world: str, habit: str) -> None:
+    # Execute
+    results = _run(world)
+
+    # Assert: rank 0 equals one process; every replica holds the same parameters
+    assert results[0][habit]["max_abs_diff"] < 1e-9
+    assert all(r[habit]["params"] == results[0][habit]["params"] for r in results)
+
+
+@pytest.mark.parametrize("world", list(WORLDS))
+def test_accumulation_is_one_step_per_exchange_with_the_samples_summed(world: str) -> None:
+    # Prepare
+    size, shares = WORLDS[world]
+    plan = shares or [GLOBAL_BATCH // size] * size
+
+    # Execute
+    run = _run(world)[0]["accumulate"]
+
+    # Assert: the planner and the history saw one step per exchange, K micro-batches each
+    assert run["steps"] == BATCHES // K
+    assert run["shares"] == [[K * s for s in plan]] * (BATCHES // K)
+
+
+def test_nan_guard_drops_the_whole_accumulated_step_once() -> None:
+    # Execute
+    run = _run("two-uneven")[0]["accumulate_nan_on_rank_1"]
+
+    # Assert: rank 1 was non-finite in one micro-batch: one step left out, not three
+    assert run["nonfinite_steps"] == [0, 1]
+    assert run["steps"] == BATCHES // K
+
+
+def test_fp16_codec_ignores_zero_grad_set_to_none() -> None:
+    results = launch_local(habit_workers.fp16_zero_grad, (), 2)
+
+    assert all(r["equal"] for r in results)
+
+
+def test_ranks_that_disagree_on_trainable_parameters_stop() -> None:
+    with pytest.raises(IdlaError, match="train a different set of parameters"):
+        launch_local(habit_workers.trainable_mismatch, (), 2)
+
+
+def test_mistakes_fail_loudly_with_their_cause() -> None:
+    # Execute
+    messages = launch_local(habit_workers.local_errors, (), 1)[0]
+
+    # Assert
+    assert messages["bad_reduction"].startswith("ConfigError: reduction must be")
+    assert messages["foreign_grad_with_values"].startswith("GradientError: parameter")
+    assert "replaced by a tensor holding values" in messages["foreign_grad_with_values"]
+    assert messages["step_inside_window"].startswith("GradientError: optimizer.step()")
