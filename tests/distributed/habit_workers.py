@@ -15,12 +15,16 @@ from torch.utils.data import TensorDataset
 
 from idla import Agent, AgentConfig, GradientError
 from idla.errors import ConfigError
+from idla.plan.topology import Topology
 from idla.runtime.data import GlobalBatchSampler, local_slice
 from idla.runtime.group import Group
 
 GLOBAL_BATCH = 12
 BATCHES = 9  # one epoch; three steps of K = 3 micro-batches
 K = 3
+LEAF_IDLE, LEAF_BUSY = [12, 0], [9, 3]
+"""Shares of "accumulate_leaf_joins_mid_step" (two ranks): each step's first micro-batch
+gives rank 1 nothing, the others give it samples, so a leaf joins the exchange mid-step."""
 GUARDED = {"zero_grad_none_after_step", "accumulate_zero_grad_none", "accumulate_nan_on_rank_1"}
 """Habits run with the NaN guard (which holds buckets to the end); the others let buckets
 start during backward, so a gradient must be in its view before its hook launches it."""
@@ -40,6 +44,7 @@ HABITS = [
     "accumulate_nan_on_rank_1",
     "sum_loss",
     "sum_loss_accumulate",
+    "accumulate_leaf_joins_mid_step",
 ]
 
 
@@ -85,6 +90,7 @@ class Loop:
     no_sync: Callable[[], contextlib.AbstractContextManager[Any]]
     begin_step: Callable[[], None]
     rank: int
+    set_shares: Callable[[list[int]], None] = lambda _: None
 
 
 def script(habit: str, loop: Loop, model: Net, optimizer: torch.optim.Optimizer) -> None:
@@ -110,9 +116,13 @@ def script(habit: str, loop: Loop, model: Net, optimizer: torch.optim.Optimizer)
         if (i + 1) % micro:
             with loop.no_sync():
                 loop.backward(loss, reduction)
+            if habit == "accumulate_leaf_joins_mid_step":
+                loop.set_shares(LEAF_BUSY)
             continue
         loop.backward(loss, reduction)
         optimizer.step()
+        if habit == "accumulate_leaf_joins_mid_step":
+            loop.set_shares(LEAF_IDLE)  # the next step starts with rank 1 idle
         if habit in ("zero_grad_none_after_step", "accumulate_zero_grad_none"):
             optimizer.zero_grad(set_to_none=True)
 
@@ -156,9 +166,12 @@ def _flat(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def run_habits(habits: list[str], shares: list[int] | None) -> dict[str, Any]:
-    """Every habit under idla (fixed `shares`, None: equal) against one process; rank 0
-    returns the largest parameter difference per habit, every rank its parameters."""
+def run_habits(
+    habits: list[str], shares: list[int] | None, leaves: dict[int, int] | None = None
+) -> dict[str, Any]:
+    """Every habit under idla (fixed `shares`, None: equal; `leaves`: leaf -> hub) against
+    one process; rank 0 returns the largest parameter difference per habit, every rank its
+    parameters."""
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
     owner = Group()
@@ -168,10 +181,17 @@ def run_habits(habits: list[str], shares: list[int] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for habit in habits:
         model, optimizer = _fresh(habit)
+        joins = habit == "accumulate_leaf_joins_mid_step" and world == 2
         agent = Agent(model, optimizer, dataset, group=Group(), config=AgentConfig(
-            global_batch_size=GLOBAL_BATCH, initial_shares=plan, rebalance=False,
-            check_every_steps=2, bucket_cap_bytes=128, nan_guard=habit in GUARDED))
+            global_batch_size=GLOBAL_BATCH, initial_shares=LEAF_IDLE if joins else plan,
+            rebalance=False, check_every_steps=2, bucket_cap_bytes=128,
+            nan_guard=habit in GUARDED))
+        if leaves:
+            core = tuple(r for r in range(world) if r not in leaves)
+            agent.set_topology(Topology(world, core, leaves))
         loop = _idla_loop(agent)
+        if joins:
+            loop.set_shares = lambda new, agent=agent: setattr(agent, "shares", new)
         script(habit, loop, model, optimizer)
         agent.close()
         reference = _reference(habit, dataset, plan)
@@ -191,14 +211,15 @@ def fp16_zero_grad() -> dict[str, Any]:
     the parameters it gives without it."""
     torch.set_num_threads(1)
     owner = Group()
-    dataset = _dataset([GLOBAL_BATCH // owner.world_size] * owner.world_size)
+    dataset = _dataset([9, 3])
     dataset = TensorDataset(dataset.tensors[0].float(), dataset.tensors[1])
     params = {}
     for habit in ("plain", "zero_grad_none_before_forward"):
         model, optimizer = _fresh(habit)
         model.float()
         agent = Agent(model, optimizer, dataset, group=Group(), config=AgentConfig(
-            global_batch_size=GLOBAL_BATCH, compress="fp16", min_compress_numel=16))
+            global_batch_size=GLOBAL_BATCH, compress="fp16", min_compress_numel=16,
+            initial_shares=[9, 3], rebalance=False))  # measured shares would differ per run
         loop = _idla_loop(agent)
         script(habit, loop, model, optimizer)
         agent.close()

@@ -16,14 +16,18 @@ from idla.runtime.launch import launch_local
 from tests.distributed import habit_workers
 from tests.distributed.habit_workers import BATCHES, GLOBAL_BATCH, HABITS, K
 
-WORLDS = {"one-process": (1, None), "two-equal": (2, None), "two-uneven": (2, [9, 3])}
+WORLDS: dict[str, tuple[int, list[int] | None, dict[int, int]]] = {
+    "one-process": (1, None, {}), "two-equal": (2, None, {}), "two-uneven": (2, [9, 3], {}),
+    "two-hub-leaf": (2, [9, 3], {1: 0}),  # rank 1 sends its buffer to rank 0 and back
+}
 _results: dict[str, list[dict[str, Any]]] = {}
 
 
 def _run(world: str) -> list[dict[str, Any]]:
     if world not in _results:
-        size, shares = WORLDS[world]
-        _results[world] = launch_local(habit_workers.run_habits, (HABITS, shares), size)
+        size, shares, leaves = WORLDS[world]
+        _results[world] = launch_local(habit_workers.run_habits, (HABITS, shares, leaves),
+                                       size)
     return _results[world]
 
 
@@ -41,7 +45,7 @@ def test_habit_gives_the_single_process_result(world: str, habit: str) -> None:
 @pytest.mark.parametrize("world", list(WORLDS))
 def test_accumulation_is_one_step_per_exchange_with_the_samples_summed(world: str) -> None:
     # Prepare
-    size, shares = WORLDS[world]
+    size, shares, _ = WORLDS[world]
     plan = shares or [GLOBAL_BATCH // size] * size
 
     # Execute
