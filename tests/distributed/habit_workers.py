@@ -167,11 +167,12 @@ def _flat(model: nn.Module) -> torch.Tensor:
 
 
 def run_habits(
-    habits: list[str], shares: list[int] | None, leaves: dict[int, int] | None = None
+    habits: list[str], shares: list[int] | None, leaves: dict[int, int] | None = None,
+    fp16: bool = False,
 ) -> dict[str, Any]:
     """Every habit under idla (fixed `shares`, None: equal; `leaves`: leaf -> hub) against
     one process; rank 0 returns the largest parameter difference per habit, every rank its
-    parameters."""
+    parameters. `fp16`: also `fp16_zero_grad`'s check, under "fp16"."""
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
     owner = Group()
@@ -202,16 +203,16 @@ def run_habits(
             "shares": [list(s) for s in agent.history["shares"]],
             "nonfinite_steps": list(agent.nonfinite_steps),
         }
+    if fp16:
+        out["fp16"] = fp16_zero_grad(shares or plan)
     owner.close()
     return out
 
 
-def fp16_zero_grad() -> dict[str, Any]:
-    """The fp16 codec with ``zero_grad(set_to_none=True)`` before forward gives bit for bit
-    the parameters it gives without it."""
-    torch.set_num_threads(1)
-    owner = Group()
-    dataset = _dataset([9, 3])
+def fp16_zero_grad(shares: list[int]) -> dict[str, Any]:
+    """The fp16 codec (float32) with ``zero_grad(set_to_none=True)`` before forward gives bit
+    for bit the parameters it gives without it."""
+    dataset = _dataset(shares)
     dataset = TensorDataset(dataset.tensors[0].float(), dataset.tensors[1])
     params = {}
     for habit in ("plain", "zero_grad_none_before_forward"):
@@ -219,12 +220,11 @@ def fp16_zero_grad() -> dict[str, Any]:
         model.float()
         agent = Agent(model, optimizer, dataset, group=Group(), config=AgentConfig(
             global_batch_size=GLOBAL_BATCH, compress="fp16", min_compress_numel=16,
-            initial_shares=[9, 3], rebalance=False))  # measured shares would differ per run
+            initial_shares=shares, rebalance=False))  # measured shares would differ per run
         loop = _idla_loop(agent)
         script(habit, loop, model, optimizer)
         agent.close()
         params[habit] = _flat(model)
-    owner.close()
     return {"equal": torch.equal(params["plain"], params["zero_grad_none_before_forward"])}
 
 

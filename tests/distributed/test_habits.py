@@ -26,8 +26,9 @@ _results: dict[str, list[dict[str, Any]]] = {}
 def _run(world: str) -> list[dict[str, Any]]:
     if world not in _results:
         size, shares, leaves = WORLDS[world]
-        _results[world] = launch_local(habit_workers.run_habits, (HABITS, shares, leaves),
-                                       size)
+        fp16 = world == "two-uneven"
+        _results[world] = launch_local(habit_workers.run_habits,
+                                       (HABITS, shares, leaves, fp16), size)
     return _results[world]
 
 
@@ -66,9 +67,9 @@ def test_nan_guard_drops_the_whole_accumulated_step_once() -> None:
 
 
 def test_fp16_codec_ignores_zero_grad_set_to_none() -> None:
-    results = launch_local(habit_workers.fp16_zero_grad, (), 2)
+    results = _run("two-uneven")
 
-    assert all(r["equal"] for r in results)
+    assert all(r["fp16"]["equal"] for r in results)
 
 
 def test_ranks_that_disagree_on_trainable_parameters_stop() -> None:
