@@ -18,6 +18,7 @@ from idla.runtime.checkpoint import load_checkpoint
 from idla.runtime.group import Group
 from idla.runtime.stats import WIDTH
 from idla.sync.compressed import CompressedExchange, compressed_exchange
+from idla.sync.size_rule import CompressedSetup
 
 
 def _model() -> torch.nn.Module:
@@ -26,8 +27,9 @@ def _model() -> torch.nn.Module:
 
 
 def _exchange(model: torch.nn.Module, codec: str) -> CompressedExchange:
-    return compressed_exchange(list(model.parameters()), Group(), WIDTH, parse_codec(codec),
-                               error_feedback=ErrorFeedback(), min_compress_numel=16)
+    setup = CompressedSetup(list(model.parameters()), Group(), WIDTH, ErrorFeedback(),
+                            min_compress_numel=16)
+    return compressed_exchange(setup, parse_codec(codec))
 
 
 def _step(sync: CompressedExchange, model: torch.nn.Module, seed: int) -> list[torch.Tensor]:

@@ -17,7 +17,7 @@ from idla.sync.autocodec import AutoCodecExchange
 from idla.sync.compressed import CodecExchange, compressed_exchange
 from idla.sync.exchange import GradientExchange
 from idla.sync.powersgd import PowerSGDExchange
-from idla.sync.size_rule import SizeRule
+from idla.sync.size_rule import CompressedSetup, SizeRule
 
 REPORT_KEYS = ["codec", "error_feedback", "payload_bytes_per_step", "reason", "decisions"]
 
@@ -27,20 +27,23 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 48), nn.Tanh(), nn.Linear(48, 10))
 
 
+def _setup(model: nn.Module) -> CompressedSetup:
+    return CompressedSetup(list(model.parameters()), Group(), WIDTH, ErrorFeedback(),
+                           min_compress_numel=16)
+
+
 def _exact(model: nn.Module) -> GradientExchange:
     return GradientSync(list(model.parameters()), Group(), WIDTH)
 
 
 def _codec(spec: str) -> Callable[[nn.Module], GradientExchange]:
     def build(model: nn.Module) -> GradientExchange:
-        return compressed_exchange(list(model.parameters()), Group(), WIDTH, parse_codec(spec),
-                                   error_feedback=ErrorFeedback(), min_compress_numel=16)
+        return compressed_exchange(_setup(model), parse_codec(spec))
     return build
 
 
 def _auto(model: nn.Module) -> GradientExchange:
-    return AutoCodecExchange(list(model.parameters()), Group(), WIDTH,
-                             error_feedback=ErrorFeedback(), min_compress_numel=16)
+    return AutoCodecExchange(_setup(model))
 
 
 BUILDERS = {"exact": _exact, "fp16": _codec("fp16"), "topk": _codec("topk:0.05"),

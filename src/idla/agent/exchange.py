@@ -14,6 +14,7 @@ from idla.sync.allreduce import GradientSync
 from idla.sync.autocodec import AutoCodecExchange
 from idla.sync.compressed import compressed_exchange
 from idla.sync.exchange import GradientExchange
+from idla.sync.size_rule import CompressedSetup
 
 
 def make_sync(
@@ -26,9 +27,9 @@ def make_sync(
     if codec is not None and codec.name == "none":
         return GradientSync(params, group, stats_width, config.bucket_cap_bytes,
                             late_column=Stat.LATE_S, early_launch=not config.nan_guard)
-    error_feedback = ErrorFeedback() if config.error_feedback else None
+    setup = CompressedSetup(params, group, stats_width,
+                            ErrorFeedback() if config.error_feedback else None,
+                            config.min_compress_numel, config.seed)
     if codec is None:
-        return AutoCodecExchange(params, group, stats_width, error_feedback=error_feedback,
-                                 min_compress_numel=config.min_compress_numel, seed=config.seed)
-    return compressed_exchange(params, group, stats_width, codec, error_feedback=error_feedback,
-                               min_compress_numel=config.min_compress_numel, seed=config.seed)
+        return AutoCodecExchange(setup)
+    return compressed_exchange(setup, codec)

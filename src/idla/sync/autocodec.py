@@ -22,14 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from idla.compress import Codec, ErrorFeedback, parse_codec
+from idla.compress import Codec, parse_codec
 from idla.plan.compression import CANDIDATES, CodecChoice, choose_codec, link_changed
 from idla.plan.topology import Topology
 from idla.profile.probe import measure_link_bandwidth
-from idla.runtime.group import Group
 from idla.runtime.stats import Stat
 from idla.sync.compressed import CompressedExchange, compressed_exchange
 from idla.sync.grad_views import GradViews
+from idla.sync.size_rule import CompressedSetup
 
 
 class AutoCodecExchange:
@@ -39,27 +39,18 @@ class AutoCodecExchange:
 
     def __init__(
         self,
-        params: Sequence[nn.Parameter],
-        group: Group,
-        stats_width: int,
+        setup: CompressedSetup,
         *,
-        error_feedback: ErrorFeedback | None,
-        min_compress_numel: int = 1024,
-        seed: int = 0,
         probe_steps: int = 3,
         recheck_every_steps: int = 20,
         probe_bytes: int = 128 * 1024,
     ) -> None:
-        self.group = group
-        self.stats_width = stats_width
-        self.min_compress_numel = min_compress_numel
-        self.seed = seed
+        self.setup = setup
+        self.group = setup.group
         self.probe_steps = probe_steps
         self.recheck_every_steps = recheck_every_steps
         self.probe_bytes = probe_bytes
-        self.exchange: CompressedExchange = compressed_exchange(
-            params, group, stats_width, parse_codec(CANDIDATES[-1]),
-            error_feedback=error_feedback, min_compress_numel=min_compress_numel, seed=seed)
+        self.exchange: CompressedExchange = compressed_exchange(setup, parse_codec(CANDIDATES[-1]))
         self.shapes = [p.shape for p in self.exchange.params]
         self.choice: CodecChoice | None = None
         self.bandwidth_bytes_per_s: float | None = None
@@ -104,12 +95,8 @@ class AutoCodecExchange:
 
     def _swap(self, codec: Codec) -> None:
         """Run `codec` from the next step on (all ranks, between steps)."""
-        old = self.exchange
-        old.views.release()
-        self.exchange = compressed_exchange(
-            old.params, self.group, self.stats_width, codec, error_feedback=old.error_feedback,
-            min_compress_numel=self.min_compress_numel, seed=self.seed,
-            steps_done=old.steps_done)
+        self.exchange.views.release()
+        self.exchange = compressed_exchange(self.setup, codec, self.exchange.steps_done)
 
     def _measure_link(self) -> float | None:
         mine = measure_link_bandwidth(self.probe_bytes, repeats=2)
@@ -138,7 +125,7 @@ class AutoCodecExchange:
         self.bandwidth_bytes_per_s = self._measure_link()
         compute_s = statistics.median(self._compute_s[-self.probe_steps :])
         choice = choose_codec(self.shapes, self.group.world_size, compute_s,
-                              self.bandwidth_bytes_per_s, self.min_compress_numel)
+                              self.bandwidth_bytes_per_s, self.setup.min_compress_numel)
         codec = parse_codec(choice.spec)
         if codec.name != self.codec.name:
             self._swap(codec)

@@ -25,79 +25,27 @@ re-compress what it sums.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
-
 import torch
-from torch import nn
 
-from idla.compress import Codec, ErrorFeedback, PowerSGD, Transport, pack, unpack
-from idla.plan.topology import Topology
-from idla.runtime.group import Group
+from idla.compress import Codec, PowerSGD, Transport, pack, unpack
 from idla.sync.powersgd import PowerSGDExchange
-from idla.sync.size_rule import SizeRule, fixed_report
+from idla.sync.size_rule import CompressedSetup, SplitExchange
 
 
-class CodecExchange:
+class CodecExchange(SplitExchange):
     """The compressed exchange of one step through an ALLREDUCE or ALLGATHER codec."""
 
-    supports_leaves = False
-
-    def __init__(
-        self,
-        params: Sequence[nn.Parameter],
-        group: Group,
-        stats_width: int,
-        codec: Codec,
-        *,
-        error_feedback: ErrorFeedback | None,
-        min_compress_numel: int = 1024,
-        seed: int = 0,
-        steps_done: int = 0,
-    ) -> None:
-        """`error_feedback`: the residuals, per tensor key (None: off); `seed` and the step
-        count seed random-k's shared positions."""
+    def __init__(self, setup: CompressedSetup, codec: Codec, steps_done: int = 0) -> None:
+        """`setup.seed` and the step count seed random-k's shared positions."""
         if codec.transport not in (Transport.ALLREDUCE, Transport.ALLGATHER):
             raise ValueError(f"{codec.name} is not a stateless codec; see compressed_exchange")
-        self.group = group
-        self.codec = codec
-        self.error_feedback = error_feedback
-        self.seed = seed
-        self.split = SizeRule(params, group, stats_width, codec, min_compress_numel, steps_done)
-        self.params = self.split.params
-        self.grads = self.split.grads
-        self.payload_bytes = self.split.payload_bytes
-        self.views = self.split.views
+        super().__init__(setup, codec, steps_done)
 
-    @property
-    def steps_done(self) -> int:
-        return self.split.steps_done
-
-    def start_step(self, shares: Sequence[int]) -> None:
-        self.split.start_step()
-
-    def continue_step(self, shares: Sequence[int]) -> None:
-        """Another micro-batch of the step: the buffer keeps accumulating; nothing to do."""
-
-    def begin_backward(self, final: bool) -> None:
-        """Claim the ``.grad`` fields; nothing leaves before `finish` either way."""
-        self.views.claim()
-
-    def drop_local_gradient(self) -> None:
-        self.split.drop_local_gradient()
-
-    def finish(self, stats_row: torch.Tensor) -> torch.Tensor:
-        """Write this rank's statistics, exchange everything, return everybody's statistics;
-        afterwards every ``.grad`` holds the (compressed) global gradient."""
+    def _exchange_large(self) -> None:
         if self.codec.transport is Transport.ALLREDUCE:
-            return self.split.finish(stats_row, self._allreduce_codec)
-        return self.split.finish(stats_row, self._allgather_codec)
-
-    def after_step(self, step: int, stats: Sequence[Sequence[float]]) -> None:
-        """Nothing to learn: the codec is fixed."""
-
-    def set_topology(self, topology: Topology) -> None:
-        self.split.set_topology(topology)
+            self._allreduce_codec()
+        else:
+            self._allgather_codec()
 
     def _seed(self, index: int) -> int:
         return (self.seed * 1_000_003 + self.split.steps_done) * 4099 + index
@@ -146,42 +94,14 @@ class CodecExchange:
                                            seed=self._seed(index))
                 start += count
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Error-feedback residuals (``ef.<key>``) and the step counter that seeds random-k."""
-        return self.split.state_dict(self.error_feedback)
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Restore `state_dict`'s output; shapes are checked against this model's tensors. A
-        warm Q (``q.<key>``, saved while PowerSGD ran) is checked and dropped: a stateless
-        codec has none, and a switch to PowerSGD starts from a fresh Q."""
-        self.split.load_state_dict(state, self.error_feedback)
-
-    def report(self) -> dict[str, Any]:
-        return fixed_report(self.codec, self.error_feedback, self.payload_bytes)
-
-    def close(self) -> None:
-        """Nothing is left in flight after `finish`; the hooks go."""
-        self.views.release()
-
 
 CompressedExchange = CodecExchange | PowerSGDExchange
 
 
 def compressed_exchange(
-    params: Sequence[nn.Parameter],
-    group: Group,
-    stats_width: int,
-    codec: Codec,
-    *,
-    error_feedback: ErrorFeedback | None,
-    min_compress_numel: int = 1024,
-    seed: int = 0,
-    steps_done: int = 0,
+    setup: CompressedSetup, codec: Codec, steps_done: int = 0
 ) -> CompressedExchange:
     """The exchange `codec` needs: PowerSGD's own (stateful), or the stateless codecs' one."""
     if isinstance(codec, PowerSGD):
-        return PowerSGDExchange(params, group, stats_width, codec, error_feedback=error_feedback,
-                                min_compress_numel=min_compress_numel, seed=seed,
-                                steps_done=steps_done)
-    return CodecExchange(params, group, stats_width, codec, error_feedback=error_feedback,
-                         min_compress_numel=min_compress_numel, seed=seed, steps_done=steps_done)
+        return PowerSGDExchange(setup, codec, steps_done)
+    return CodecExchange(setup, codec, steps_done)

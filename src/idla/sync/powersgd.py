@@ -20,74 +20,24 @@ tensor, and with error feedback one fp32 residual of each.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
 
 import torch
-from torch import nn
 
-from idla.compress import ErrorFeedback, PowerSGD
-from idla.plan.topology import Topology
-from idla.runtime.group import Group, Work
-from idla.sync.size_rule import SizeRule, fixed_report
+from idla.compress import PowerSGD
+from idla.runtime.group import Work
+from idla.sync.size_rule import CompressedSetup, SplitExchange
 
 
-class PowerSGDExchange:
+class PowerSGDExchange(SplitExchange):
     """The low-rank exchange of one step, and the warm Q it carries to the next."""
 
-    supports_leaves = False
+    codec: PowerSGD
 
-    def __init__(
-        self,
-        params: Sequence[nn.Parameter],
-        group: Group,
-        stats_width: int,
-        codec: PowerSGD,
-        *,
-        error_feedback: ErrorFeedback | None,
-        min_compress_numel: int = 1024,
-        seed: int = 0,
-        steps_done: int = 0,
-    ) -> None:
-        """`seed` seeds every tensor's initial Q (the same on all ranks)."""
-        self.group = group
-        self.codec = codec
-        self.error_feedback = error_feedback
-        self.seed = seed
-        self.split = SizeRule(params, group, stats_width, codec, min_compress_numel, steps_done)
-        self.params = self.split.params
-        self.grads = self.split.grads
-        self.payload_bytes = self.split.payload_bytes
-        self.views = self.split.views
+    def __init__(self, setup: CompressedSetup, codec: PowerSGD, steps_done: int = 0) -> None:
+        """`setup.seed` seeds every tensor's initial Q (the same on all ranks)."""
+        super().__init__(setup, codec, steps_done)
         self.warm_q: dict[str, torch.Tensor] = {}  # (n, r) per tensor key, same on all ranks
-
-    @property
-    def steps_done(self) -> int:
-        return self.split.steps_done
-
-    def start_step(self, shares: Sequence[int]) -> None:
-        self.split.start_step()
-
-    def continue_step(self, shares: Sequence[int]) -> None:
-        """Another micro-batch of the step: the buffer keeps accumulating; nothing to do."""
-
-    def begin_backward(self, final: bool) -> None:
-        """Claim the ``.grad`` fields; nothing leaves before `finish` either way."""
-        self.views.claim()
-
-    def drop_local_gradient(self) -> None:
-        self.split.drop_local_gradient()
-
-    def finish(self, stats_row: torch.Tensor) -> torch.Tensor:
-        """Write this rank's statistics, exchange everything, return everybody's statistics;
-        afterwards every ``.grad`` holds the low-rank global gradient."""
-        return self.split.finish(stats_row, self._exchange_low_rank)
-
-    def after_step(self, step: int, stats: Sequence[Sequence[float]]) -> None:
-        """Nothing to learn: the rank is fixed."""
-
-    def set_topology(self, topology: Topology) -> None:
-        self.split.set_topology(topology)
 
     def _wait(self, work: Work | None) -> None:
         if work is not None:
@@ -98,7 +48,7 @@ class PowerSGDExchange:
             return grad.clone()
         return self.error_feedback.corrected(key, grad)
 
-    def _exchange_low_rank(self) -> None:
+    def _exchange_large(self) -> None:
         codec = self.codec
         matrices, ps = [], []
         for index, (key, grad) in enumerate(self.split.large):
@@ -142,10 +92,3 @@ class PowerSGDExchange:
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore `state_dict`'s output; shapes are checked against this model's tensors."""
         self.warm_q = self.split.load_state_dict(state, self.error_feedback)
-
-    def report(self) -> dict[str, Any]:
-        return fixed_report(self.codec, self.error_feedback, self.payload_bytes)
-
-    def close(self) -> None:
-        """Nothing is left in flight after `finish`; the hooks go."""
-        self.views.release()

@@ -19,6 +19,7 @@ the statistics.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,6 +29,24 @@ from idla.compress import Codec, ErrorFeedback, compresses
 from idla.plan.topology import Topology
 from idla.runtime.group import Group
 from idla.sync.grad_views import GradViews
+
+
+@dataclass(frozen=True, slots=True)
+class CompressedSetup:
+    """What every compressed exchange of one run is built from; `auto` keeps it to build the
+    exchange of each codec it switches to."""
+
+    params: Sequence[nn.Parameter]
+    """The model's parameters (the trainable ones are exchanged), in model order."""
+    group: Group
+    stats_width: int
+    """Columns of the statistics matrix that travels with the plain part."""
+    error_feedback: ErrorFeedback | None
+    """The residuals per tensor key, one object for the whole run (None: off)."""
+    min_compress_numel: int = 1024
+    """Tensors with fewer elements travel plain, with the statistics."""
+    seed: int = 0
+    """Seeds random-k's shared positions and PowerSGD's initial Q (the same on all ranks)."""
 
 
 class SizeRule:
@@ -131,6 +150,77 @@ class SizeRule:
         if "steps_done" in state:
             self.steps_done = int(state["steps_done"].item())
         return warm_q
+
+
+class SplitExchange:
+    """A compressed exchange around the size rule: everything but the collectives that move
+    the compressed tensors, which a subclass adds in `_exchange_large`."""
+
+    supports_leaves = False
+
+    def __init__(self, setup: CompressedSetup, codec: Codec, steps_done: int = 0) -> None:
+        """`steps_done`: steps already exchanged (a codec switch continues the count)."""
+        self.setup = setup
+        self.group = setup.group
+        self.codec = codec
+        self.error_feedback = setup.error_feedback
+        self.seed = setup.seed
+        self.split = SizeRule(setup.params, setup.group, setup.stats_width, codec,
+                              setup.min_compress_numel, steps_done)
+        self.params = self.split.params
+        self.grads = self.split.grads
+        self.payload_bytes = self.split.payload_bytes
+        self.views = self.split.views
+
+    @property
+    def steps_done(self) -> int:
+        return self.split.steps_done
+
+    def start_step(self, shares: Sequence[int]) -> None:
+        self.split.start_step()
+
+    def continue_step(self, shares: Sequence[int]) -> None:
+        """Another micro-batch of the step: the buffer keeps accumulating; nothing to do."""
+
+    def begin_backward(self, final: bool) -> None:
+        """Claim the ``.grad`` fields; nothing leaves before `finish` either way."""
+        self.views.claim()
+
+    def drop_local_gradient(self) -> None:
+        self.split.drop_local_gradient()
+
+    def finish(self, stats_row: torch.Tensor) -> torch.Tensor:
+        """Write this rank's statistics, exchange everything, return everybody's statistics;
+        afterwards every ``.grad`` holds the (compressed) global gradient."""
+        return self.split.finish(stats_row, self._exchange_large)
+
+    def _exchange_large(self) -> None:
+        """Sum the compressed tensors (`self.split.large`) over the ranks, in place."""
+        raise NotImplementedError
+
+    def after_step(self, step: int, stats: Sequence[Sequence[float]]) -> None:
+        """Nothing to learn: the configuration fixed the codec."""
+
+    def set_topology(self, topology: Topology) -> None:
+        self.split.set_topology(topology)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Error-feedback residuals (``ef.<key>``) and the step counter that seeds random-k.
+        Tensors only, for safetensors."""
+        return self.split.state_dict(self.error_feedback)
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore `state_dict`'s output; shapes are checked against this model's tensors. A
+        warm Q (``q.<key>``, saved while PowerSGD ran) is checked and dropped: only the
+        PowerSGD exchange keeps one, and a switch to PowerSGD starts from a fresh Q."""
+        self.split.load_state_dict(state, self.error_feedback)
+
+    def report(self) -> dict[str, Any]:
+        return fixed_report(self.codec, self.error_feedback, self.payload_bytes)
+
+    def close(self) -> None:
+        """Nothing is left in flight after `finish`; the hooks go."""
+        self.views.release()
 
 
 def fixed_report(
