@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import numbers
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from idla.compress import Codec, parse_codec
 from idla.errors import ConfigError
@@ -58,6 +60,7 @@ class AgentConfig:
         return parse_compress(self.compress)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.global_batch_size < 1:
             raise ConfigError(f"global_batch_size must be at least 1, got {self.global_batch_size}")
         if self.check_every_steps < 0:
@@ -81,6 +84,42 @@ class AgentConfig:
                 f"initial_shares {shares} must be non-negative and sum to the global batch "
                 f"{self.global_batch_size}"
             )
+
+
+def _is_int(value: Any) -> bool:
+    """An integer of any kind (numpy's included), but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+_TYPE_CHECKS = {
+    "int": ("an integer", _is_int),
+    "float": ("a number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)),
+    "bool": ("True or False", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "list[int]": ("a list of integers",
+                  lambda v: isinstance(v, list | tuple) and all(_is_int(x) for x in v)),
+    "PlannerConfig": ("a PlannerConfig", lambda v: isinstance(v, PlannerConfig)),
+}
+
+
+def _check_types(config: AgentConfig) -> None:
+    """Every field of the type it declares, so that a float or str global batch stops here
+    rather than as a TypeError steps later (a bool is not taken for an integer); other
+    integer types (numpy's) become Python integers."""
+    for spec in fields(config):
+        value = getattr(config, spec.name)
+        declared = str(spec.type)
+        optional = declared.endswith(" | None")
+        if value is None and optional:
+            continue
+        kind = declared.removesuffix(" | None")
+        what, ok = _TYPE_CHECKS[kind]
+        if not ok(value):
+            none = " or None" if optional else ""
+            raise ConfigError(f"{spec.name} must be {what}{none}, got {value!r} "
+                              f"({type(value).__name__})")
+        if kind == "int" and type(value) is not int:  # numpy's: JSON reports need Python's
+            setattr(config, spec.name, int(value))
 
 
 def parse_compress(spec: str) -> Codec | None:

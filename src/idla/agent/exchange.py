@@ -22,11 +22,16 @@ def make_sync(
 ) -> GradientExchange:
     """"none": the exact bucketed all-reduce (with hub/leaf topology); a codec: its compressed
     exchange (PowerSGD's own for "powersgd"); "auto": an exchange that chooses the codec from
-    measurements and re-checks it."""
+    measurements and re-checks it; with one worker there is nothing to send, so "auto" is
+    the exact exchange (a probe with a lossy codec would change a 1-process run)."""
     codec = config.codec
-    if codec is not None and codec.name == "none":
+    alone = codec is None and group.world_size == 1
+    if alone or (codec is not None and codec.name == "none"):
+        reason = ("compress='auto' with one worker: nothing is sent, exact" if alone
+                  else "compress='none': exact fp32 all-reduce")
         return GradientSync(params, group, stats_width, config.bucket_cap_bytes,
-                            late_column=Stat.LATE_S, early_launch=not config.nan_guard)
+                            late_column=Stat.LATE_S, early_launch=not config.nan_guard,
+                            reason=reason)
     setup = CompressedSetup(params, group, stats_width,
                             ErrorFeedback() if config.error_feedback else None,
                             config.min_compress_numel, config.seed)

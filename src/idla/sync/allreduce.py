@@ -49,6 +49,7 @@ class GradientSync:
         bucket_cap_bytes: int = 4 * 1024 * 1024,
         late_column: int | None = None,
         early_launch: bool = True,
+        reason: str = "compress='none': exact fp32 all-reduce",
     ) -> None:
         """`late_column`: the statistics column where a hub records, in each of its leaves'
         rows, the seconds it sat waiting for that leaf's gradient (None: not recorded).
@@ -57,6 +58,7 @@ class GradientSync:
         dropped) as a whole before any of it leaves this rank."""
         self.late_column = late_column
         self.early_launch = early_launch
+        self.reason = reason  # why the exchange is exact, for the compression report
         self.group = group
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
@@ -255,7 +257,7 @@ class GradientSync:
     def report(self) -> dict[str, Any]:
         return {"codec": "none", "error_feedback": False,
                 "payload_bytes_per_step": 4 * sum(p.numel() for p in self.params),
-                "reason": "compress='none': exact fp32 all-reduce", "decisions": []}
+                "reason": self.reason, "decisions": []}
 
     def close(self) -> None:
         for work in self._pending_sends:

@@ -1,0 +1,70 @@
+"""AgentConfig refuses values of the wrong type where it is built, naming the field; one
+worker under compress="auto" runs the exact exchange."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from idla import Agent, AgentConfig, ConfigError
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("global_batch_size", 512.0, "global_batch_size must be an integer"),
+        ("global_batch_size", "512", "global_batch_size must be an integer"),
+        ("global_batch_size", True, "global_batch_size must be an integer"),
+        ("seed", 0.5, "seed must be an integer"),
+        ("rebalance", 1, "rebalance must be True or False"),
+        ("leaf_ratio", "2", "leaf_ratio must be a number"),
+        ("max_local_batch", 8.0, "max_local_batch must be an integer or None"),
+        ("initial_shares", [4.0, 4.0], "initial_shares must be a list of integers or None"),
+        ("compress", None, "compress must be a string"),
+        ("planner", {}, "planner must be a PlannerConfig"),
+    ],
+)
+def test_a_wrong_type_is_a_config_error_naming_the_field(
+    field: str, value: Any, expected: str
+) -> None:
+    kwargs: dict[str, Any] = {"global_batch_size": 8, field: value}
+
+    with pytest.raises(ConfigError, match=expected):
+        AgentConfig(**kwargs)
+
+
+def test_right_types_pass_numpy_integers_too_and_an_integer_is_a_number() -> None:
+    config = AgentConfig(global_batch_size=np.int64(8), leaf_ratio=2, initial_shares=[8],
+                         max_local_batch=None)
+
+    assert config.global_batch_size == 8
+    assert type(config.global_batch_size) is int
+    assert config.leaf_ratio == 2
+
+
+def _train(compress: str) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Tanh(), torch.nn.Linear(48, 4))
+    data = (torch.randn(96, 64), torch.randint(0, 4, (96,)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    agent = Agent(model, optimizer, data,
+                  config=AgentConfig(global_batch_size=16, compress=compress))
+    for x, y in agent.batches(0):
+        agent.backward(F.cross_entropy(model(x), y))
+        optimizer.step()
+    agent.close()
+    return [p.detach().clone() for p in model.parameters()], agent.report()["compression"]
+
+
+def test_one_worker_under_auto_trains_exactly_as_without_compression() -> None:
+    exact, _ = _train("none")
+
+    auto, report = _train("auto")
+
+    assert all(torch.equal(a, b) for a, b in zip(exact, auto, strict=True))
+    assert report["codec"] == "none"
+    assert "one worker" in report["reason"]
