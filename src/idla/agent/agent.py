@@ -23,7 +23,6 @@ What a plain PyTorch script does keeps working, exactly:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import time
 from collections import deque
@@ -45,6 +44,7 @@ from idla.plan.job_planner import JobPlanner, memory_caps
 from idla.plan.observer import JobObserver
 from idla.plan.topology import Topology
 from idla.runtime.data import BatchFetcher, GlobalBatch, GlobalBatchSampler, local_slice
+from idla.runtime.digest import tensor_digest
 from idla.runtime.group import Group
 from idla.runtime.stats import WIDTH, Stat, StepFlag, flags_of, row
 
@@ -380,9 +380,7 @@ class Agent:
 
 
 def parameter_digest(model: nn.Module) -> int:
-    """A blake2b digest of every parameter's bytes, as a signed 64-bit integer: replicas that
-    hold the same parameters have the same digest."""
-    with torch.no_grad():
-        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    digest = hashlib.blake2b(flat.cpu().numpy().tobytes(), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
+    """A digest of every parameter's bytes (`idla.runtime.digest.tensor_digest`, computed on
+    the parameters' device), as a signed 64-bit integer: replicas that hold the same
+    parameters have the same digest, and one differing element gives a different one."""
+    return tensor_digest([p.detach() for p in model.parameters()])
