@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
+from idla.agent.agreement import agree_on_job, job_description
 from idla.agent.config import AgentConfig
 from idla.agent.coverage import TrainableSet, rebuild_exchange, settle_step
 from idla.agent.exchange import make_sync
@@ -77,6 +78,7 @@ class Agent:
         self.sampler = GlobalBatchSampler(
             self._fetcher.size, config.global_batch_size, config.seed
         )
+        agree_on_job(job_description(config, self.model, self._fetcher.size), self.group)
         self._broadcast_initial_state()
         limits = self._gather_memory_limits()
         self.sync = make_sync(config, list(self.model.parameters()), self.group, WIDTH)
