@@ -40,6 +40,7 @@ from idla.agent.coverage import TrainableSet, rebuild_exchange, settle_step
 from idla.agent.exchange import make_sync
 from idla.agent.history import StepHistory, agent_report, stragglers
 from idla.agent.lifecycle import warn_unless_closed
+from idla.agent.replicas import differing_tensors, mismatch_message
 from idla.agent.window import StepWindow, refuse_open_steps
 from idla.errors import ConfigError, ReplicaMismatchError
 from idla.plan.job_planner import JobPlanner, memory_caps
@@ -353,10 +354,8 @@ class Agent:
         hashes = [int(t.item()) for t in self.group.all_gather(mine)]
         differ = [rank for rank, h in enumerate(hashes) if h != hashes[0]]
         if differ:
-            raise ReplicaMismatchError(
-                f"replicas diverged by step {self.step}: parameters on rank(s) "
-                f"{', '.join(map(str, differ))} differ from rank 0's"
-            )
+            tensors = differing_tensors(self.model, self.group)
+            raise ReplicaMismatchError(mismatch_message(self.step, differ, tensors))
 
     def stragglers(self) -> list[str]:
         return stragglers([m.snapshot() for m in self.observer.meters])
