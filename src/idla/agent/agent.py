@@ -39,7 +39,7 @@ from idla.agent.config import AgentConfig
 from idla.agent.coverage import TrainableSet, rebuild_exchange, settle_step
 from idla.agent.exchange import make_sync
 from idla.agent.history import StepHistory, agent_report, stragglers
-from idla.agent.lifecycle import warn_unless_closed
+from idla.agent.lifecycle import mark_closed, warn_unless_closed
 from idla.agent.replicas import differing_tensors, mismatch_message
 from idla.agent.window import StepWindow, refuse_open_steps
 from idla.errors import ConfigError, ReplicaMismatchError
@@ -109,7 +109,7 @@ class Agent:
         self._last_size = 0  # global samples of the last step
         self._step_hook = (None if optimizer is None
                            else refuse_open_steps(optimizer, lambda: self.accumulating))
-        self._unclosed = warn_unless_closed(self, self.rank)
+        warn_unless_closed(self, self.rank)
 
     @property
     def rank(self) -> int:
@@ -369,7 +369,7 @@ class Agent:
 
     def close(self) -> None:
         """Finish pending sends, check the replicas one last time, release the group."""
-        self._unclosed.detach()
+        mark_closed(self)
         if self._sync_end is not None and self._batch is not None:
             self._history.record_rate(
                 self._last_size / max(time.perf_counter() - self._step_start, 1e-9)

@@ -3,8 +3,9 @@
 `Agent.close` finishes pending sends, checks the replicas a last time and releases the process
 group; a script that ends without it may lose the last sends and leaves torch.distributed to
 complain about a group never destroyed. A `weakref.finalize` on the agent warns when the agent
-is collected, or the interpreter exits, while it is still open; `Agent.close` detaches it. The
-finalizer holds only the rank, so it does not keep the agent alive.
+is collected, or the interpreter exits, while it is still open; `Agent.close` detaches it
+(`mark_closed`). The finalizer holds only the rank and the line that built the agent, so it
+does not keep the agent alive.
 """
 
 from __future__ import annotations
@@ -29,9 +30,22 @@ def _warn(rank: int, filename: str, lineno: int) -> None:
     )
 
 
-def warn_unless_closed(agent: object, rank: int, depth: int = 2) -> weakref.finalize:
-    """Warn once when `agent` is collected or the interpreter exits, unless the returned
-    finalizer is detached first (by ``close``). The warning points at the line `depth` frames
-    up, where the agent was built (2: the caller of ``Agent.__init__``)."""
+_open: weakref.WeakKeyDictionary[object, weakref.finalize] = weakref.WeakKeyDictionary()
+"""The finalizer of every agent not closed yet (weak: it does not keep an agent alive)."""
+
+
+def warn_unless_closed(agent: object, rank: int, depth: int = 2) -> None:
+    """Warn once when `agent` is collected or the interpreter exits, unless `mark_closed` is
+    called first (by ``close``). The warning points at the line `depth` frames up, where the
+    agent was built (2: the caller of ``Agent.__init__``)."""
     frame = sys._getframe(depth)
-    return weakref.finalize(agent, _warn, rank, frame.f_code.co_filename, frame.f_lineno)
+    _open[agent] = weakref.finalize(agent, _warn, rank, frame.f_code.co_filename,
+                                    frame.f_lineno)
+
+
+def mark_closed(agent: object) -> None:
+    """No warning for `agent`: it was closed, or (an elastic generation lost to a peer's
+    failure) it cannot be and a successor took over."""
+    finalizer = _open.pop(agent, None)
+    if finalizer is not None:
+        finalizer.detach()
