@@ -3,11 +3,13 @@
 from idla.agent.agent import Agent, parameter_digest
 from idla.agent.config import AgentConfig
 from idla.agent.elastic import ElasticReport, ElasticState, run_elastic
+from idla.agent.lifecycle import AgentNotClosedWarning
 from idla.agent.resume import restore_agent, save_agent
 
 __all__ = [
     "Agent",
     "AgentConfig",
+    "AgentNotClosedWarning",
     "ElasticReport",
     "ElasticState",
     "parameter_digest",

@@ -23,7 +23,6 @@ What a plain PyTorch script does keeps working, exactly:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import time
 from collections import deque
@@ -35,16 +34,20 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
+from idla.agent.agreement import agree_on_job, job_description
 from idla.agent.config import AgentConfig
 from idla.agent.coverage import TrainableSet, rebuild_exchange, settle_step
 from idla.agent.exchange import make_sync
 from idla.agent.history import StepHistory, agent_report, stragglers
+from idla.agent.lifecycle import mark_closed, warn_unless_closed
+from idla.agent.replicas import differing_tensors, mismatch_message
 from idla.agent.window import StepWindow, refuse_open_steps
 from idla.errors import ConfigError, ReplicaMismatchError
 from idla.plan.job_planner import JobPlanner, memory_caps
 from idla.plan.observer import JobObserver
 from idla.plan.topology import Topology
 from idla.runtime.data import BatchFetcher, GlobalBatch, GlobalBatchSampler, local_slice
+from idla.runtime.digest import tensor_digest
 from idla.runtime.group import Group
 from idla.runtime.stats import WIDTH, Stat, StepFlag, flags_of, row
 
@@ -77,6 +80,7 @@ class Agent:
         self.sampler = GlobalBatchSampler(
             self._fetcher.size, config.global_batch_size, config.seed
         )
+        agree_on_job(job_description(config, self.model, self._fetcher.size), self.group)
         self._broadcast_initial_state()
         limits = self._gather_memory_limits()
         self.sync = make_sync(config, list(self.model.parameters()), self.group, WIDTH)
@@ -105,6 +109,7 @@ class Agent:
         self._last_size = 0  # global samples of the last step
         self._step_hook = (None if optimizer is None
                            else refuse_open_steps(optimizer, lambda: self.accumulating))
+        warn_unless_closed(self, self.rank)
 
     @property
     def rank(self) -> int:
@@ -349,10 +354,8 @@ class Agent:
         hashes = [int(t.item()) for t in self.group.all_gather(mine)]
         differ = [rank for rank, h in enumerate(hashes) if h != hashes[0]]
         if differ:
-            raise ReplicaMismatchError(
-                f"replicas diverged by step {self.step}: parameters on rank(s) "
-                f"{', '.join(map(str, differ))} differ from rank 0's"
-            )
+            tensors = differing_tensors(self.model, self.group)
+            raise ReplicaMismatchError(mismatch_message(self.step, differ, tensors))
 
     def stragglers(self) -> list[str]:
         return stragglers([m.snapshot() for m in self.observer.meters])
@@ -366,6 +369,7 @@ class Agent:
 
     def close(self) -> None:
         """Finish pending sends, check the replicas one last time, release the group."""
+        mark_closed(self)
         if self._sync_end is not None and self._batch is not None:
             self._history.record_rate(
                 self._last_size / max(time.perf_counter() - self._step_start, 1e-9)
@@ -380,9 +384,7 @@ class Agent:
 
 
 def parameter_digest(model: nn.Module) -> int:
-    """A blake2b digest of every parameter's bytes, as a signed 64-bit integer: replicas that
-    hold the same parameters have the same digest."""
-    with torch.no_grad():
-        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    digest = hashlib.blake2b(flat.cpu().numpy().tobytes(), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
+    """A digest of every parameter's bytes (`idla.runtime.digest.tensor_digest`, computed on
+    the parameters' device), as a signed 64-bit integer: replicas that hold the same
+    parameters have the same digest, and one differing element gives a different one."""
+    return tensor_digest([p.detach() for p in model.parameters()])
