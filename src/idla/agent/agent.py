@@ -17,13 +17,17 @@ What a plain PyTorch script does keeps working, exactly:
 - ``requires_grad_`` changed after the agent exists: see `idla.agent.trainable`;
 - gradient accumulation: ``with agent.no_sync(): agent.backward(loss / K)`` for all but the
   last of K micro-batches, each a global batch of its own (`Agent.no_sync`);
-- ``agent.backward(loss, reduction="sum")`` for a loss summed over the share.
+- ``agent.backward(loss, reduction="sum")`` for a loss summed over the share;
+- BatchNorm and other buffers: identical on every replica after each step, the source rank's
+  (like DDP's ``broadcast_buffers=True``) or their share-weighted mean
+  (``AgentConfig.buffers``), and covered by the replica check; no rank is given a single
+  sample when the model holds BatchNorm (``AgentConfig.min_local_batch``), see
+  `idla.agent.buffers`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import time
 from collections import deque
@@ -35,6 +39,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
+from idla.agent import buffers
 from idla.agent.config import AgentConfig
 from idla.agent.coverage import TrainableSet, rebuild_exchange, settle_step
 from idla.agent.exchange import make_sync
@@ -81,13 +86,17 @@ class Agent:
         limits = self._gather_memory_limits()
         self.sync = make_sync(config, list(self.model.parameters()), self.group, WIDTH)
         self._trainable = TrainableSet(self.model, self.sync.params)
+        self._buffers = buffers.BufferSync(self.model, self.group,
+                                           buffers.BufferMode(config.buffers))
+        self.min_local_batch = (buffers.default_min_local_batch(self.model)
+                                if config.min_local_batch is None else config.min_local_batch)
         self.planner = JobPlanner(
             config.global_batch_size, self.group.world_size,
             caps=memory_caps(limits, config.global_batch_size),
             initial=config.initial_shares, rebalance=config.rebalance,
             nan_drop_after=config.nan_drop_after, leaf_ratio=config.leaf_ratio,
             config=config.planner,
-            hub_leaf=self.sync.supports_leaves,
+            hub_leaf=self.sync.supports_leaves, min_share=self.min_local_batch,
         )
         self.step = 0
         self._history = StepHistory(config.history_steps)
@@ -300,6 +309,7 @@ class Agent:
             seen |= flags_of(r)
         extra = settle_step(self.sync, self._trainable, self.group, seen, self.step,
                             drop=guard and nonfinite)
+        self._buffers.sync([int(r[Stat.SAMPLES]) for r in table], window.shares)
         self._sync_end = time.perf_counter()
         self._prev_sync_s = self._sync_end - compute_end
         self._prev_comm_cpu_s = time.process_time() - compute_cpu_end
@@ -343,16 +353,19 @@ class Agent:
         self.sync.set_topology(topology)
 
     def check_replicas(self) -> None:
-        """Stop with a clear error if any rank's parameters differ from rank 0's."""
-        mine = torch.tensor([parameter_digest(self.model)], dtype=torch.int64,
+        """Stop with a clear error if any rank's parameters, or buffers (unless
+        ``AgentConfig.buffers`` is "none"), differ from rank 0's."""
+        kinds = buffers.replica_tensors(self.model, buffers=self._buffers.covered())
+        mine = torch.tensor([buffers.tensor_digest(t) for t in kinds.values()], dtype=torch.int64,
                             device=self.group.device)
-        hashes = [int(t.item()) for t in self.group.all_gather(mine)]
-        differ = [rank for rank, h in enumerate(hashes) if h != hashes[0]]
-        if differ:
-            raise ReplicaMismatchError(
-                f"replicas diverged by step {self.step}: parameters on rank(s) "
-                f"{', '.join(map(str, differ))} differ from rank 0's"
-            )
+        hashes = [t.tolist() for t in self.group.all_gather(mine)]
+        for column, kind in enumerate(kinds):
+            differ = [rank for rank, h in enumerate(hashes) if h[column] != hashes[0][column]]
+            if differ:
+                raise ReplicaMismatchError(
+                    f"replicas diverged by step {self.step}: {kind} on rank(s) "
+                    f"{', '.join(map(str, differ))} differ from rank 0's"
+                )
 
     def stragglers(self) -> list[str]:
         return stragglers([m.snapshot() for m in self.observer.meters])
@@ -382,7 +395,4 @@ class Agent:
 def parameter_digest(model: nn.Module) -> int:
     """A blake2b digest of every parameter's bytes, as a signed 64-bit integer: replicas that
     hold the same parameters have the same digest."""
-    with torch.no_grad():
-        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    digest = hashlib.blake2b(flat.cpu().numpy().tobytes(), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
+    return buffers.tensor_digest(buffers.replica_tensors(model)["parameters"])
