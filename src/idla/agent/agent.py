@@ -18,11 +18,10 @@ What a plain PyTorch script does keeps working, exactly:
 - gradient accumulation: ``with agent.no_sync(): agent.backward(loss / K)`` for all but the
   last of K micro-batches, each a global batch of its own (`Agent.no_sync`);
 - ``agent.backward(loss, reduction="sum")`` for a loss summed over the share;
-- BatchNorm and other buffers: identical on every replica after each step, the source rank's
-  (like DDP's ``broadcast_buffers=True``) or their share-weighted mean
-  (``AgentConfig.buffers``), and covered by the replica check; no rank is given a single
-  sample when the model holds BatchNorm (``AgentConfig.min_local_batch``), see
-  `idla.agent.buffers`.
+- BatchNorm and other buffers: identical on every replica after each step (the source rank's,
+  like DDP's ``broadcast_buffers=True``, or their share-weighted mean: ``AgentConfig.buffers``)
+  and covered by the replica check; with BatchNorm no rank is given a single sample
+  (``AgentConfig.min_local_batch``); see `idla.agent.buffers`.
 """
 
 from __future__ import annotations
@@ -86,10 +85,8 @@ class Agent:
         limits = self._gather_memory_limits()
         self.sync = make_sync(config, list(self.model.parameters()), self.group, WIDTH)
         self._trainable = TrainableSet(self.model, self.sync.params)
-        self._buffers = buffers.BufferSync(self.model, self.group,
-                                           buffers.BufferMode(config.buffers))
-        self.min_local_batch = (buffers.default_min_local_batch(self.model)
-                                if config.min_local_batch is None else config.min_local_batch)
+        self._buffers = buffers.BufferSync(self.model, self.group, config.buffers)
+        self.min_local_batch = buffers.min_local_batch(self.model, config.min_local_batch)
         self.planner = JobPlanner(
             config.global_batch_size, self.group.world_size,
             caps=memory_caps(limits, config.global_batch_size),
@@ -216,6 +213,8 @@ class Agent:
             self._window.add(batch.size, shares)
             self._batch, self._batch_shares = batch, shares
             indices = batch.indices[local_slice(shares, self.rank)]
+            if shares[self.rank] == 0:
+                self._buffers.hold()  # an empty forward leaves the buffers as they were
             parts = self._fetcher.fetch(indices)
             self._awaiting_backward = True
             yield tuple(t.to(self.group.device, non_blocking=True) for t in parts)
@@ -272,6 +271,8 @@ class Agent:
                 scaled = loss * (local / self._batch.size) if reduction == "mean" else loss
                 scaled.backward()
             window.record(local, loss_sum, nonfinite)
+        else:
+            self._buffers.restore()
         self._awaiting_backward = False
         if final:
             self._exchange()

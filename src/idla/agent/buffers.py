@@ -33,9 +33,12 @@ the gradient exchange, by making them identical again, as `AgentConfig.buffers` 
 - ``"none"``: buffers stay per rank, as DDP's ``broadcast_buffers=False``; the replica check
   then compares parameters only.
 
-A rank with no samples in the step (a share of 0, or dropped by the NaN guard) ends it with
-the source's buffers like every other rank, whatever its forward of an empty batch did
-(BatchNorm counts it in ``num_batches_tracked``; a mean over it is NaN).
+A rank given no samples of a batch runs its forward on an empty batch (or skips it: the agent
+ignores the loss of an empty share); whatever that forward did to the buffers is undone when
+`Agent.backward` is called (BatchNorm would count it in ``num_batches_tracked``, and a mean
+over it is NaN), so such a rank's buffers are as if it had run nothing. A rank with no samples
+in the whole step (a share of 0, or dropped by the NaN guard) ends it with the source's
+buffers like every other rank.
 
 Cost: at most one collective per step, none when the model has no buffers or runs alone.
 "broadcast" sends every buffer's bytes in one uint8 tensor (the buffers' own size);
@@ -69,9 +72,11 @@ BATCHNORM_MIN_LOCAL_BATCH = 2
 """Fewest samples BatchNorm takes in training ("Expected more than 1 value per channel")."""
 
 
-def default_min_local_batch(model: nn.Module) -> int:
-    """`AgentConfig.min_local_batch` when it is None: 2 when the model holds a BatchNorm layer
-    in training mode, else 1."""
+def min_local_batch(model: nn.Module, configured: int | None) -> int:
+    """`AgentConfig.min_local_batch` as the planner takes it: `configured`, or when it is None
+    2 if the model holds a BatchNorm layer in training mode, else 1."""
+    if configured is not None:
+        return configured
     batch_norm = any(isinstance(m, _BatchNorm) and m.training for m in model.modules())
     return BATCHNORM_MIN_LOCAL_BATCH if batch_norm else 1
 
@@ -101,10 +106,24 @@ class BufferSync:
     replaced between steps is the one synced.
     """
 
-    def __init__(self, model: nn.Module, group: Group, mode: BufferMode) -> None:
+    def __init__(self, model: nn.Module, group: Group, mode: BufferMode | str) -> None:
         self.model = model
         self.group = group
-        self.mode = mode
+        self.mode = BufferMode(mode)
+        self._held: list[torch.Tensor] | None = None  # the buffers before an empty forward
+
+    def hold(self) -> None:
+        """Keep a copy of the buffers: this rank's next forward is of an empty batch."""
+        self._held = [b.detach().clone() for b in self.model.buffers()]
+
+    def restore(self) -> None:
+        """Undo what the forward of an empty batch did to the buffers (after `hold`)."""
+        if self._held is None:
+            return
+        with torch.no_grad():
+            for b, value in zip(self.model.buffers(), self._held, strict=False):
+                b.copy_(value)
+        self._held = None
 
     def sync(self, samples: Sequence[int], planned: Sequence[int]) -> None:
         """End the step's buffer sync; `samples`: what each rank put into the step (the
