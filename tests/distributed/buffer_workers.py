@@ -4,9 +4,10 @@ trained under idla and replayed by one process.
 
 The one-process reference holds one set of buffers per rank: every step starts all of them
 from the same buffers, each rank's share of each micro-batch runs forward from its own set
-(a rank with no samples runs nothing), and the step ends with the source rank's set
-("broadcast": the lowest rank with the most samples in the step) or the share-weighted mean
-of the float buffers with the source's integer buffers ("average").
+(a rank with no samples runs nothing, nor one the NaN guard drops: the others' losses are
+re-weighted to the samples kept), and the step ends with the source rank's set ("broadcast":
+the lowest rank with the most samples in the step) or the share-weighted mean of the float
+buffers with the source's integer buffers ("average").
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Case:
     micro: int = 1  # micro-batches per step (no_sync accumulation)
     slow_rank_1: bool = False  # rank 1 sleeps per sample, so rebalancing moves samples
     epochs: int = 1
+    nan_step: int | None = None  # rank 1's inputs are NaN in this step (the NaN guard drops it)
 
 
 CASES = {
@@ -45,6 +47,7 @@ CASES = {
     "zero": Case([12, 0]),
     "rebalance": Case(None, rebalance=True, slow_rank_1=True, epochs=2),
     "accumulate": Case([9, 3], micro=3),
+    "nan_on_rank_1": Case(None, nan_step=1),
 }
 MODES = ("broadcast", "average")
 
@@ -107,7 +110,9 @@ def _train_idla(agent: Agent, model: BNNet, optimizer: torch.optim.Optimizer,
         for i, (x, y) in enumerate(agent.batches(epoch)):
             planned.append(agent.planner.shares_for(batches[i].size))
             if case.slow_rank_1 and agent.rank == 1:
-                time.sleep(0.003 * len(x))
+                time.sleep(0.001 * len(x))
+            if agent.rank == 1 and agent.step == case.nan_step:
+                x = x * float("nan")  # makes rank 1's buffers NaN too
             loss = F.cross_entropy(model(x), y) / case.micro
             if (i + 1) % case.micro:
                 with agent.no_sync():
@@ -130,14 +135,16 @@ def _reference(case: Case, mode: str, dataset: TensorDataset,
         start = [b.clone() for b in model.buffers()]
         sets = [[b.clone() for b in start] for _ in range(ranks)]
         samples = [0] * ranks
+        dropped = {1} if first // case.micro == case.nan_step else set()
         for j in range(first, first + case.micro):
             batch, shares = batches[j], planned[j]
+            kept = sum(n for rank, n in enumerate(shares) if rank not in dropped)  # (micro 1)
             for rank, n in enumerate(shares):
-                if n == 0:
+                if n == 0 or rank in dropped:
                     continue
                 _load(model, sets[rank])
                 part = batch.indices[local_slice(shares, rank)]
-                loss = F.cross_entropy(model(x[part]), y[part]) * n / batch.size / case.micro
+                loss = F.cross_entropy(model(x[part]), y[part]) * n / kept / case.micro
                 loss.backward()
                 sets[rank] = [b.clone() for b in model.buffers()]
                 samples[rank] += n
@@ -182,7 +189,8 @@ def run_cases() -> dict[str, Any]:
             planned = _train_idla(agent, model, optimizer, case)
             agent.close()
             run: dict[str, Any] = {"state": state(model), "planned": planned,
-                                   "min_local_batch": agent.min_local_batch}
+                                   "min_local_batch": agent.min_local_batch,
+                                   "nonfinite_steps": list(agent.nonfinite_steps)}
             if owner.rank == 0:
                 reference = _reference(case, mode, dataset, planned)
                 run["max_abs_diff"] = _max_diff(run["state"], state(reference))

@@ -7,6 +7,7 @@ One two-rank launch runs every case (shared processes keep the module fast).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -50,6 +51,14 @@ def test_rebalancing_moved_samples() -> None:
     planned = _run()[0]["rebalance/broadcast"]["planned"]
 
     assert any(shares != [6, 6] for shares in planned if sum(shares) == 12)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_rank_left_out_as_non_finite_ends_the_step_with_finite_buffers(mode: str) -> None:
+    run = _run()[1][f"nan_on_rank_1/{mode}"]
+
+    assert run["nonfinite_steps"] == [0, 1]
+    assert all(math.isfinite(v) for v in run["state"]["buffers"])
 
 
 def test_equal_shares_broadcast_is_ddp_broadcast_buffers() -> None:

@@ -194,7 +194,7 @@ def replica_tensors(model: nn.Module, buffers: bool = True) -> dict[str, list[to
 def tensor_digest(tensors: Iterable[torch.Tensor]) -> int:
     """A blake2b digest of the tensors' bytes in order, as a signed 64-bit integer: replicas
     that hold the same tensors have the same digest."""
-    digest = hashlib.blake2b(digest_size=8)
-    for tensor in tensors:
-        digest.update(_bytes(tensor).cpu().numpy().tobytes())
-    return int.from_bytes(digest.digest(), "little", signed=True)
+    parts = [_bytes(t) for t in tensors]
+    flat = torch.cat(parts).cpu() if parts else torch.empty(0, dtype=torch.uint8)  # one copy
+    digest = hashlib.blake2b(flat.numpy().tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
