@@ -8,8 +8,8 @@ from idla.agent.replicas import LIKELY_CAUSES, MAX_NAMED, mismatch_message, name
 
 
 def test_the_message_names_ranks_tensors_and_causes() -> None:
-    message = mismatch_message(50, [1, 3], [("fc.weight", [1]), ("bn.running_mean (buffer)",
-                                                                 [1, 3])])
+    message = mismatch_message(50, "parameters", [1, 3],
+                               [("fc.weight", [1]), ("bn.running_mean (buffer)", [1, 3])])
 
     assert message.startswith("replicas diverged by step 50: parameters on rank(s) 1, 3 differ "
                               "from rank 0's; differing: 'fc.weight' (rank 1), "
@@ -21,8 +21,8 @@ def test_the_message_names_ranks_tensors_and_causes() -> None:
 def test_many_differing_tensors_are_counted_and_none_is_fine() -> None:
     tensors = [(f"layer{i}.weight", [1]) for i in range(MAX_NAMED + 3)]
 
-    assert " and 3 more.\n" in mismatch_message(0, [1], tensors)
-    assert "differing" not in mismatch_message(0, [1], [])
+    assert " and 3 more.\n" in mismatch_message(0, "parameters", [1], tensors)
+    assert "differing" not in mismatch_message(0, "buffers", [1], [])
 
 
 def test_named_tensors_list_parameters_then_buffers() -> None:

@@ -17,7 +17,11 @@ What a plain PyTorch script does keeps working, exactly:
 - ``requires_grad_`` changed after the agent exists: see `idla.agent.trainable`;
 - gradient accumulation: ``with agent.no_sync(): agent.backward(loss / K)`` for all but the
   last of K micro-batches, each a global batch of its own (`Agent.no_sync`);
-- ``agent.backward(loss, reduction="sum")`` for a loss summed over the share.
+- ``agent.backward(loss, reduction="sum")`` for a loss summed over the share;
+- BatchNorm and other buffers: identical on every replica after each step (the source rank's,
+  like DDP's ``broadcast_buffers=True``, or their share-weighted mean: ``AgentConfig.buffers``)
+  and covered by the replica check; with BatchNorm no rank is given a single sample
+  (``AgentConfig.min_local_batch``); see `idla.agent.buffers`.
 """
 
 from __future__ import annotations
@@ -34,20 +38,20 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
+from idla.agent import buffers
 from idla.agent.agreement import agree_on_job, job_description
 from idla.agent.config import AgentConfig
 from idla.agent.coverage import TrainableSet, rebuild_exchange, settle_step
 from idla.agent.exchange import make_sync
 from idla.agent.history import StepHistory, agent_report, stragglers
 from idla.agent.lifecycle import mark_closed, warn_unless_closed
-from idla.agent.replicas import differing_tensors, mismatch_message
+from idla.agent.replicas import check_replicas
 from idla.agent.window import StepWindow, refuse_open_steps
-from idla.errors import ConfigError, ReplicaMismatchError
+from idla.errors import ConfigError
 from idla.plan.job_planner import JobPlanner, memory_caps
 from idla.plan.observer import JobObserver
 from idla.plan.topology import Topology
 from idla.runtime.data import BatchFetcher, GlobalBatch, GlobalBatchSampler, local_slice
-from idla.runtime.digest import tensor_digest
 from idla.runtime.group import Group
 from idla.runtime.stats import WIDTH, Stat, StepFlag, flags_of, row
 
@@ -85,13 +89,15 @@ class Agent:
         limits = self._gather_memory_limits()
         self.sync = make_sync(config, list(self.model.parameters()), self.group, WIDTH)
         self._trainable = TrainableSet(self.model, self.sync.params)
+        self._buffers = buffers.BufferSync(self.model, self.group, config.buffers)
+        self.min_local_batch = buffers.min_local_batch(self.model, config.min_local_batch)
         self.planner = JobPlanner(
             config.global_batch_size, self.group.world_size,
             caps=memory_caps(limits, config.global_batch_size),
             initial=config.initial_shares, rebalance=config.rebalance,
             nan_drop_after=config.nan_drop_after, leaf_ratio=config.leaf_ratio,
             config=config.planner,
-            hub_leaf=self.sync.supports_leaves,
+            hub_leaf=self.sync.supports_leaves, min_share=self.min_local_batch,
         )
         self.step = 0
         self._history = StepHistory(config.history_steps)
@@ -212,6 +218,8 @@ class Agent:
             self._window.add(batch.size, shares)
             self._batch, self._batch_shares = batch, shares
             indices = batch.indices[local_slice(shares, self.rank)]
+            if shares[self.rank] == 0:
+                self._buffers.hold()  # an empty forward leaves the buffers as they were
             parts = self._fetcher.fetch(indices)
             self._awaiting_backward = True
             yield tuple(t.to(self.group.device, non_blocking=True) for t in parts)
@@ -268,6 +276,8 @@ class Agent:
                 scaled = loss * (local / self._batch.size) if reduction == "mean" else loss
                 scaled.backward()
             window.record(local, loss_sum, nonfinite)
+        else:
+            self._buffers.restore()
         self._awaiting_backward = False
         if final:
             self._exchange()
@@ -305,6 +315,7 @@ class Agent:
             seen |= flags_of(r)
         extra = settle_step(self.sync, self._trainable, self.group, seen, self.step,
                             drop=guard and nonfinite)
+        self._buffers.sync([int(r[Stat.SAMPLES]) for r in table], window.shares)
         self._sync_end = time.perf_counter()
         self._prev_sync_s = self._sync_end - compute_end
         self._prev_comm_cpu_s = time.process_time() - compute_cpu_end
@@ -348,14 +359,9 @@ class Agent:
         self.sync.set_topology(topology)
 
     def check_replicas(self) -> None:
-        """Stop with a clear error if any rank's parameters differ from rank 0's."""
-        mine = torch.tensor([parameter_digest(self.model)], dtype=torch.int64,
-                            device=self.group.device)
-        hashes = [int(t.item()) for t in self.group.all_gather(mine)]
-        differ = [rank for rank, h in enumerate(hashes) if h != hashes[0]]
-        if differ:
-            tensors = differing_tensors(self.model, self.group)
-            raise ReplicaMismatchError(mismatch_message(self.step, differ, tensors))
+        """Stop with a clear error if any rank's parameters, or buffers (unless
+        ``AgentConfig.buffers`` is "none"), differ from rank 0's."""
+        check_replicas(self.model, self.group, self.step, buffers=self._buffers.covered())
 
     def stragglers(self) -> list[str]:
         return stragglers([m.snapshot() for m in self.observer.meters])
@@ -382,9 +388,3 @@ class Agent:
             self.check_replicas()
         self.group.close()
 
-
-def parameter_digest(model: nn.Module) -> int:
-    """A digest of every parameter's bytes (`idla.runtime.digest.tensor_digest`, computed on
-    the parameters' device), as a signed 64-bit integer: replicas that hold the same
-    parameters have the same digest, and one differing element gives a different one."""
-    return tensor_digest([p.detach() for p in model.parameters()])

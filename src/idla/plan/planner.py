@@ -45,8 +45,11 @@ class SharePlanner:
     Deterministic: every rank feeds it the same measurements and gets the same plan.
     """
 
-    def __init__(self, world_size: int, config: PlannerConfig | None = None) -> None:
+    def __init__(
+        self, world_size: int, config: PlannerConfig | None = None, min_share: int = 1
+    ) -> None:
         self.config = config or PlannerConfig()
+        self.min_share = min_share  # fewest samples of a worker that gets any
         self.fits = [
             StepTimeFit(forget=self.config.forget, change_ratio=self.config.change_ratio,
                         change_steps=self.config.change_steps)
@@ -74,7 +77,8 @@ class SharePlanner:
         """New shares for `global_batch_size`, or None to keep `current`."""
         # the controller's threshold is max(min_gain, 2 × noise)
         return self.controller.decide(
-            step, current, self.models(), global_batch_size, caps, self.noise_gain() / 2.0
+            step, current, self.models(), global_batch_size, caps, self.noise_gain() / 2.0,
+            self.min_share,
         )
 
     def plan_now(
@@ -82,8 +86,10 @@ class SharePlanner:
         measured: bool = True,
     ) -> list[int]:
         """Shares for a one-off batch (an epoch's short last batch), without hysteresis: from
-        the models when `measured` and all exist, else in proportion to `fallback`."""
+        the models when `measured` and all exist, else in proportion to `fallback`; either way
+        every share is 0 or at least `min_share` (the whole batch, if smaller)."""
         models = self.models()
         if measured and all(m is not None for m in models):
-            return allocate_shares(batch_size, models, caps)  # type: ignore[arg-type]
-        return proportional_shares(batch_size, [float(s) for s in fallback])
+            return allocate_shares(batch_size, models, caps,  # type: ignore[arg-type]
+                                   self.min_share)
+        return proportional_shares(batch_size, [float(s) for s in fallback], self.min_share)
