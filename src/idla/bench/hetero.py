@@ -28,6 +28,8 @@ from idla.report import settings_dict
 from idla.runtime.group import Group
 from idla.runtime.launch import launch_local
 
+_BATCH_DEFAULTS = ", ".join(f"{w.global_batch_size} {name}" for name, w in WORKLOADS.items())
+
 
 @dataclass(kw_only=True, slots=True)
 class HeteroConfig:
@@ -45,7 +47,7 @@ class HeteroConfig:
     """Runs of each kind; the table shows medians."""
     global_batch_size: int | None = field(default=None, metadata={
         "flag": "--global-batch", "json_key": "global_batch", "parse": "positive_int",
-        "metavar": "B", "default_text": "512 digits, 256 resnet, 64 transformer"})
+        "metavar": "B", "default_text": _BATCH_DEFAULTS})
     """Samples per step, summed over workers."""
     seed: int = 0
     """Seeds the model, the data order and the split."""

@@ -51,7 +51,8 @@ class Workload:
     evaluate: Callable[[nn.Module, TensorDataset, torch.device], float]
     """The held-out figure of a model on the test set."""
     global_batch_size: int
-    """Default samples per step: a step of about 0.1–0.2 s for one full core."""
+    """Default samples per step (resnet, transformer: a training step of about 0.1–0.15 s on one
+    full core, so a throttled worker's step is mostly compute)."""
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -61,5 +62,5 @@ WORKLOADS: dict[str, Workload] = {
                        class_cross_entropy, "test_accuracy", accuracy, 256),
     "transformer": Workload("transformer", lambda seed: markov_tokens_split(seed=seed),
                             TinyTransformerLM, token_cross_entropy, "test_loss",
-                            mean_token_loss, 64),
+                            mean_token_loss, 48),
 }
