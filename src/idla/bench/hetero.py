@@ -42,7 +42,7 @@ class HeteroConfig:
     """CPU cores a speed-1 worker gets."""
     steps: int = field(default=60, metadata={"parse": "positive_int"})
     """Optimizer steps per run."""
-    warmup_steps: int = 10  # steps excluded from the throughput (both kinds)
+    warmup_steps: int = 10  # steps excluded from the throughput (every kind of run)
     repeats: int = field(default=3, metadata={"parse": "positive_int"})
     """Runs of each kind; the table shows medians."""
     global_batch_size: int | None = field(default=None, metadata={
