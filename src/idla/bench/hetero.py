@@ -219,20 +219,19 @@ def print_hetero(result: dict[str, Any]) -> None:
     ddp, ideal = result["ddp"]["samples_per_s"], result["ideal_samples_per_s"]
     balanced = result["balanced"]["samples_per_s"]
     world, mean_speed = len(result["balanced_speeds"]), result["balanced_speeds"][0]
-    names = {"ddp": "ddp", "idla": "idla",
-             "balanced": f"balanced ({world}×{mean_speed:g})"}
-    for name, label in names.items():
+    for name in ("ddp", "idla", "balanced"):
         row = result[name]
         rate = row["samples_per_s"]
-        table.add_row(label, f"{rate:.0f}", f"{rate / ddp:.2f}×", f"{rate / balanced:.2f}",
+        table.add_row(name, f"{rate:.0f}", f"{rate / ddp:.2f}×", f"{rate / balanced:.2f}",
                       f"{rate / ideal:.2f}", _metric_text(metric, row[metric]))
-    table.add_row("ideal (Σ standalone)", f"{ideal:.0f}", f"{ideal / ddp:.2f}×",
+    table.add_row("ideal (Σ alone)", f"{ideal:.0f}", f"{ideal / ddp:.2f}×",
                   f"{ideal / balanced:.2f}", "1.00", "")
     console = Console()
     console.print(table)
     console.print(
         f"model {settings['model']}, speeds {settings['speeds']} × {settings['base_cores']} "
         f"core, global batch {settings['global_batch']}, warm-up {settings['warmup_steps']} "
-        f"steps excluded; {machine['cpu_model']}, {machine['cpu_count']} cores, "
-        f"torch {machine['torch']}"
+        f"steps excluded; balanced: plain DDP on {world} workers at speed {mean_speed:g} (the "
+        f"same total CPU); ideal: Σ of each worker's standalone rate; {machine['cpu_model']}, "
+        f"{machine['cpu_count']} cores, torch {machine['torch']}"
     )
