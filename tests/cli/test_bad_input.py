@@ -65,6 +65,8 @@ BAD_INPUT = [
          "larger than the data set"),
         (["train", "--workers", "3", "--emulate-speeds", "1,1"], "3 workers"),
         (["bench", "hetero", "--speeds", "1,-2"], "--speeds"),
+        (["bench", "hetero", "--model", "vgg"],
+         "--model: unknown model 'vgg'; choose one of digits, resnet, transformer"),
         (["train", "--compress", "zip"], "unknown codec 'zip'"),
         (["train", "--compress", "topk:2"], "ratio must be in (0, 1]"),
         (["train", "--compress", "topk:0"], "ratio must be in (0, 1]"),
