@@ -37,6 +37,8 @@ JOB_WIDE_FIELDS = (
     "check_every_steps",  # when the replica check's collective runs
     "bucket_cap_bytes", "nan_guard",  # bucket layout and when buckets are sent
     "compress", "error_feedback", "min_compress_numel",  # what travels, in which layout
+    "buffers",  # the buffers' collective after every step
+    "min_local_batch",  # part of the plan
 )
 """`AgentConfig` fields every rank must hold alike."""
 

@@ -9,7 +9,9 @@ or at least the job's ``min_share`` (BatchNorm in training needs 2 samples per r
 - after every step, from the statistics matrix (`JobPlanner.absorb`): a rank non-finite
   ``nan_drop_after`` steps in a row is dropped and the batch re-planned around it; a new
   reduction topology that persists for ``TOPOLOGY_PATIENCE_STEPS`` votes is applied with a
-  forced plan; otherwise the `SharePlanner`'s hysteresis decides whether a new plan pays.
+  forced plan; otherwise the `SharePlanner`'s hysteresis decides whether a new plan pays; a
+  rank planned no samples for a while is probed with the minimum share for one step
+  (`PlannerConfig.probe_after_steps`).
 
 Every rank holds the same statistics matrix after the sync, so every rank's planner makes the
 same decisions without communicating: nothing here reads a clock or a random number.
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 
 from idla.errors import ConfigError, PlanError
 from idla.plan.observer import JobObserver
-from idla.plan.planner import PlannerConfig, SharePlanner
+from idla.plan.planner import MAX_PROBE_WAIT_STEPS, PlannerConfig, SharePlanner
 from idla.plan.shares import allocate_shares, respects_min_share
 from idla.plan.topology import Topology, choose_topology
 from idla.profile.perf_model import StepModel
@@ -175,6 +177,11 @@ class JobPlanner:
         self._nonfinite_streak = [0] * world_size
         self._topology_votes = 0  # consecutive steps that asked for the same new topology
         self._prev_topology = self.topology  # the topology the next matrix's sync columns saw
+        base = self.share_planner.config.probe_after_steps
+        self._starved = [0] * world_size  # steps in a row each rank was planned no samples
+        self._probe_wait = [base] * world_size  # starved steps before each rank's next probe
+        self._probe: list[int] | None = None  # shares of the next full batch, once
+        self._probing: set[int] = set()  # ranks whose next measured step is a probe
 
     @property
     def replan_steps(self) -> list[int]:
@@ -192,7 +199,8 @@ class JobPlanner:
         fits, or in proportion to the shares in force before every rank is measured or without
         rebalancing."""
         if batch_size == self.global_batch_size:
-            return list(self.shares)
+            probe, self._probe = self._probe, None
+            return list(self.shares) if probe is None else probe
         return self.share_planner.plan_now(batch_size, self.shares, self.caps,
                                            measured=self.rebalance)
 
@@ -209,14 +217,45 @@ class JobPlanner:
             PlanError: If a dropped rank leaves too little memory for the global batch.
         """
         costs = self.observer.absorb(stats, batch_shares, self._prev_topology, step == 0)
+        probed = False
         for rank, r in enumerate(stats):
+            if rank in self._probing and batch_shares[rank] > 0:
+                self._probing.discard(rank)
+                self.share_planner.fits[rank].forget_stale()  # stale: learn from the probe
+                probed = True
             self.share_planner.observe(rank, batch_shares[rank], r[Stat.COMPUTE_S], costs[rank])
         self._prev_topology = self.topology
         self._drop_repeat_offenders(stats)
         before = self.topology
         if self.rebalance and self.world_size > 1:
-            self._replan(step)
+            self._replan(step, probed)
+            self._plan_probe()
         return StepPlan(tuple(self.shares), self.topology, self.topology != before)
+
+    def _plan_probe(self) -> None:
+        """Count the steps each live rank has been planned no samples; the first rank whose
+        wait is over gets the minimum share of the next full batch, from the rank with the
+        most, and waits twice as long for its next probe."""
+        base = self.share_planner.config.probe_after_steps
+        probe = max(self.min_share, 1)
+        for rank, share in enumerate(self.shares):
+            if share > 0:
+                self._starved[rank], self._probe_wait[rank] = 0, base
+                continue
+            if not base or rank in self.dropped or (self.caps is not None
+                                                    and self.caps[rank] < probe):
+                continue
+            self._starved[rank] += 1
+            donor = max(range(self.world_size), key=lambda q: (self.shares[q], -q))
+            left = self.shares[donor] - probe
+            if (self._probe is not None or self._starved[rank] < self._probe_wait[rank]
+                    or not (left == 0 or left >= self.min_share)):
+                continue
+            self._probe = list(self.shares)
+            self._probe[donor], self._probe[rank] = left, probe
+            self._probing.add(rank)
+            self._starved[rank] = 0
+            self._probe_wait[rank] = min(2 * self._probe_wait[rank], MAX_PROBE_WAIT_STEPS)
 
     def _drop_repeat_offenders(self, stats: list[list[float]]) -> None:
         """Count non-finite steps per rank; a repeat offender is planned no more samples."""
@@ -239,9 +278,13 @@ class JobPlanner:
                 self.shares = self.share_planner.plan_now(big, weights, self.caps,
                                                           measured=self.rebalance)
 
-    def _replan(self, step: int) -> None:
+    def _replan(self, step: int, probed: bool = False) -> None:
+        """`probed`: a starved rank was just measured, and its one-sample fit underrates it
+        (its fixed cost read as per-sample): its plan is applied without the hysteresis, so
+        that the next measurement, at a real share, corrects the fit."""
         models = self.share_planner.models()
-        if self._vote_topology(step, models) and all(m is not None for m in models):
+        forced = self._vote_topology(step, models) or probed
+        if forced and all(m is not None for m in models):
             self.shares = allocate_shares(
                 self.global_batch_size, models, self.caps, self.min_share  # type: ignore[arg-type]
             )

@@ -29,6 +29,11 @@ class PlannerConfig:
     """...but never more than this fraction, so a real imbalance is always acted on."""
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     """Hysteresis: minimum gain and patience."""
+    probe_after_steps: int = 10
+    """A rank planned no samples this many steps in a row is given the minimum share for one
+    step and its fit restarted from that measurement: a worker planned none is never measured,
+    so a passing slowdown would otherwise starve it for good. The wait doubles after each
+    probe that still plans it none (at most `MAX_PROBE_WAIT_STEPS`); 0: never probe."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.forget <= 1.0:
@@ -37,6 +42,14 @@ class PlannerConfig:
             raise ConfigError("planner.noise_factor must be >= 0 and max_noise_gain in [0, 1)")
         if self.change_steps < 1:
             raise ConfigError(f"planner.change_steps must be at least 1, got {self.change_steps}")
+        if self.probe_after_steps < 0:
+            raise ConfigError(
+                f"planner.probe_after_steps must be 0 or more, got {self.probe_after_steps}")
+
+
+MAX_PROBE_WAIT_STEPS = 640
+"""Longest wait between two probes of a rank that stays planned no samples (a worker that is
+really that slow costs at most one minimum-share step in this many)."""
 
 
 class SharePlanner:

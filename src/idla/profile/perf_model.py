@@ -135,12 +135,20 @@ class StepTimeFit:
         slower = error > 0.0
         self._held = [h for h in held if h[2] == slower] + [(local_batch, compute_s, slower)]
         if len(self._held) >= self._change_steps:
-            self._restart()
+            self.restart()
             for samples, seconds, _ in self._held:
                 self._add(samples, seconds)
             self._held = []
 
-    def _restart(self) -> None:
+    def forget_stale(self) -> None:
+        """Forget every compute observation and the noise seen with them: the worker went
+        unmeasured long enough that they no longer describe it."""
+        self.restart()
+        self._held = []
+        self._abs_error = EmaMeter(decay=self._forget)
+
+    def restart(self) -> None:
+        """Forget every compute observation (a change of speed)."""
         self._weight = self._mean_b = self._mean_t = self._m2_b = self._c_bt = 0.0
 
     def _add(self, local_batch: int, compute_s: float) -> None:
