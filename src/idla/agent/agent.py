@@ -17,7 +17,11 @@ What a plain PyTorch script does keeps working, exactly:
 - ``requires_grad_`` changed after the agent exists: see `idla.agent.trainable`;
 - gradient accumulation: ``with agent.no_sync(): agent.backward(loss / K)`` for all but the
   last of K micro-batches, each a global batch of its own (`Agent.no_sync`);
-- ``agent.backward(loss, reduction="sum")`` for a loss summed over the share.
+- ``agent.backward(loss, reduction="sum")`` for a loss summed over the share;
+- data as tensors, a map-style Dataset or a DataLoader (its collate_fn and workers kept, its
+  batch size, sampler and drop_last replaced by the shares, with one warning on rank 0);
+  batches are what the collate returns, on the device. With workers, shares are planned
+  ahead by the job's plan lag; an IterableDataset is refused (`idla.runtime.loader`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import contextlib
 import hashlib
 import math
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
@@ -33,7 +38,6 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Dataset
 
 from idla.agent.config import AgentConfig
 from idla.agent.coverage import TrainableSet, rebuild_exchange, settle_step
@@ -44,9 +48,11 @@ from idla.errors import ConfigError, ReplicaMismatchError
 from idla.plan.job_planner import JobPlanner, memory_caps
 from idla.plan.observer import JobObserver
 from idla.plan.topology import Topology
-from idla.runtime.data import BatchFetcher, GlobalBatch, GlobalBatchSampler, local_slice
+from idla.runtime.data import GlobalBatch
 from idla.runtime.group import Group
+from idla.runtime.loader import Data, ShareLoader
 from idla.runtime.stats import WIDTH, Stat, StepFlag, flags_of, row
+from idla.runtime.tree import move_to
 
 REDUCTIONS = ("mean", "sum")
 """What `Agent.backward` accepts as the loss: the mean over this rank's share, or the sum."""
@@ -59,7 +65,7 @@ class Agent:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None,
-        dataset: Dataset | Sequence[torch.Tensor],
+        dataset: Data,
         *,
         global_batch_size: int | None = None,
         config: AgentConfig | None = None,
@@ -73,12 +79,10 @@ class Agent:
         self.group = group or Group()
         self.model = model.to(self.group.device)
         self.optimizer = optimizer  # stepped by the user's loop; held for checkpoints
-        self._fetcher = BatchFetcher(dataset)
-        self.sampler = GlobalBatchSampler(
-            self._fetcher.size, config.global_batch_size, config.seed
-        )
+        self._loader = ShareLoader(dataset, config.global_batch_size, config.seed, self.rank)
+        self.sampler = self._loader.sampler
         self._broadcast_initial_state()
-        limits = self._gather_memory_limits()
+        limits = self._gather_rank_limits()
         self.sync = make_sync(config, list(self.model.parameters()), self.group, WIDTH)
         self._trainable = TrainableSet(self.model, self.sync.params)
         self.planner = JobPlanner(
@@ -154,12 +158,17 @@ class Agent:
             for tensor in [*self.model.parameters(), *self.model.buffers()]:
                 dist.broadcast(tensor.data, src=0)
 
-    def _gather_memory_limits(self) -> list[int | None]:
-        """Every rank's `max_local_batch` (None where it has none)."""
+    def _gather_rank_limits(self) -> list[int | None]:
+        """Every rank's `max_local_batch` (None where it has none); on the way, the job's plan
+        lag (the deepest prefetch of any rank's loader) and the replaced-settings warning."""
         mine = -1 if self.config.max_local_batch is None else self.config.max_local_batch
-        cap = torch.tensor([mine], dtype=torch.int64, device=self.group.device)
-        limits = [int(t.item()) for t in self.group.all_gather(cap)]
-        return [None if c < 0 else c for c in limits]
+        facts = torch.tensor([mine, self._loader.local_lag], dtype=torch.int64,
+                             device=self.group.device)
+        gathered = [t.tolist() for t in self.group.all_gather(facts)]
+        self._loader.lag = max(lag for _, lag in gathered)
+        if self.rank == 0 and self._loader.replaced_note:
+            warnings.warn(self._loader.replaced_note, UserWarning, stacklevel=3)
+        return [None if c < 0 else c for c, _ in gathered]
 
     @property
     def accumulating(self) -> bool:
@@ -194,11 +203,13 @@ class Agent:
         finally:
             self._no_sync = before
 
-    def batches(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
+    def batches(self, epoch: int, start_batch: int = 0) -> Iterator[Any]:
         """This rank's part of every global batch of `epoch`, in order, from `start_batch` on
-        (a resumed run continues inside the epoch it was saved in)."""
-        for batch in self.sampler.epoch(epoch)[start_batch:]:
-            shares = self.planner.shares_for(batch.size)
+        (a resumed run continues inside the epoch it was saved in): a tuple of tensors for
+        tensor data, else what the collate returns; tensors (and objects with ``.to``) on the
+        agent's device."""
+        for planned, load in self._loader.batches(epoch, start_batch, self.planner.shares_for):
+            batch, shares = planned.batch, planned.shares
             if self.accumulating:
                 self.sync.continue_step(shares)
             else:
@@ -206,10 +217,9 @@ class Agent:
                 self.sync.start_step(shares)
             self._window.add(batch.size, shares)
             self._batch, self._batch_shares = batch, shares
-            indices = batch.indices[local_slice(shares, self.rank)]
-            parts = self._fetcher.fetch(indices)
+            parts = load()
             self._awaiting_backward = True
-            yield tuple(t.to(self.group.device, non_blocking=True) for t in parts)
+            yield move_to(parts, self.group.device, non_blocking=True)
             if self._awaiting_backward:
                 raise RuntimeError("call agent.backward(loss) once for every batch")
 
