@@ -66,7 +66,8 @@ def test_argparse_mistake_exits_2_without_traceback() -> None:
 
 def test_help_explains_every_option() -> None:
     for command in (["--help"], ["train", "--help"], ["profile", "--help"],
-                    ["bench", "hetero", "--help"], ["bench", "plan", "--help"]):
+                    ["bench", "hetero", "--help"], ["bench", "plan", "--help"],
+                    ["bench", "data", "--help"]):
         result = run_idla(*command)
         assert result.returncode == 0
         assert "usage: idla" in result.stdout

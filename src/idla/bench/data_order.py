@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from idla.agent.elastic import ElasticState
+from idla.bench.machine import machine_info
 from idla.runtime.data import GlobalBatchSampler
 
 
@@ -41,7 +42,7 @@ def bench_data_order(dataset_size: int = 10**8, global_batch_size: int = 512,
         The settings, ``first_batch_ms`` (median and max over `repeats` fresh epochs, each
         timed from the sampler's ``epoch(e)`` to the indices of its batch 0),
         ``peak_extra_memory_mb`` (rise of the peak resident memory meanwhile) and
-        ``commit_ms`` (median and max of `repeats` elastic commits).
+        ``commit_ms`` (median and max of `repeats` elastic commits), and the machine.
     """
     torch.set_num_threads(1)
     GlobalBatchSampler(10_000, 16, seed).epoch(0)[0]  # warm the code paths on a small set
@@ -66,4 +67,5 @@ def bench_data_order(dataset_size: int = 10**8, global_batch_size: int = 512,
         "first_batch_ms": {"median": statistics.median(first_ms), "max": max(first_ms)},
         "peak_extra_memory_mb": peak_extra / 2**20,
         "commit_ms": {"median": statistics.median(commit_ms), "max": max(commit_ms)},
+        "machine": machine_info(),
     }
