@@ -155,3 +155,11 @@ class _Stream(IterableDataset):
 def test_an_iterable_data_set_is_refused(data: Any) -> None:
     with pytest.raises(ConfigError, match=r"IterableDataset.*exactly once.*map-style"):
         ShareLoader(data, global_batch_size=2, seed=0, rank=0)
+
+
+def test_a_data_loader_without_batching_is_refused_and_in_order_is_kept() -> None:
+    with pytest.raises(ConfigError, match="batch_size=None"):
+        ShareLoader(DataLoader(_Squares(), batch_size=None), global_batch_size=2, seed=0, rank=0)
+
+    assert replaced_settings(DataLoader(_Squares(), in_order=False)) == [
+        "batch_size=1", "in_order=False"]

@@ -18,10 +18,11 @@ What a plain PyTorch script does keeps working, exactly:
 - gradient accumulation: ``with agent.no_sync(): agent.backward(loss / K)`` for all but the
   last of K micro-batches, each a global batch of its own (`Agent.no_sync`);
 - ``agent.backward(loss, reduction="sum")`` for a loss summed over the share;
-- data as tensors, a map-style Dataset or a DataLoader (its collate_fn and workers kept, its
-  batch size, sampler and drop_last replaced by the shares, with one warning on rank 0);
-  batches are what the collate returns, on the device. With workers, shares are planned
-  ahead by the job's plan lag; an IterableDataset is refused (`idla.runtime.loader`).
+- data as tensors, a map-style Dataset or a DataLoader (collate_fn and workers kept; batch
+  size, sampler and drop_last replaced by the shares, said once on rank 0); batches are what
+  the collate returns, on the device. Plan lag L: the deepest ``num_workers × prefetch_factor``
+  of any rank; batch n's shares are planned when batch n − L starts, alike on every rank. An
+  IterableDataset is refused: exactly-once needs indices (`idla.runtime.loader`).
 """
 
 from __future__ import annotations

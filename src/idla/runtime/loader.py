@@ -22,7 +22,11 @@ L, the largest such depth over its ranks (0 without workers), and the shares of 
 of a `batches` call are planned when batch n − L is about to be loaded (batches 0..L when the
 call starts), from the planner as it stands then: at a step boundary, identical on every rank,
 whenever each rank's loader actually asks. Without workers L = 0: each batch is planned just
-before it is loaded. The composition of each global batch never depends on the shares.
+before it is loaded. The composition of each global batch never depends on the shares, and
+every plan is a partition of its batch; a plan change (a re-plan, a rank dropped for
+non-finite gradients, ``agent.shares = ...``) reaches the batches L later: a dropped rank still
+computes its samples of the batches planned before, and the NaN guard leaves them out if they
+are not finite.
 
 An empty share (0 samples on this rank) from a tensor data set is 0-row tensors; from a Dataset
 or DataLoader it is the collate of the batch's first sample passed through
@@ -82,6 +86,8 @@ def replaced_settings(loader: DataLoader) -> list[str]:
         replaced.append(f"sampler={type(sampler).__name__}")
     if loader.drop_last:
         replaced.append("drop_last=True")
+    if not getattr(loader, "in_order", True):  # the shares follow the batches in order
+        replaced.append("in_order=False")
     return replaced
 
 
@@ -144,6 +150,11 @@ class ShareLoader:
             self._loader: DataLoader | None = None
         elif isinstance(data, DataLoader):
             dataset = _map_style(data.dataset, "the DataLoader's dataset")
+            if data.batch_sampler is None:
+                raise ConfigError(
+                    "the DataLoader has batch_size=None (its dataset gives whole batches): "
+                    "idla cuts global batches by sample, so give any batch_size (it is "
+                    "replaced by the shares) and a dataset of samples")
             self.replaced = replaced_settings(data)
             self._loader = DataLoader(
                 dataset, batch_sampler=self._index, collate_fn=data.collate_fn,
