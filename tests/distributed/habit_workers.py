@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import TensorDataset
 
 from idla import Agent, AgentConfig, GradientError
@@ -28,6 +30,18 @@ gives rank 1 nothing, the others give it samples, so a leaf joins the exchange m
 GUARDED = {"zero_grad_none_after_step", "accumulate_zero_grad_none", "accumulate_nan_on_rank_1"}
 """Habits run with the NaN guard (which holds buckets to the end); the others let buckets
 start during backward, so a gradient must be in its view before its hook launches it."""
+RESHARES = [[7, 5], [4, 8], [12, 0], [1, 11]]
+"""Shares of the rebalancing world, moved at the start of every step with the planner on."""
+OWN_SHARES = {"accumulate_nan_on_rank_1", "accumulate_leaf_joins_mid_step"}
+"""Habits whose reference depends on shares they fix themselves: not run re-shared."""
+DDP_HABITS = [
+    "plain", "zero_grad_none_before_forward", "zero_grad_none_after_step", "grad_set_to_zeros",
+    "unused_everywhere", "unused_on_some_ranks", "unused_on_some_ranks_zero_grad_none",
+    "freeze_after_agent", "accumulate", "accumulate_zero_grad_none",
+]
+"""Habits plain DDP supports at equal shares (with ``find_unused_parameters=True``, as the
+spare head needs); DDP cannot unfreeze a parameter after it is wrapped, and
+averages a summed loss over ranks instead of summing it."""
 
 HABITS = [
     "plain",
@@ -91,6 +105,7 @@ class Loop:
     begin_step: Callable[[], None]
     rank: int
     set_shares: Callable[[list[int]], None] = lambda _: None
+    forward: Callable[..., torch.Tensor] | None = None  # the wrapper, where there is one
 
 
 def script(habit: str, loop: Loop, model: Net, optimizer: torch.optim.Optimizer) -> None:
@@ -109,7 +124,7 @@ def script(habit: str, loop: Loop, model: Net, optimizer: torch.optim.Optimizer)
             model.body.requires_grad_(False)
         if habit == "unfreeze_after_agent" and i == 2:
             model.body.requires_grad_(True)
-        out = model(x, use_spare=habit.startswith("unused_on_some_ranks"))
+        out = (loop.forward or model)(x, use_spare=habit.startswith("unused_on_some_ranks"))
         loss = F.cross_entropy(out, y, reduction=reduction) / micro
         if habit == "accumulate_nan_on_rank_1" and loop.rank == 1 and i == 1:
             loss = loss * float("nan")
@@ -162,17 +177,35 @@ def _idla_loop(agent: Agent) -> Loop:
                 no_sync=agent.no_sync, begin_step=lambda: None, rank=agent.rank)
 
 
+def _ddp_loop(habit: str, dataset: TensorDataset, world: int) -> Net:
+    """The same script under plain DDP, each rank on its equal part of every global batch."""
+    model, optimizer = _fresh(habit)
+    ddp = DistributedDataParallel(model, find_unused_parameters=True)  # `spare` may idle
+    rank = dist.get_rank()
+    x, y = dataset.tensors
+    part = local_slice([GLOBAL_BATCH // world] * world, rank)
+    batches = ((x[b.indices[part]], y[b.indices[part]])
+               for b in GlobalBatchSampler(len(dataset), GLOBAL_BATCH, 0).epoch(0))
+    loop = Loop(batches, backward=lambda loss, _: loss.backward(), no_sync=ddp.no_sync,
+                begin_step=lambda: optimizer.zero_grad(set_to_none=False), rank=rank,
+                forward=ddp)
+    script(habit, loop, model, optimizer)
+    return model
+
+
 def _flat(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 def run_habits(
     habits: list[str], shares: list[int] | None, leaves: dict[int, int] | None = None,
-    fp16: bool = False,
+    fp16: bool = False, reshare: bool = False,
 ) -> dict[str, Any]:
     """Every habit under idla (fixed `shares`, None: equal; `leaves`: leaf -> hub) against
     one process; rank 0 returns the largest parameter difference per habit, every rank its
-    parameters. `fp16`: also `fp16_zero_grad`'s check, under "fp16"."""
+    parameters. `fp16`: also `fp16_zero_grad`'s check, under "fp16". `reshare`: the planner
+    on and the shares moved at every step (`RESHARES`). At equal shares also plain DDP's
+    result, for the habits DDP supports ("ddp_max_abs_diff")."""
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
     owner = Group()
@@ -181,11 +214,13 @@ def run_habits(
     dataset = _dataset(plan)
     out: dict[str, Any] = {}
     for habit in habits:
+        if reshare and habit in OWN_SHARES:
+            continue
         model, optimizer = _fresh(habit)
         joins = habit == "accumulate_leaf_joins_mid_step" and world == 2
         agent = Agent(model, optimizer, dataset, group=Group(), config=AgentConfig(
             global_batch_size=GLOBAL_BATCH, initial_shares=LEAF_IDLE if joins else plan,
-            rebalance=False, check_every_steps=2, bucket_cap_bytes=128,
+            rebalance=reshare, check_every_steps=2, bucket_cap_bytes=128,
             nan_guard=habit in GUARDED))
         if leaves:
             core = tuple(r for r in range(world) if r not in leaves)
@@ -193,6 +228,9 @@ def run_habits(
         loop = _idla_loop(agent)
         if joins:
             loop.set_shares = lambda new, agent=agent: setattr(agent, "shares", new)
+        if reshare:
+            loop.begin_step = lambda agent=agent: setattr(
+                agent, "shares", RESHARES[agent.step % len(RESHARES)])
         script(habit, loop, model, optimizer)
         agent.close()
         reference = _reference(habit, dataset, plan)
@@ -203,6 +241,9 @@ def run_habits(
             "shares": [list(s) for s in agent.history["shares"]],
             "nonfinite_steps": list(agent.nonfinite_steps),
         }
+        if shares is None and world > 1 and habit in DDP_HABITS:
+            ddp = _ddp_loop(habit, dataset, world)
+            out[habit]["ddp_max_abs_diff"] = float((_flat(model) - _flat(ddp)).abs().max())
     if fp16:
         out["fp16"] = fp16_zero_grad(shares or plan)
     owner.close()

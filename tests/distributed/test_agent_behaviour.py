@@ -11,8 +11,13 @@ from tests.distributed import workers
 
 
 def test_diverged_replicas_stop_with_a_clear_error() -> None:
-    with pytest.raises(IdlaError, match=r"replicas diverged by step 0: parameters on rank\(s\) 1"):
+    with pytest.raises(IdlaError, match=r"replicas diverged by step 0: parameters on rank\(s\) 1"
+                       ) as raised:
         launch_local(workers.diverge_then_check, (), 2)
+
+    # the differing parameter is named, and the likely causes listed
+    assert "differing: 'bias' (rank 1)." in str(raised.value)
+    assert "Likely causes:" in str(raised.value)
 
 
 @pytest.mark.cgroup

@@ -14,11 +14,19 @@ import pytest
 from idla.errors import IdlaError
 from idla.runtime.launch import launch_local
 from tests.distributed import habit_workers
-from tests.distributed.habit_workers import BATCHES, GLOBAL_BATCH, HABITS, K
+from tests.distributed.habit_workers import (
+    BATCHES,
+    DDP_HABITS,
+    GLOBAL_BATCH,
+    HABITS,
+    OWN_SHARES,
+    K,
+)
 
 WORLDS: dict[str, tuple[int, list[int] | None, dict[int, int]]] = {
     "one-process": (1, None, {}), "two-equal": (2, None, {}), "two-uneven": (2, [9, 3], {}),
     "two-hub-leaf": (2, [9, 3], {1: 0}),  # rank 1 sends its buffer to rank 0 and back
+    "two-rebalancing": (2, None, {}),  # the planner on, shares moved at every step
 }
 _results: dict[str, list[dict[str, Any]]] = {}
 
@@ -26,14 +34,18 @@ _results: dict[str, list[dict[str, Any]]] = {}
 def _run(world: str) -> list[dict[str, Any]]:
     if world not in _results:
         size, shares, leaves = WORLDS[world]
-        fp16 = world == "two-uneven"
+        fp16, reshare = world == "two-uneven", world == "two-rebalancing"
         _results[world] = launch_local(habit_workers.run_habits,
-                                       (HABITS, shares, leaves, fp16), size)
+                                       (HABITS, shares, leaves, fp16, reshare), size)
     return _results[world]
 
 
-@pytest.mark.parametrize("habit", HABITS)
-@pytest.mark.parametrize("world", list(WORLDS))
+CASES = [(world, habit) for world in WORLDS for habit in HABITS
+         if not (world == "two-rebalancing" and habit in OWN_SHARES)]
+"""Every habit in every world, but for the two that fix their own shares: not re-shared."""
+
+
+@pytest.mark.parametrize(("world", "habit"), CASES)
 def test_habit_gives_the_single_process_result(world: str, habit: str) -> None:
     # Execute
     results = _run(world)
@@ -43,7 +55,14 @@ def test_habit_gives_the_single_process_result(world: str, habit: str) -> None:
     assert all(r[habit]["params"] == results[0][habit]["params"] for r in results)
 
 
-@pytest.mark.parametrize("world", list(WORLDS))
+@pytest.mark.parametrize("habit", DDP_HABITS)
+def test_habit_gives_plain_ddps_result_at_equal_shares(habit: str) -> None:
+    results = _run("two-equal")
+
+    assert all(r[habit]["ddp_max_abs_diff"] < 1e-9 for r in results)
+
+
+@pytest.mark.parametrize("world", [w for w in WORLDS if w != "two-rebalancing"])
 def test_accumulation_is_one_step_per_exchange_with_the_samples_summed(world: str) -> None:
     # Prepare
     size, shares, _ = WORLDS[world]
@@ -86,3 +105,9 @@ def test_mistakes_fail_loudly_with_their_cause() -> None:
     assert messages["foreign_grad_with_values"].startswith("GradientError: parameter")
     assert "replaced by a tensor holding values" in messages["foreign_grad_with_values"]
     assert messages["step_inside_window"].startswith("GradientError: optimizer.step()")
+
+
+def test_the_rebalancing_world_really_moves_the_shares() -> None:
+    shares = _run("two-rebalancing")[0]["plain"]["shares"]
+
+    assert len({tuple(s) for s in shares}) >= 3

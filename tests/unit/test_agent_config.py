@@ -26,6 +26,8 @@ from idla import Agent, AgentConfig, ConfigError
         ("initial_shares", [4.0, 4.0], "initial_shares must be a list of integers or None"),
         ("compress", None, "compress must be a string"),
         ("planner", {}, "planner must be a PlannerConfig"),
+        ("min_local_batch", 2.0, "min_local_batch must be an integer or None"),
+        ("buffers", True, "buffers must be a string"),
     ],
 )
 def test_a_wrong_type_is_a_config_error_naming_the_field(
@@ -68,3 +70,45 @@ def test_one_worker_under_auto_trains_exactly_as_without_compression() -> None:
     assert all(torch.equal(a, b) for a, b in zip(exact, auto, strict=True))
     assert report["codec"] == "none"
     assert "one worker" in report["reason"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"buffers": "sync"}, "buffers must be one of 'broadcast', 'average', 'none'"),
+        ({"min_local_batch": 0}, "min_local_batch must be at least 1 or None"),
+        ({"min_local_batch": 2, "initial_shares": [11, 1]},
+         r"initial_shares \[11, 1\] gives rank 1 1 sample\(s\), fewer than min_local_batch 2"),
+    ],
+)
+def test_buffer_and_minimum_share_mistakes_name_the_field(
+    kwargs: dict[str, Any], expected: str
+) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        AgentConfig(global_batch_size=12, **kwargs)
+
+
+def _bn_model(train: bool) -> torch.nn.Module:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    return model.train(train)
+
+
+@pytest.mark.parametrize(
+    ("model", "configured", "expected"),
+    [
+        (_bn_model(train=True), None, 2),
+        (_bn_model(train=False), None, 1),
+        (torch.nn.Linear(4, 3), None, 1),
+        (_bn_model(train=True), 4, 4),
+    ],
+)
+def test_the_minimum_share_defaults_to_two_with_batchnorm_in_training(
+    model: torch.nn.Module, configured: int | None, expected: int
+) -> None:
+    data = (torch.randn(24, 4), torch.randint(0, 3, (24,)))
+
+    agent = Agent(model, None, data,
+                  config=AgentConfig(global_batch_size=12, min_local_batch=configured))
+
+    assert agent.min_local_batch == expected
+    agent.close()

@@ -170,3 +170,44 @@ def test_a_new_topology_needs_its_votes_and_comes_with_a_forced_plan() -> None:
     assert planner.topology != Topology.ring(4)
     assert planner.shares == [82, 88, 78, 8]  # planned at once, outside the hysteresis
     assert EXPECTED_LEAF_FROM not in planner.replan_steps
+
+
+def test_every_decision_respects_the_minimum_share() -> None:
+    # Prepare: rank 3 is planned 2 to 10 samples without a minimum; short batches of 37
+    planner = JobPlanner(256, 4, min_share=5)
+
+    # Execute
+    trace = run(planner, 25, last_batch_every=10, last_batch=37)
+
+    # Assert
+    assert all(b == 0 or b >= 5 for shares, _ in trace for b in shares)
+    assert any(5 <= shares[3] < 64 for shares, _ in trace)  # the slow rank was still planned
+    assert planner.shares_for(5) in ([5, 0, 0, 0], [0, 5, 0, 0], [0, 0, 5, 0])
+
+
+def test_short_batches_and_nan_drops_respect_the_minimum_before_any_measurement() -> None:
+    planner = JobPlanner(12, 2, min_share=2, rebalance=False)
+    dropping = JobPlanner(7, 3, initial=[3, 2, 2], min_share=2, rebalance=False)
+    rng = random.Random(0)
+
+    for step in range(3):
+        shares = dropping.shares_for(7)
+        dropping.absorb(step, matrix(rng, step, shares, {}, [1e-4] * 3, nonfinite=[0]), shares)
+
+    assert planner.shares_for(3) == [3, 0]  # proportional [2, 1] would give rank 1 one sample
+    assert planner.shares_for(1) == [1, 0]  # a batch below the minimum goes whole to one rank
+    assert initial_shares(6, 4, min_share=2) == [2, 2, 2, 0]
+    assert dropping.shares == [0, 4, 3]
+
+
+def test_configured_shares_below_the_minimum_are_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"initial_shares \[11, 1\] gives rank 1 1 sample\(s\), "
+                                          "fewer than min_local_batch 2"):
+        initial_shares(12, 2, configured=[11, 1], min_share=2)
+    assert initial_shares(12, 2, configured=[12, 0], min_share=2) == [12, 0]
+
+
+def test_lockstep_batch_is_at_least_the_minimum() -> None:
+    assert lockstep_batch(12, 8, min_share=2) == 2
+    assert lockstep_batch(3, 8, min_share=2) == 2
+    assert lockstep_batch(64, 4, min_share=2) == 16

@@ -180,3 +180,29 @@ def test_relative_error_tracks_the_timing_noise() -> None:
     assert quiet.relative_error < 0.02
     assert 0.08 < noisy.relative_error < 0.3
     assert noisy.standard_error() < noisy.relative_error
+
+
+def test_a_burst_shorter_than_change_steps_is_dropped() -> None:
+    # Prepare
+    fit = StepTimeFit(change_steps=4)
+    for _ in range(20):
+        fit.observe(100, 0.1)
+
+    # Execute: three slow steps (a passing burst), then back to speed; then four slow steps
+    for _ in range(3):
+        fit.observe(100, 0.25)
+    fit.observe(100, 0.1)
+    after_burst = fit.model()
+    for _ in range(4):
+        fit.observe(100, 0.25)
+    after_change = fit.model()
+
+    # Assert
+    assert after_burst is not None and after_change is not None
+    assert after_burst.predict_step_s(100) == pytest.approx(0.1)
+    assert after_change.predict_step_s(100) == pytest.approx(0.25)
+
+
+def test_change_steps_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match="change_steps"):
+        StepTimeFit(change_steps=0)

@@ -9,6 +9,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from idla.errors import PlanError
 from idla.plan.shares import allocate_shares, predicted_step_s, proportional_shares
@@ -204,3 +206,98 @@ def test_proportional_shares_rejects_bad_weights() -> None:
         proportional_shares(4, [1.0, -1.0])
     with pytest.raises(PlanError, match="all zero"):
         proportional_shares(4, [0.0, 0.0])
+
+
+def brute_force_min_step_s(global_batch: int, models: list[StepModel], caps: list[int],
+                           min_share: int) -> float:
+    """Smallest predicted slowest step over every split whose shares are each 0 or at least
+    min(min_share, global_batch), by enumeration (inf when none fits the caps)."""
+    least = min(min_share, global_batch)
+    best = float("inf")
+    for head in itertools.product(*[range(min(cap, global_batch) + 1) for cap in caps[:-1]]):
+        shares = [*head, global_batch - sum(head)]
+        if 0 <= shares[-1] <= caps[-1] and all(b == 0 or b >= least for b in shares):
+            best = min(best, predicted_step_s(shares, models))
+    return best
+
+
+def test_a_minimum_share_matches_brute_force_on_small_cases() -> None:
+    # Prepare
+    rng = random.Random(99)
+    cases = [(*random_case(rng), rng.randint(2, 6)) for _ in range(400)]
+    planned = 0
+
+    for global_batch, models, caps, min_share in cases:
+        best_s = brute_force_min_step_s(global_batch, models, caps, min_share)
+        if best_s == float("inf"):
+            # Execute / Assert: no valid split fits the caps
+            with pytest.raises(PlanError, match="in shares of at least"):
+                allocate_shares(global_batch, models, caps, min_share)
+            continue
+        # Execute
+        shares = allocate_shares(global_batch, models, caps, min_share)
+
+        # Assert
+        planned += 1
+        assert sum(shares) == global_batch
+        assert all(0 <= b <= cap for b, cap in zip(shares, caps, strict=True))
+        assert all(b == 0 or b >= min(min_share, global_batch) for b in shares)
+        assert predicted_step_s(shares, models) == pytest.approx(best_s, rel=1e-12, abs=0.0)
+    assert planned > 300
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    global_batch=st.integers(1, 24),
+    min_share=st.integers(1, 6),
+    workers=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 6), st.integers(0, 3)),
+                     min_size=1, max_size=4),
+)
+def test_minimum_share_property(global_batch: int, min_share: int,
+                                workers: list[tuple[int, int, int]]) -> None:
+    """Every share is 0 or at least the minimum, they sum to the batch, and no valid split
+    is predicted faster."""
+    # Prepare: small integer grids make ties between workers likely
+    models = [StepModel(fixed * 0.5, per_sample * 0.25, comm * 1.0)
+              for fixed, per_sample, comm in workers]
+
+    # Execute
+    shares = allocate_shares(global_batch, models, None, min_share)
+
+    # Assert
+    assert sum(shares) == global_batch
+    assert all(b == 0 or b >= min(min_share, global_batch) for b in shares)
+    best_s = brute_force_min_step_s(global_batch, models, [global_batch] * len(models), min_share)
+    assert predicted_step_s(shares, models) == pytest.approx(best_s, rel=1e-12, abs=0.0)
+
+
+def test_a_minimum_share_changes_nothing_that_already_respects_it() -> None:
+    models = [StepModel(0.1, 0.01), StepModel(0.0, 0.03, 0.2), StepModel(0.5, 0.002)]
+
+    for batch in (17, 64, 301):
+        plain = allocate_shares(batch, models)
+        if all(b == 0 or b >= 2 for b in plain):
+            assert allocate_shares(batch, models, min_share=2) == plain
+    assert proportional_shares(12, [6.0, 6.0], min_share=2) == [6, 6]
+
+
+def test_fewer_workers_get_samples_when_the_batch_is_short() -> None:
+    equal = [StepModel(0.0, 1.0)] * 4
+
+    assert allocate_shares(6, equal, min_share=2) == [2, 2, 2, 0]
+    assert allocate_shares(3, equal, min_share=2) == [3, 0, 0, 0]
+    assert allocate_shares(1, equal, min_share=2) == [1, 0, 0, 0]  # smaller than the minimum
+    assert allocate_shares(5, [StepModel(0.0, 2.0), StepModel(0.0, 1.0)], min_share=2) == [2, 3]
+
+
+def test_proportional_shares_with_a_minimum_drop_a_worker_rather_than_give_it_one() -> None:
+    assert proportional_shares(12, [10.0, 1.0]) == [11, 1]
+    assert proportional_shares(12, [10.0, 1.0], min_share=2) == [12, 0]
+    assert proportional_shares(3, [9.0, 3.0], min_share=2) == [3, 0]
+    assert proportional_shares(5, [1.0, 1.0, 1.0], min_share=2) == [3, 2, 0]
+    assert proportional_shares(7, [1.0, 0.0, 1.0], min_share=2) == [4, 0, 3]
+
+
+def test_an_invalid_minimum_is_a_plan_error() -> None:
+    with pytest.raises(PlanError, match="min_share must be >= 1"):
+        allocate_shares(8, [StepModel(0.0, 1.0)], min_share=0)

@@ -18,17 +18,19 @@ What a plain PyTorch script does keeps working, exactly:
 - gradient accumulation: ``with agent.no_sync(): agent.backward(loss / K)`` for all but the
   last of K micro-batches, each a global batch of its own (`Agent.no_sync`);
 - ``agent.backward(loss, reduction="sum")`` for a loss summed over the share;
-- data as tensors, a map-style Dataset or a DataLoader (collate_fn and workers kept; batch
-  size, sampler and drop_last replaced by the shares, said once on rank 0); batches are what
-  the collate returns, on the device. Plan lag L: the deepest ``num_workers × prefetch_factor``
-  of any rank; batch n's shares are planned when batch n − L starts, alike on every rank. An
-  IterableDataset is refused: exactly-once needs indices (`idla.runtime.loader`).
+- BatchNorm and other buffers: identical on every replica after each step (the source rank's,
+  like DDP's ``broadcast_buffers=True``, or their share-weighted mean: ``AgentConfig.buffers``)
+  and covered by the replica check; with BatchNorm no rank is given a single sample
+  (``AgentConfig.min_local_batch``); see `idla.agent.buffers`;
+- data as tensors, a map-style Dataset or a DataLoader (collate_fn, workers kept; batch size,
+  sampler, drop_last replaced, said once on rank 0), batches as the collate returns them; batch
+  n's shares are planned when batch n − L starts, L the deepest ``num_workers × prefetch_factor``
+  of any rank; an IterableDataset is refused: exactly-once needs indices (`runtime.loader`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import time
 import warnings
@@ -40,12 +42,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from idla.agent import buffers
+from idla.agent.agreement import agree_on_job, job_description
 from idla.agent.config import AgentConfig
 from idla.agent.coverage import TrainableSet, rebuild_exchange, settle_step
 from idla.agent.exchange import make_sync
 from idla.agent.history import StepHistory, agent_report, stragglers
+from idla.agent.lifecycle import mark_closed, warn_unless_closed
+from idla.agent.replicas import check_replicas
 from idla.agent.window import StepWindow, refuse_open_steps
-from idla.errors import ConfigError, ReplicaMismatchError
+from idla.errors import ConfigError
 from idla.plan.job_planner import JobPlanner, memory_caps
 from idla.plan.observer import JobObserver
 from idla.plan.topology import Topology
@@ -82,17 +88,20 @@ class Agent:
         self.optimizer = optimizer  # stepped by the user's loop; held for checkpoints
         self._loader = ShareLoader(dataset, config.global_batch_size, config.seed, self.rank)
         self.sampler = self._loader.sampler
+        agree_on_job(job_description(config, self.model, self.sampler.dataset_size), self.group)
         self._broadcast_initial_state()
         limits = self._gather_rank_limits()
         self.sync = make_sync(config, list(self.model.parameters()), self.group, WIDTH)
         self._trainable = TrainableSet(self.model, self.sync.params)
+        self._buffers = buffers.BufferSync(self.model, self.group, config.buffers)
+        self.min_local_batch = buffers.min_local_batch(self.model, config.min_local_batch)
         self.planner = JobPlanner(
             config.global_batch_size, self.group.world_size,
             caps=memory_caps(limits, config.global_batch_size),
             initial=config.initial_shares, rebalance=config.rebalance,
             nan_drop_after=config.nan_drop_after, leaf_ratio=config.leaf_ratio,
             config=config.planner,
-            hub_leaf=self.sync.supports_leaves,
+            hub_leaf=self.sync.supports_leaves, min_share=self.min_local_batch,
         )
         self.step = 0
         self._history = StepHistory(config.history_steps)
@@ -110,6 +119,7 @@ class Agent:
         self._last_size = 0  # global samples of the last step
         self._step_hook = (None if optimizer is None
                            else refuse_open_steps(optimizer, lambda: self.accumulating))
+        warn_unless_closed(self, self.rank)
 
     @property
     def rank(self) -> int:
@@ -218,6 +228,8 @@ class Agent:
                 self.sync.start_step(shares)
             self._window.add(batch.size, shares)
             self._batch, self._batch_shares = batch, shares
+            if shares[self.rank] == 0:
+                self._buffers.hold()  # an empty forward leaves the buffers as they were
             parts = load()
             self._awaiting_backward = True
             yield move_to(parts, self.group.device, non_blocking=True)
@@ -274,6 +286,8 @@ class Agent:
                 scaled = loss * (local / self._batch.size) if reduction == "mean" else loss
                 scaled.backward()
             window.record(local, loss_sum, nonfinite)
+        else:
+            self._buffers.restore()
         self._awaiting_backward = False
         if final:
             self._exchange()
@@ -311,6 +325,7 @@ class Agent:
             seen |= flags_of(r)
         extra = settle_step(self.sync, self._trainable, self.group, seen, self.step,
                             drop=guard and nonfinite)
+        self._buffers.sync([int(r[Stat.SAMPLES]) for r in table], window.shares)
         self._sync_end = time.perf_counter()
         self._prev_sync_s = self._sync_end - compute_end
         self._prev_comm_cpu_s = time.process_time() - compute_cpu_end
@@ -354,16 +369,9 @@ class Agent:
         self.sync.set_topology(topology)
 
     def check_replicas(self) -> None:
-        """Stop with a clear error if any rank's parameters differ from rank 0's."""
-        mine = torch.tensor([parameter_digest(self.model)], dtype=torch.int64,
-                            device=self.group.device)
-        hashes = [int(t.item()) for t in self.group.all_gather(mine)]
-        differ = [rank for rank, h in enumerate(hashes) if h != hashes[0]]
-        if differ:
-            raise ReplicaMismatchError(
-                f"replicas diverged by step {self.step}: parameters on rank(s) "
-                f"{', '.join(map(str, differ))} differ from rank 0's"
-            )
+        """Stop with a clear error if any rank's parameters, or buffers (unless
+        ``AgentConfig.buffers`` is "none"), differ from rank 0's."""
+        check_replicas(self.model, self.group, self.step, buffers=self._buffers.covered())
 
     def stragglers(self) -> list[str]:
         return stragglers([m.snapshot() for m in self.observer.meters])
@@ -377,6 +385,7 @@ class Agent:
 
     def close(self) -> None:
         """Finish pending sends, check the replicas one last time, release the group."""
+        mark_closed(self)
         if self._sync_end is not None and self._batch is not None:
             self._history.record_rate(
                 self._last_size / max(time.perf_counter() - self._step_start, 1e-9)
@@ -389,11 +398,3 @@ class Agent:
             self.check_replicas()
         self.group.close()
 
-
-def parameter_digest(model: nn.Module) -> int:
-    """A blake2b digest of every parameter's bytes, as a signed 64-bit integer: replicas that
-    hold the same parameters have the same digest."""
-    with torch.no_grad():
-        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    digest = hashlib.blake2b(flat.cpu().numpy().tobytes(), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)

@@ -6,8 +6,10 @@ import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from idla.agent.buffers import BufferMode
 from idla.compress import Codec, parse_codec
 from idla.errors import ConfigError
+from idla.plan.job_planner import check_min_share
 from idla.plan.planner import PlannerConfig
 
 
@@ -39,7 +41,17 @@ class AgentConfig:
     max_local_batch: int | None = None
     """This rank's memory cap on its local batch (None: no cap)."""
     initial_shares: list[int] | None = None
-    """Local batch per rank before anything is measured (None: equal shares)."""
+    """Local batch per rank before anything is measured (None: equal shares); each 0 or at
+    least `min_local_batch`."""
+    min_local_batch: int | None = None
+    """Fewest samples any plan gives a rank that gets samples at all (ranks get 0 or at least
+    this; a batch smaller than it goes whole to one rank). None: 2 when the model holds a
+    BatchNorm layer in training mode (it cannot train on 1 sample), else 1."""
+    buffers: str = "broadcast"
+    """How the replicas' buffers (BatchNorm statistics) agree after each step: "broadcast"
+    (the buffers of the lowest rank with the most samples, like DDP's broadcast_buffers),
+    "average" (float buffers: the share-weighted mean), or "none" (left per rank, not checked);
+    see `idla.agent.buffers`."""
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     """How measurements become a plan: fit memory, noise and hysteresis."""
     compress: str = field(default="none", metadata={"metavar": "CODEC"})
@@ -72,6 +84,13 @@ class AgentConfig:
         if self.max_local_batch is not None and self.max_local_batch < 0:
             raise ConfigError("max_local_batch must be 0 or more")
         parse_compress(self.compress)  # raises ConfigError naming the valid forms
+        modes = [m.value for m in BufferMode]
+        if self.buffers not in modes:
+            raise ConfigError(f"buffers must be one of {', '.join(map(repr, modes))}, "
+                              f"got {self.buffers!r}")
+        if self.min_local_batch is not None and self.min_local_batch < 1:
+            raise ConfigError(f"min_local_batch must be at least 1 or None, got "
+                              f"{self.min_local_batch}")
         if self.min_compress_numel < 1:
             raise ConfigError("min_compress_numel must be at least 1")
         if self.history_steps < 1:
@@ -84,6 +103,8 @@ class AgentConfig:
                 f"initial_shares {shares} must be non-negative and sum to the global batch "
                 f"{self.global_batch_size}"
             )
+        if shares is not None and self.min_local_batch is not None:
+            check_min_share(shares, min(self.min_local_batch, self.global_batch_size))
 
 
 def _is_int(value: Any) -> bool:

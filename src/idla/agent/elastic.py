@@ -32,6 +32,7 @@ from torch import nn
 
 from idla.agent.agent import Agent
 from idla.agent.config import AgentConfig
+from idla.agent.lifecycle import mark_closed
 from idla.elastic.faults import FaultInjector, injected_fault_time
 from idla.elastic.membership import (
     ElasticConfig,
@@ -194,6 +195,8 @@ def run_elastic(
             except RuntimeError as error:
                 if rdzv is None or membership is None or not is_peer_failure(error):
                     raise
+                if state.agent is not None:
+                    mark_closed(state.agent)  # its group is gone; the next generation takes over
                 failed_at = time.time()
                 group.close()
                 before = set(membership.members)

@@ -14,7 +14,8 @@ from typing import Any
 from idla.cli import fields
 from idla.cli.args import positive_int
 
-HETERO_OPTIONS = ("speeds", "base_cores", "steps", "repeats", "global_batch_size", "seed")
+HETERO_OPTIONS = ("model", "speeds", "base_cores", "steps", "repeats", "global_batch_size",
+                  "seed")
 COMM_OPTIONS = ("hosts", "bandwidth", "steps", "target_accuracy", "repeats", "codecs")
 SYNC_OPTIONS = ("speeds", "period_steps", "staleness_bound", "delay_compensation", "budget_s",
                 "target_accuracy", "repeats")
@@ -40,7 +41,8 @@ def add_commands(commands: Any, benches: Any) -> None:
         "hetero", help="idla vs plain DDP under emulated heterogeneous speeds",
         description="Run plain DistributedDataParallel (equal shares) and idla on the same "
         "data, model, global batch, seed and step count under the same emulated speeds; "
-        "measure each worker alone for the ideal. Medians over repeats.",
+        "plain DDP on equal workers at the mean speed (the same total CPU) for the balanced "
+        "limit; each worker alone for the ideal. Medians over repeats.",
     )
     _defer(hetero, _HETERO, HETERO_OPTIONS, _hetero)
     comm = benches.add_parser(

@@ -78,6 +78,7 @@ class RebalanceController:
         global_batch_size: int,
         caps: Sequence[int] | None = None,
         noise: float = 0.0,
+        min_share: int = 1,
     ) -> list[int] | None:
         """New shares to apply now, or None to keep ``current``.
 
@@ -96,6 +97,7 @@ class RebalanceController:
             caps: Largest local batch per worker, or None for no limit.
             noise: Relative standard error of the models' predictions; a gain must also exceed
                 twice this, so that noisy timings alone do not move the plan.
+            min_share: Fewest samples a plan gives a worker that gets any (`allocate_shares`).
 
         Raises:
             PlanError: If ``current`` and ``models`` differ in length, or planning fails.
@@ -110,10 +112,10 @@ class RebalanceController:
             stand_in = measured if complete else [_EQUAL_MODEL] * len(models)
             self._forced.append(step)
             self._changes.append(step)
-            return allocate_shares(global_batch_size, stand_in, caps)
+            return allocate_shares(global_batch_size, stand_in, caps, min_share)
         if not complete or self._measured_decisions < self._config.warmup_steps:
             return None
-        candidate = allocate_shares(global_batch_size, measured, caps)
+        candidate = allocate_shares(global_batch_size, measured, caps, min_share)
         now_s = predicted_step_s(current, measured)
         gain = (now_s - predicted_step_s(candidate, measured)) / now_s if now_s > 0.0 else 0.0
         if gain <= max(self._config.min_gain, 2.0 * noise):

@@ -1,6 +1,7 @@
 """Every share decision of one data-parallel job, in one place: `JobPlanner`.
 
-"Where is worker 3's batch size decided?" Here, at four moments:
+"Where is worker 3's batch size decided?" Here, at four moments, and at each every share is 0
+or at least the job's ``min_share`` (BatchNorm in training needs 2 samples per replica):
 
 - at the start: equal shares within the memory caps, or the configured ``initial_shares``
   (`initial_shares`);
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from idla.errors import ConfigError, PlanError
 from idla.plan.observer import JobObserver
 from idla.plan.planner import PlannerConfig, SharePlanner
-from idla.plan.shares import allocate_shares
+from idla.plan.shares import allocate_shares, respects_min_share
 from idla.plan.topology import Topology, choose_topology
 from idla.profile.perf_model import StepModel
 from idla.runtime.stats import Stat, StepFlag, flags_of
@@ -56,14 +57,16 @@ def memory_caps(limits: Sequence[int | None], global_batch_size: int) -> list[in
 
 def initial_shares(
     global_batch_size: int, world_size: int, caps: Sequence[int] | None = None,
-    configured: Sequence[int] | None = None,
+    configured: Sequence[int] | None = None, min_share: int = 1,
 ) -> list[int]:
     """Local batch per rank before anything is measured: `configured` when given, else equal
-    shares within `caps` (the first ``global_batch_size % world_size`` ranks take one more sample).
+    shares within `caps` (the first ``global_batch_size % world_size`` ranks take one more sample);
+    where equal shares would fall below `min_share`, fewer ranks get samples (the lower ranks).
 
     Raises:
         ConfigError: If the batch is smaller than the number of workers, or `configured` does
-            not list one non-negative share per rank summing to the batch.
+            not list one non-negative share per rank summing to the batch, each 0 or at least
+            `min_share`.
         PlanError: If the caps cannot hold the batch.
     """
     if global_batch_size < world_size:
@@ -71,7 +74,7 @@ def initial_shares(
             f"the global batch {global_batch_size} is smaller than the number of workers "
             f"{world_size}"
         )
-    shares = allocate_shares(global_batch_size, [_EQUAL] * world_size, caps)
+    shares = allocate_shares(global_batch_size, [_EQUAL] * world_size, caps, min_share)
     if configured is None:
         return shares
     if len(configured) != world_size:
@@ -83,18 +86,35 @@ def initial_shares(
             f"initial_shares {list(configured)} must be non-negative and sum to the global batch "
             f"{global_batch_size}"
         )
+    check_min_share(configured, min(min_share, global_batch_size))
     return list(configured)
 
 
-def lockstep_batch(global_batch_size: int, workers: int) -> int:
+def check_min_share(configured: Sequence[int], min_share: int) -> None:
+    """Refuse configured shares that give a rank some samples but fewer than `min_share`.
+
+    Raises:
+        ConfigError: Naming the first such rank, ``initial_shares`` and ``min_local_batch``.
+    """
+    if respects_min_share(configured, min_share):
+        return
+    rank = next(r for r, s in enumerate(configured) if 0 < s < min_share)
+    raise ConfigError(
+        f"initial_shares {list(configured)} gives rank {rank} {configured[rank]} sample(s), "
+        f"fewer than min_local_batch {min_share}: every share must be 0 or at least "
+        f"{min_share}"
+    )
+
+
+def lockstep_batch(global_batch_size: int, workers: int, min_share: int = 1) -> int:
     """The one local batch for modes whose workers all step alike and count alike (local SGD,
     DiLoCo, asynchronous pushes): the smallest equal share, ⌊global_batch_size / workers⌋, and at
-    least 1."""
+    least `min_share` (every worker takes a batch there, so none can take 0)."""
     if workers < 1:
         raise ConfigError(f"workers must be at least 1, got {workers}")
     if global_batch_size < workers:
-        return 1
-    return min(initial_shares(global_batch_size, workers))
+        return max(1, min_share)
+    return max(global_batch_size // workers, min_share)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +145,8 @@ class JobPlanner:
         config: How measurements become a plan (fits, noise, hysteresis).
         hub_leaf: Whether the gradient exchange supports hub/leaf topologies; False keeps the
             ring (a compressed exchange has no leaves).
+        min_share: Fewest samples any plan gives a rank that gets any (a batch smaller than
+            this goes whole to one rank).
 
     Raises:
         ConfigError, PlanError: As `initial_shares`.
@@ -134,16 +156,18 @@ class JobPlanner:
         self, global_batch_size: int, world_size: int, *, caps: Sequence[int] | None = None,
         initial: Sequence[int] | None = None, rebalance: bool = True, nan_drop_after: int = 3,
         leaf_ratio: float = 1.8, config: PlannerConfig | None = None, hub_leaf: bool = True,
+        min_share: int = 1,
     ) -> None:
         self.global_batch_size = global_batch_size
         self.world_size = world_size
         self.caps = None if caps is None else list(caps)
-        self.shares = initial_shares(global_batch_size, world_size, self.caps, initial)
+        self.min_share = min_share
+        self.shares = initial_shares(global_batch_size, world_size, self.caps, initial, min_share)
         self.rebalance = rebalance
         self.nan_drop_after = nan_drop_after
         self.leaf_ratio = leaf_ratio
         self.hub_leaf = hub_leaf
-        self.share_planner = SharePlanner(world_size, config)
+        self.share_planner = SharePlanner(world_size, config, min_share)
         self.observer = JobObserver(world_size)
         self.topology = Topology.ring(world_size)
         self.nonfinite_steps = [0] * world_size  # steps each rank's contribution was dropped
@@ -219,7 +243,7 @@ class JobPlanner:
         models = self.share_planner.models()
         if self._vote_topology(step, models) and all(m is not None for m in models):
             self.shares = allocate_shares(
-                self.global_batch_size, models, self.caps  # type: ignore[arg-type]
+                self.global_batch_size, models, self.caps, self.min_share  # type: ignore[arg-type]
             )
             return
         new = self.share_planner.decide(step, self.shares, self.global_batch_size, self.caps)

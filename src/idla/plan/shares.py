@@ -14,6 +14,14 @@ point, not just within a tolerance. Every worker is then given the samples it ca
 below ``T*`` and the few missing ones go to the workers at ``T*`` in index order, which is what
 trimming the excess one sample at a time from the slowest workers gives. Cost: O(n) memory and
 O(64 n) time; every rank computes the same list from the same models.
+
+A minimum share ``m`` (BatchNorm needs 2 samples per replica in training) adds the constraint
+``b_i = 0 or b_i ≥ m``. At a level ``T`` worker ``i`` can then take 0 or anything in
+``[m, n_i(T)]`` when ``n_i(T) ≥ m``, so the batch fits by ``T`` exactly when the ``k = ⌊B/m⌋``
+workers that can take the most hold ``B`` between them: the same bisection on that monotone
+count finds the optimal level, and the batch is split among those ``k`` workers (ties to the
+lower index) within ``[m, n_i(T*)]``. A batch smaller than ``m`` goes whole to the one worker
+that finishes it first. Cost: a partial sort per pass, O(64 n) time still on average.
 """
 
 from __future__ import annotations
@@ -38,7 +46,8 @@ many float ulps and the closed-form count below is off by at most one."""
 
 
 def allocate_shares(
-    global_batch_size: int, models: Sequence[StepModel], caps: Sequence[int] | None = None
+    global_batch_size: int, models: Sequence[StepModel], caps: Sequence[int] | None = None,
+    min_share: int = 1,
 ) -> list[int]:
     """Local batch sizes that minimize the predicted slowest step.
 
@@ -46,16 +55,21 @@ def allocate_shares(
         global_batch_size: Samples per step across all workers (≥ 1).
         models: One step-time model per worker.
         caps: Largest local batch each worker's memory holds, or None for no limit.
+        min_share: Fewest samples a worker may be given, unless it is given none (≥ 1); a batch
+            smaller than this goes whole to one worker.
 
     Returns:
-        Non-negative local batches, one per worker, summing exactly to ``global_batch_size``.
+        Local batches, one per worker, each 0 or at least ``min(min_share, global_batch_size)``,
+        summing exactly to ``global_batch_size``.
 
     Raises:
-        PlanError: If the batch, the models or the caps are invalid, or the caps cannot hold the
-            global batch.
+        PlanError: If the batch, the models, the caps or the minimum are invalid, or the caps
+            cannot hold the global batch (in shares of at least the minimum).
     """
     if global_batch_size < 1:
         raise PlanError(f"global_batch_size must be >= 1, got {global_batch_size}")
+    if min_share < 1:
+        raise PlanError(f"min_share must be >= 1, got {min_share}")
     fleet = _Fleet(models, caps, global_batch_size)
     level = fleet.water_level(global_batch_size)
     upper = fleet.counts(level)
@@ -64,6 +78,53 @@ def allocate_shares(
     before = np.cumsum(extra) - extra
     taken = np.clip(global_batch_size - lower.sum() - before, 0.0, extra)
     shares: list[int] = (lower + taken).astype(np.int64).tolist()
+    least = min(min_share, global_batch_size)
+    if least > 1 and not respects_min_share(shares, least):
+        shares = _allocate_with_min(fleet, global_batch_size, least)
+    return shares
+
+
+def respects_min_share(shares: Sequence[int], min_share: int) -> bool:
+    """Whether every share is 0 or at least ``min_share``."""
+    return all(b == 0 or b >= min_share for b in shares)
+
+
+def _allocate_with_min(fleet: _Fleet, global_batch_size: int, min_share: int) -> list[int]:
+    """The min-max split with every share 0 or at least ``min_share`` (see the module
+    docstring): the optimal level, the ``⌊B/m⌋`` workers that take the most at it, each
+    first given what it takes strictly below the level (at least ``m``), then the rest added
+    in index order, or the excess taken back in reverse index order down to ``m``."""
+    active = global_batch_size // min_share
+
+    def eligible(counts: _FloatArray) -> _FloatArray:
+        return np.where(counts >= min_share, counts, 0.0)
+
+    def top_total(counts: _FloatArray) -> float:
+        counts = eligible(counts)
+        if active >= len(counts):
+            return float(counts.sum())
+        return float(-np.partition(-counts, active - 1)[:active].sum())
+
+    level = fleet.water_level(
+        global_batch_size, lambda t: top_total(fleet.counts(t)),
+        lambda t: top_total(fleet.estimate_counts(t)), min_share)
+    upper = eligible(fleet.counts(level))
+    order = np.lexsort((np.arange(len(upper)), -upper))[:active]
+    chosen = np.zeros(len(upper), dtype=bool)
+    chosen[order[upper[order] > 0.0]] = True
+    upper = np.where(chosen, upper, 0.0)
+    below = fleet.counts(math.nextafter(level, -math.inf))
+    base = np.where(chosen, np.clip(below, min_share, upper), 0.0)
+    missing = global_batch_size - base.sum()
+    if missing >= 0:
+        room = upper - base
+        before = np.cumsum(room) - room
+        base += np.clip(missing - before, 0.0, room)
+    else:
+        spare = np.where(chosen, base - min_share, 0.0)[::-1]
+        before = np.cumsum(spare) - spare
+        base -= np.clip(-missing - before, 0.0, spare)[::-1]
+    shares: list[int] = base.astype(np.int64).tolist()
     return shares
 
 
@@ -74,11 +135,16 @@ def predicted_step_s(shares: Sequence[int], models: Sequence[StepModel]) -> floa
     return max(model.predict_step_s(int(b)) for b, model in zip(shares, models, strict=True))
 
 
-def proportional_shares(total: int, weights: Sequence[float]) -> list[int]:
+def proportional_shares(
+    total: int, weights: Sequence[float], min_share: int = 1
+) -> list[int]:
     """Splits ``total`` in proportion to ``weights`` by the largest-remainder method.
 
     Every worker gets the floor of its quota; the remaining samples go to the largest fractional
-    parts, ties to the lower index. The result sums exactly to ``total``.
+    parts, ties to the lower index. The result sums exactly to ``total``. Where that gives a
+    worker fewer than ``min_share`` samples but not none, the split is instead the one that
+    would finish first if each worker's time were its samples over its weight, with every
+    share 0 or at least ``min(min_share, total)`` (`allocate_shares`).
 
     Raises:
         PlanError: If ``total`` is negative, ``weights`` is empty, a weight is negative or not
@@ -102,6 +168,11 @@ def proportional_shares(total: int, weights: Sequence[float]) -> list[int]:
     order = sorted(range(len(quotas)), key=lambda i: (shares[i] - quotas[i], i))
     for i in order[:missing]:
         shares[i] += 1
+    least = min(min_share, total)
+    if least > 1 and not respects_min_share(shares, least):
+        models = [StepModel(0.0, weight_sum / w if w > 0.0 else 1.0) for w in weights]
+        caps = [total if w > 0.0 else 0 for w in weights]
+        return allocate_shares(total, models, caps, least)
     return shares
 
 
@@ -120,10 +191,13 @@ class _Fleet:
         self.base_s: _FloatArray = self.comm_s + self.fixed_s  # c + α, seconds
         self.cap: _FloatArray = _cap_array(caps, len(models), global_batch_size)  # samples
 
-    def estimate(self, level_s: float) -> float:
-        """Samples the workers take by ``level_s`` from the closed form, each within ±1."""
+    def estimate_counts(self, level_s: float) -> _FloatArray:
+        """Samples each worker takes by ``level_s`` from the closed form, within ±1."""
         k = np.floor((level_s - self.base_s) / self.per_sample_s)
-        return float(np.minimum(np.maximum(k, 0.0, out=k), self.cap, out=k).sum())
+        return np.minimum(np.maximum(k, 0.0, out=k), self.cap, out=k)
+
+    def estimate(self, level_s: float) -> float:
+        return float(self.estimate_counts(level_s).sum())
 
     def counts(self, level_s: float) -> _FloatArray:
         """Largest ``k ≤ cap`` per worker with ``c + (α + β·k) ≤ level_s``, exactly as
@@ -140,21 +214,31 @@ class _Fleet:
     def total(self, level_s: float) -> float:
         return float(self.counts(level_s).sum())
 
-    def water_level(self, global_batch_size: int) -> float:
-        """The smallest float ``T`` at which the workers can take ``global_batch_size`` samples."""
+    def water_level(
+        self, global_batch_size: int, total: _Counter | None = None,
+        estimate: _Counter | None = None, min_share: int = 1,
+    ) -> float:
+        """The smallest float ``T`` at which the workers can take ``global_batch_size`` samples,
+        counted by `total` (monotone in ``T``; the plain sum of `counts` by default) with the
+        cheaper `estimate` of it for the first bisection."""
+        total = total or self.total
+        estimate = estimate or self.estimate
         inverse_sum = float(np.sum(1.0 / self.per_sample_s))
         lo = float(self.base_s.min()) + 0.5 * global_batch_size / inverse_sum
-        if self.total(lo) >= global_batch_size:
+        if total(lo) >= global_batch_size:
             lo = 0.0  # no sample finishes by 0 s because β > 0
         hi = float(self.base_s.max()) + (global_batch_size + 2.0 * len(self.cap)) / inverse_sum
-        if self.total(hi) < global_batch_size:
-            hi = float(self._step_s(self.cap).max())  # every worker full; caps hold the batch
+        if total(hi) < global_batch_size:
+            hi = float(self._step_s(self.cap).max())  # every worker full
+            if total(hi) < global_batch_size:
+                raise PlanError(f"memory caps cannot hold the global batch {global_batch_size} "
+                                f"in shares of at least {min_share}")
         # The closed-form estimate is cheaper; it may disagree with the exact count within a
         # few ulps of a breakpoint, so its bracket is checked and widened before finishing.
-        lo_est, hi_est = _bisect(lo, hi, global_batch_size, self.estimate)
-        lo_est = _widen(lo_est, lo, global_batch_size, self.total, below=True)
-        hi_est = _widen(hi_est, hi, global_batch_size, self.total, below=False)
-        return _bisect(lo_est, hi_est, global_batch_size, self.total)[1]
+        lo_est, hi_est = _bisect(lo, hi, global_batch_size, estimate)
+        lo_est = _widen(lo_est, lo, global_batch_size, total, below=True)
+        hi_est = _widen(hi_est, hi, global_batch_size, total, below=False)
+        return _bisect(lo_est, hi_est, global_batch_size, total)[1]
 
 
 def _field(models: Sequence[StepModel], name: str) -> _FloatArray:

@@ -59,7 +59,9 @@ class StepTimeFit:
     A worker that changes speed by more than 30 % is re-learned in two steps: an observation that
     far off the prediction (at a batch size within 25 % of the mean seen) is held back, and when
     the next one is off in the same direction the fit restarts from those two; a lone outlier (a
-    GC pause, a noisy neighbour) is dropped. Smaller drifts are followed by the forgetting.
+    GC pause, a noisy neighbour) is dropped. With ``change_steps`` k the fit restarts after k such
+    observations in a row, so bursts shorter than k are dropped, at the price of following a
+    real change later. Smaller drifts are followed by the forgetting.
 
     The default λ = 0.8 comes from the closed-loop simulation in ``tests/unit/test_controller.py``
     (±10 % timing noise, 200 seeds): more than two re-plans in 100 steady steps for 41 seeds with
@@ -77,11 +79,18 @@ class StepTimeFit:
         forget: Forgetting factor λ in (0, 1]; 1 keeps all history with equal weight.
         change_ratio: Relative prediction error above which an observation counts as a change
             of speed (default 0.3); raise it where timings are noisier than that.
+        change_steps: Observations in a row that far off, in the same direction, that restart
+            the fit from them (default 2); fewer are held back and dropped. Raise it where
+            contention comes in bursts of a few steps.
     """
 
-    def __init__(self, forget: float = 0.8, change_ratio: float = _CHANGE_RATIO) -> None:
+    def __init__(
+        self, forget: float = 0.8, change_ratio: float = _CHANGE_RATIO, change_steps: int = 2
+    ) -> None:
         if not 0.0 < forget <= 1.0:
             raise ConfigError(f"forget must be in (0, 1], got {forget}")
+        if change_steps < 1:
+            raise ConfigError(f"change_steps must be at least 1, got {change_steps}")
         if not change_ratio > 0.0:
             raise ConfigError(f"change_ratio must be positive, got {change_ratio}")
         self._forget = forget
@@ -92,7 +101,8 @@ class StepTimeFit:
         self._m2_b = 0.0  # Σ w (b - mean_b)², samples²
         self._c_bt = 0.0  # Σ w (b - mean_b)(t - mean_t), sample·seconds
         self._count = 0  # observations with local_batch > 0
-        self._held: tuple[int, float, bool] | None = None  # (samples, seconds, slower) held back
+        self._change_steps = change_steps
+        self._held: list[tuple[int, float, bool]] = []  # (samples, seconds, slower) held back
         self._comm_s = EmaMeter(decay=forget)
         self._abs_error = EmaMeter(decay=forget)  # |relative prediction error| of compute
 
@@ -112,7 +122,7 @@ class StepTimeFit:
             return
         self._count += 1
         model = self.model()
-        held, self._held = self._held, None
+        held, self._held = self._held, []
         if model is None or abs(local_batch - self._mean_b) > _CHANGE_NEAR * self._mean_b:
             self._add(local_batch, compute_s)
             return
@@ -121,12 +131,14 @@ class StepTimeFit:
         self._abs_error.update(min(abs(error), 1.0))
         if abs(error) <= self._change_ratio:
             self._add(local_batch, compute_s)
-        elif held is None or held[2] != (error > 0.0):
-            self._held = (local_batch, compute_s, error > 0.0)
-        else:
+            return
+        slower = error > 0.0
+        self._held = [h for h in held if h[2] == slower] + [(local_batch, compute_s, slower)]
+        if len(self._held) >= self._change_steps:
             self._restart()
-            self._add(held[0], held[1])
-            self._add(local_batch, compute_s)
+            for samples, seconds, _ in self._held:
+                self._add(samples, seconds)
+            self._held = []
 
     def _restart(self) -> None:
         self._weight = self._mean_b = self._mean_t = self._m2_b = self._c_bt = 0.0
