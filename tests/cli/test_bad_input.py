@@ -111,7 +111,8 @@ def test_argparse_mistake_exits_2_without_traceback() -> None:
 
 def test_help_explains_every_option() -> None:
     commands = [["--help"], ["train", "--help"], ["profile", "--help"],
-                ["bench", "hetero", "--help"], ["bench", "plan", "--help"]]
+                ["bench", "hetero", "--help"], ["bench", "plan", "--help"],
+                ["bench", "data", "--help"]]
     for result in run_many(commands):
         assert result["code"] == 0
         assert "usage: idla" in result["stdout"]

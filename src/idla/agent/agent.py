@@ -21,7 +21,11 @@ What a plain PyTorch script does keeps working, exactly:
 - BatchNorm and other buffers: identical on every replica after each step (the source rank's,
   like DDP's ``broadcast_buffers=True``, or their share-weighted mean: ``AgentConfig.buffers``)
   and covered by the replica check; with BatchNorm no rank is given a single sample
-  (``AgentConfig.min_local_batch``); see `idla.agent.buffers`.
+  (``AgentConfig.min_local_batch``); see `idla.agent.buffers`;
+- data as tensors, a map-style Dataset or a DataLoader (collate_fn, workers kept; batch size,
+  sampler, drop_last replaced, said once on rank 0), batches as the collate returns them; batch
+  n's shares are planned when batch n − L starts, L the deepest ``num_workers × prefetch_factor``
+  of any rank; an IterableDataset is refused: exactly-once needs indices (`runtime.loader`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
@@ -36,7 +41,6 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Dataset
 
 from idla.agent import buffers
 from idla.agent.agreement import agree_on_job, job_description
@@ -51,9 +55,11 @@ from idla.errors import ConfigError
 from idla.plan.job_planner import JobPlanner, memory_caps
 from idla.plan.observer import JobObserver
 from idla.plan.topology import Topology
-from idla.runtime.data import BatchFetcher, GlobalBatch, GlobalBatchSampler, local_slice
+from idla.runtime.data import GlobalBatch
 from idla.runtime.group import Group
+from idla.runtime.loader import Data, ShareLoader
 from idla.runtime.stats import WIDTH, Stat, StepFlag, flags_of, row
+from idla.runtime.tree import move_to
 
 REDUCTIONS = ("mean", "sum")
 """What `Agent.backward` accepts as the loss: the mean over this rank's share, or the sum."""
@@ -66,7 +72,7 @@ class Agent:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None,
-        dataset: Dataset | Sequence[torch.Tensor],
+        dataset: Data,
         *,
         global_batch_size: int | None = None,
         config: AgentConfig | None = None,
@@ -80,13 +86,11 @@ class Agent:
         self.group = group or Group()
         self.model = model.to(self.group.device)
         self.optimizer = optimizer  # stepped by the user's loop; held for checkpoints
-        self._fetcher = BatchFetcher(dataset)
-        self.sampler = GlobalBatchSampler(
-            self._fetcher.size, config.global_batch_size, config.seed
-        )
-        agree_on_job(job_description(config, self.model, self._fetcher.size), self.group)
+        self._loader = ShareLoader(dataset, config.global_batch_size, config.seed, self.rank)
+        self.sampler = self._loader.sampler
+        agree_on_job(job_description(config, self.model, self.sampler.dataset_size), self.group)
         self._broadcast_initial_state()
-        limits = self._gather_memory_limits()
+        limits = self._gather_rank_limits()
         self.sync = make_sync(config, list(self.model.parameters()), self.group, WIDTH)
         self._trainable = TrainableSet(self.model, self.sync.params)
         self._buffers = buffers.BufferSync(self.model, self.group, config.buffers)
@@ -165,12 +169,17 @@ class Agent:
             for tensor in [*self.model.parameters(), *self.model.buffers()]:
                 dist.broadcast(tensor.data, src=0)
 
-    def _gather_memory_limits(self) -> list[int | None]:
-        """Every rank's `max_local_batch` (None where it has none)."""
+    def _gather_rank_limits(self) -> list[int | None]:
+        """Every rank's `max_local_batch` (None where it has none); on the way, the job's plan
+        lag (the deepest prefetch of any rank's loader) and the replaced-settings warning."""
         mine = -1 if self.config.max_local_batch is None else self.config.max_local_batch
-        cap = torch.tensor([mine], dtype=torch.int64, device=self.group.device)
-        limits = [int(t.item()) for t in self.group.all_gather(cap)]
-        return [None if c < 0 else c for c in limits]
+        facts = torch.tensor([mine, self._loader.local_lag], dtype=torch.int64,
+                             device=self.group.device)
+        gathered = [t.tolist() for t in self.group.all_gather(facts)]
+        self._loader.lag = max(lag for _, lag in gathered)
+        if self.rank == 0 and self._loader.replaced_note:
+            warnings.warn(self._loader.replaced_note, UserWarning, stacklevel=3)
+        return [None if c < 0 else c for c, _ in gathered]
 
     @property
     def accumulating(self) -> bool:
@@ -205,11 +214,13 @@ class Agent:
         finally:
             self._no_sync = before
 
-    def batches(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
+    def batches(self, epoch: int, start_batch: int = 0) -> Iterator[Any]:
         """This rank's part of every global batch of `epoch`, in order, from `start_batch` on
-        (a resumed run continues inside the epoch it was saved in)."""
-        for batch in self.sampler.epoch(epoch)[start_batch:]:
-            shares = self.planner.shares_for(batch.size)
+        (a resumed run continues inside the epoch it was saved in): a tuple of tensors for
+        tensor data, else what the collate returns; tensors (and objects with ``.to``) on the
+        agent's device."""
+        for planned, load in self._loader.batches(epoch, start_batch, self.planner.shares_for):
+            batch, shares = planned.batch, planned.shares
             if self.accumulating:
                 self.sync.continue_step(shares)
             else:
@@ -217,12 +228,11 @@ class Agent:
                 self.sync.start_step(shares)
             self._window.add(batch.size, shares)
             self._batch, self._batch_shares = batch, shares
-            indices = batch.indices[local_slice(shares, self.rank)]
             if shares[self.rank] == 0:
                 self._buffers.hold()  # an empty forward leaves the buffers as they were
-            parts = self._fetcher.fetch(indices)
+            parts = load()
             self._awaiting_backward = True
-            yield tuple(t.to(self.group.device, non_blocking=True) for t in parts)
+            yield move_to(parts, self.group.device, non_blocking=True)
             if self._awaiting_backward:
                 raise RuntimeError("call agent.backward(loss) once for every batch")
 

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from idla.agent.agent import Agent
 from idla.agent.config import AgentConfig
@@ -48,6 +47,7 @@ from idla.elastic.state_transfer import broadcast_module_, broadcast_optimizer_
 from idla.errors import IdlaError
 from idla.runtime.collectives import all_gather_json
 from idla.runtime.group import Group
+from idla.runtime.loader import Data
 
 
 @dataclass
@@ -68,7 +68,7 @@ class ElasticState:
     membership_check: Callable[[int], None] | None = None
     """Called with the committed step before each batch; raises MembershipChange to re-form."""
 
-    def batches(self, epochs: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    def batches(self, epochs: int) -> Iterator[Any]:
         """This rank's part of every remaining global batch, from the cursor to `epochs`."""
         if self.agent is None:
             raise RuntimeError("ElasticState.batches() is only valid inside run_elastic")
@@ -154,7 +154,7 @@ def run_elastic(
     train_fn: Callable[[Agent, ElasticState], None],
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
-    dataset: Dataset | Sequence[torch.Tensor],
+    dataset: Data,
     config: AgentConfig,
     elastic: ElasticConfig | None = None,
     on_event: Callable[[FailureEvent], None] | None = None,

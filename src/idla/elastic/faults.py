@@ -18,11 +18,12 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from idla.errors import ConfigError
+from idla.runtime.tree import map_tensors
 
 if TYPE_CHECKING:
     from idla.elastic.rendezvous import Rendezvous
@@ -107,9 +108,7 @@ class FaultInjector:
         mine = cls(member, faults, rdzv)
         return mine if mine.faults else None
 
-    def before_step(
-        self, step: int, parts: tuple[torch.Tensor, ...]
-    ) -> tuple[torch.Tensor, ...]:
+    def before_step(self, step: int, parts: Any) -> Any:
         """Strike the faults due at `step`; return the (possibly corrupted) batch."""
         self._dilate()
         for fault in self.faults:
@@ -120,10 +119,9 @@ class FaultInjector:
             elif fault.kind == "slow" and step == fault.step:
                 self._slow_down(fault.factor)
             elif fault.kind == "nan" and fault.step <= step < fault.step + fault.steps:
-                parts = tuple(
-                    torch.full_like(t, float("nan")) if t.is_floating_point() else t
-                    for t in parts
-                )
+                parts = map_tensors(
+                    lambda t: torch.full_like(t, float("nan")) if t.is_floating_point() else t,
+                    parts)
         return parts
 
     def _slow_down(self, factor: float) -> None:

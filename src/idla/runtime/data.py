@@ -1,15 +1,17 @@
-"""Exactly-once data sharding: one seeded permutation per epoch, cut by the current shares; and
+"""Exactly-once data sharding: one seeded bijection per epoch, cut by the current shares; and
 the per-rank batches of the relaxed synchronization modes."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import torch
-from torch.utils.data import Dataset, TensorDataset, default_collate
+from torch.utils.data import TensorDataset
 
 from idla.errors import ConfigError
+from idla.runtime.permutation import Bijection, round_keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,11 +28,13 @@ class GlobalBatch:
 
 
 class GlobalBatchSampler:
-    """Draws global batches from one permutation per epoch, seeded by (seed, epoch).
+    """Draws global batches from one pseudo-random order per epoch, seeded by (seed, epoch).
 
     The composition of every global batch depends only on the seed, the epoch and the epoch's
     cursor, never on the shares, so re-planning mid-epoch cannot skip or repeat a sample: each
     sample appears exactly once per epoch. The last batch of an epoch holds the remainder.
+    Batch k of epoch e is computed on its own (`idla.runtime.permutation`): O(global batch)
+    time and memory, whatever the size of the data set.
     """
 
     def __init__(self, dataset_size: int, global_batch_size: int, seed: int) -> None:
@@ -48,16 +52,49 @@ class GlobalBatchSampler:
     def steps_per_epoch(self) -> int:
         return -(-self.dataset_size // self.global_batch_size)
 
-    def permutation(self, epoch: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.dataset_size, generator=generator)
+    def order(self, epoch: int) -> Bijection:
+        """Epoch `epoch`'s order: position p of the epoch visits sample ``order(p)``."""
+        return Bijection(self.dataset_size, round_keys(self.seed, epoch))
 
-    def epoch(self, epoch: int) -> list[GlobalBatch]:
-        order = self.permutation(epoch)
-        return [
-            GlobalBatch(epoch, k, order[start : start + self.global_batch_size])
-            for k, start in enumerate(range(0, self.dataset_size, self.global_batch_size))
-        ]
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """The whole order of `epoch` (O(data set): for tests and small data)."""
+        return self.order(epoch)(torch.arange(self.dataset_size))
+
+    def batch(self, epoch: int, step_in_epoch: int) -> GlobalBatch:
+        """Global batch `step_in_epoch` of `epoch`, computed directly."""
+        start = step_in_epoch * self.global_batch_size
+        stop = min(start + self.global_batch_size, self.dataset_size)
+        return GlobalBatch(epoch, step_in_epoch, self.order(epoch)(torch.arange(start, stop)))
+
+    def epoch(self, epoch: int) -> EpochBatches:
+        """The global batches of `epoch`, as a lazy sequence (no batch is built until asked)."""
+        return EpochBatches(self, epoch, range(self.steps_per_epoch()))
+
+
+class EpochBatches(Sequence[GlobalBatch]):
+    """The global batches of one epoch (or a slice of them): `len`, indexing, slicing and
+    iteration, each batch computed when it is asked for."""
+
+    def __init__(self, sampler: GlobalBatchSampler, epoch: int, steps: range) -> None:
+        self.sampler, self.epoch, self.steps = sampler, epoch, steps
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    @overload
+    def __getitem__(self, index: int) -> GlobalBatch: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> EpochBatches: ...
+
+    def __getitem__(self, index: int | slice) -> GlobalBatch | EpochBatches:
+        if isinstance(index, slice):
+            return EpochBatches(self.sampler, self.epoch, self.steps[index])
+        return self.sampler.batch(self.epoch, self.steps[index])
+
+    def __iter__(self) -> Iterator[GlobalBatch]:
+        for step in self.steps:
+            yield self.sampler.batch(self.epoch, step)
 
 
 def local_slice(shares: Sequence[int], rank: int) -> slice:
@@ -67,34 +104,18 @@ def local_slice(shares: Sequence[int], rank: int) -> slice:
 
 
 class BatchFetcher:
-    """Turns dataset indices into a batch: tensors are indexed directly, other data collated."""
+    """Turns dataset indices into a batch of tensor columns, indexed directly."""
 
-    def __init__(self, dataset: Dataset | Sequence[torch.Tensor]) -> None:
-        if isinstance(dataset, TensorDataset):
-            self._tensors: tuple[torch.Tensor, ...] | None = tuple(dataset.tensors)
-        elif isinstance(dataset, tuple | list) and all(
-            isinstance(t, torch.Tensor) for t in dataset
-        ):
-            self._tensors = tuple(dataset)
-        else:
-            self._tensors = None
-        self._dataset = dataset
-        if self._tensors is not None:
-            sizes = {int(t.shape[0]) for t in self._tensors}
-            if len(sizes) != 1:
-                raise ConfigError(f"data set tensors have different lengths: {sorted(sizes)}")
-            self.size = sizes.pop()
-        else:
-            self.size = len(dataset)  # type: ignore[arg-type]
+    def __init__(self, dataset: TensorDataset | Sequence[torch.Tensor]) -> None:
+        self._tensors = tuple(dataset.tensors if isinstance(dataset, TensorDataset) else dataset)
+        sizes = {int(t.shape[0]) for t in self._tensors}
+        if len(sizes) != 1:
+            raise ConfigError(f"data set tensors have different lengths: {sorted(sizes)}")
+        self.size = sizes.pop()
 
     def fetch(self, indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self._tensors is not None:
-            return tuple(t[indices] for t in self._tensors)
-        # An empty share still needs the right shapes: collate one sample and keep none of it.
-        picked = [int(i) for i in indices] or [0]
-        batch = default_collate([self._dataset[i] for i in picked])
-        parts = tuple(batch) if isinstance(batch, list | tuple) else (batch,)
-        return parts if indices.numel() else tuple(t[:0] for t in parts)
+        """(len(indices), ...) rows of every column; 0 rows for an empty share."""
+        return tuple(t[indices] for t in self._tensors)
 
 
 def local_batches(
