@@ -180,7 +180,7 @@ class JobPlanner:
         base = self.share_planner.config.probe_after_steps
         self._starved = [0] * world_size  # steps in a row each rank was planned no samples
         self._probe_wait = [base] * world_size  # starved steps before each rank's next probe
-        self._probe: list[int] | None = None  # shares of the next full batch, once
+        self._probe: list[int] | None = None  # shares of full batches until the next absorb
         self._probing: set[int] = set()  # ranks whose next measured step is a probe
 
     @property
@@ -195,12 +195,12 @@ class JobPlanner:
 
     def shares_for(self, batch_size: int) -> list[int]:
         """Local batch per rank for a global batch of `batch_size` samples: the shares in force
-        for a full batch; for another size (an epoch's short last batch) a one-off plan from the
-        fits, or in proportion to the shares in force before every rank is measured or without
+        for a full batch (a probe's, from the step that planned it to the next absorb); for
+        another size (an epoch's short last batch) a one-off plan from the fits, or in
+        proportion to the shares in force before every rank is measured or without
         rebalancing."""
         if batch_size == self.global_batch_size:
-            probe, self._probe = self._probe, None
-            return list(self.shares) if probe is None else probe
+            return list(self.shares if self._probe is None else self._probe)
         return self.share_planner.plan_now(batch_size, self.shares, self.caps,
                                            measured=self.rebalance)
 
@@ -217,7 +217,7 @@ class JobPlanner:
             PlanError: If a dropped rank leaves too little memory for the global batch.
         """
         costs = self.observer.absorb(stats, batch_shares, self._prev_topology, step == 0)
-        probed = False
+        self._probe, probed = None, False
         for rank, r in enumerate(stats):
             if rank in self._probing and batch_shares[rank] > 0:
                 self._probing.discard(rank)
