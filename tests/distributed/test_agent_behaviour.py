@@ -27,7 +27,7 @@ def test_a_throttled_worker_is_discovered_and_given_less() -> None:
     speeds = [1.0, 0.25]
 
     # Execute
-    result = launch_local(workers.heterogeneous_shares, (24,), 2, speeds, base_cores=0.5)[0]
+    result = launch_local(workers.heterogeneous_shares, (12,), 2, speeds, base_cores=0.5)[0]
 
     # Assert
     fast, slow = result["shares"]

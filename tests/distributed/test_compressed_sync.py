@@ -2,39 +2,46 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import pytest
 
 from idla.emulate.netns import NetnsRig, parse_rate, rig_unavailable_reason
 from idla.runtime.launch import launch_local
 from tests.distributed import compress_workers
+from tests.distributed.shared_launch import launch_cases
 
 CODECS = ["none", "fp16", "topk:0.01", "randk:0.05", "sign", "powersgd:2"]
 
 
+@functools.cache
+def _three_ranks() -> dict[str, list[Any]]:
+    """Every three-rank case of this module, in one launch. The codecs run on uneven shares,
+    with a tiny threshold that compresses every tensor the codec can take."""
+    steps = compress_workers.compressed_steps
+    cases = {codec: (steps, (codec, [60, 30, 10], 4, True, 16)) for codec in CODECS}
+    cases["exact"] = (steps, ("none", [70, 20, 10], 1, True, 16))
+    cases["fp16-first"] = (steps, ("fp16", [70, 20, 10], 1, False, 16))
+    return launch_cases(cases, 3)
+
+
 @pytest.mark.parametrize("codec", CODECS)
 def test_replicas_stay_bit_identical_with_every_codec(codec: str) -> None:
-    # Prepare: uneven shares; a tiny threshold compresses every tensor the codec can take
-    shares = [60, 30, 10]
+    results = _three_ranks()[codec]
 
-    # Execute
-    results = launch_local(compress_workers.compressed_steps,
-                           (codec, shares, 4, True, 16), 3)
-
-    # Assert
     assert len({r["hash"] for r in results}) == 1
     assert results[0]["report"]["codec"] == codec
 
 
 def test_no_codec_is_the_exact_weighted_gradient() -> None:
-    results = launch_local(compress_workers.compressed_steps,
-                           ("none", [70, 20, 10], 1, True, 16), 3)
+    results = _three_ranks()["exact"]
 
     assert results[0]["first_step_max_diff"] < 1e-6
 
 
 def test_fp16_first_step_is_close_to_the_exact_gradient() -> None:
-    results = launch_local(compress_workers.compressed_steps,
-                           ("fp16", [70, 20, 10], 1, False, 16), 3)
+    results = _three_ranks()["fp16-first"]
 
     assert results[0]["first_step_max_diff"] < 1e-3 * results[0]["grad_scale"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
@@ -13,14 +14,23 @@ from idla.runtime.group import Group
 from idla.runtime.launch import launch_local
 from idla.sync.local_sgd import DiLoCo, PeriodicAveraging
 from tests.distributed import local_sgd_workers as workers
+from tests.distributed.shared_launch import launch_cases
+
+PERIOD_ONE_SHARES = {"uneven": [40, 20, 4], "idle-rank": [48, 16, 0]}
+"""Uneven shares of a 64-sample global batch; the second has an idle rank."""
 
 
-@pytest.mark.parametrize("shares", [[40, 20, 4], [48, 16, 0]])
-def test_period_one_with_sample_weights_is_one_global_batch_step(shares: list[int]) -> None:
-    # Prepare: uneven shares of a 64-sample global batch; the second case has an idle rank
+@functools.cache
+def _period_one() -> dict[str, list[Any]]:
+    """3 steps, each rank on its own mean loss, averaged every step; one launch for both."""
+    return launch_cases({name: (workers.period_one_vs_global_batch, (shares, 3))
+                         for name, shares in PERIOD_ONE_SHARES.items()}, 3)
 
-    # Execute: 3 steps, each rank on its own mean loss, averaged every step
-    results = launch_local(workers.period_one_vs_global_batch, (shares, 3), 3)
+
+@pytest.mark.parametrize("shares", list(PERIOD_ONE_SHARES))
+def test_period_one_with_sample_weights_is_one_global_batch_step(shares: str) -> None:
+    # Execute
+    results = _period_one()[shares]
 
     # Assert
     assert len({r["hash"] for r in results}) == 1

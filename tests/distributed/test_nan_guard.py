@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import pytest
 
 from idla.runtime.launch import launch_local
 from tests.distributed import workers
+from tests.distributed.shared_launch import launch_cases
+
+
+@functools.cache
+def _rank_1_nan() -> dict[str, list[Any]]:
+    """Rank 1 of three non-finite in one step, under each optimizer; one launch."""
+    return launch_cases({opt: (workers.nan_step, ([100, 60, 40], [1], opt))
+                         for opt in ("sgd", "adam")}, 3)
 
 
 @pytest.mark.parametrize("optimizer_name", ["sgd", "adam"])
 def test_nan_rank_is_left_out_and_the_rest_reweighted(optimizer_name: str) -> None:
-    shares = [100, 60, 40]
-
-    result = launch_local(workers.nan_step, (shares, [1], optimizer_name), 3)[0]
+    result = _rank_1_nan()[optimizer_name][0]
 
     assert result["finite"]
     # Adam's first step is lr·g/(|g|+eps): for gradient entries near eps the extra rounding of

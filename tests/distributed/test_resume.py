@@ -2,26 +2,39 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 import pytest
 
 from idla.runtime.checkpoint import load_checkpoint
-from idla.runtime.launch import launch_local
 from tests.distributed import resume_workers
+from tests.distributed.shared_launch import launch_cases
 
 CODECS = ["none", "topk:0.05"]
+MID_BATCHES = {"epoch-boundary": 0, "mid-epoch": 5}
 
 
-@pytest.mark.parametrize("mid_batches", [0, 5], ids=["epoch-boundary", "mid-epoch"])
-def test_resume_is_bit_identical(tmp_path: Path, mid_batches: int) -> None:
-    # Prepare: run A (3 epochs straight) and run B up to batch `mid_batches` of epoch 2,
-    # checkpointed by rank 0
-    first = launch_local(resume_workers.straight_then_first_part,
-                         (CODECS, str(tmp_path), mid_batches), 2)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Run A (3 epochs straight) and run B up to batch `mid` of epoch 2, checkpointed by rank
+    0, for both cases in one launch; then new processes (one more launch) load the
+    checkpoints and train the third epoch."""
+    root = tmp_path_factory.mktemp("resume")
+    dirs = {name: root / name for name in MID_BATCHES}
+    first = launch_cases({name: (resume_workers.straight_then_first_part,
+                                 (CODECS, str(dirs[name]), mid))
+                          for name, mid in MID_BATCHES.items()}, 2)
+    second = launch_cases({name: (resume_workers.resumed_second_part,
+                                  (CODECS, str(dirs[name])))
+                           for name in MID_BATCHES}, 2)
+    return {name: (dirs[name], first[name], second[name]) for name in MID_BATCHES}
 
-    # Execute: new processes load the checkpoints and train the third epoch
-    second = launch_local(resume_workers.resumed_second_part, (CODECS, str(tmp_path)), 2)
+
+@pytest.mark.parametrize("case", list(MID_BATCHES))
+def test_resume_is_bit_identical(runs: dict[str, Any], case: str) -> None:
+    # Execute
+    tmp_path, first, second = runs[case]
+    mid_batches = MID_BATCHES[case]
 
     # Assert: every rank of the resumed run ends where the uninterrupted run did
     for codec in CODECS:
