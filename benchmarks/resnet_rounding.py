@@ -1,8 +1,11 @@
 """How much fp32 summation order alone moves the ResNet benchmark's held-out accuracy after 60
 Adam steps: one process over the global batches of `idla bench hetero --model resnet`, its
-gradient summed in 1, 2 or 4 parts, in float32 and float64. Run: .venv/bin/python benchmarks/resnet_rounding.py
+gradient summed in 1, 2 or 4 parts, in float32 and float64 (output: resnet_rounding.txt).
+
+Run: .venv/bin/python benchmarks/resnet_rounding.py
 """
-import sys, torch
+import torch
+
 from idla.demo.workloads import WORKLOADS
 from idla.runtime.data import GlobalBatchSampler
 torch.set_num_threads(1)
