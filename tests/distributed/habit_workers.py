@@ -269,6 +269,39 @@ def fp16_zero_grad(shares: list[int]) -> dict[str, Any]:
     return {"equal": torch.equal(params["plain"], params["zero_grad_none_before_forward"])}
 
 
+COMPRESSED_HABITS = ["accumulate", "accumulate_zero_grad_none", "zero_grad_none_before_forward",
+                     "unused_on_some_ranks", "freeze_after_agent", "unfreeze_after_agent"]
+"""Habits run through the lossy exchanges (float32: codecs take fp32 gradients)."""
+
+
+def compressed_habits(codecs: list[str], shares: list[int]) -> dict[str, Any]:
+    """Each habit in `COMPRESSED_HABITS` through each codec at fixed `shares` (every tensor
+    compressed); per case this rank's parameters, and on rank 0 the largest difference from
+    one float32 process over the same global batches, relative to the largest parameter."""
+    torch.set_num_threads(1)
+    owner = Group()  # one process group for every agent below
+    dataset = _dataset(shares)
+    dataset = TensorDataset(dataset.tensors[0].float(), dataset.tensors[1])
+    out: dict[str, Any] = {}
+    for codec in codecs:
+        for habit in COMPRESSED_HABITS:
+            model, optimizer = _fresh(habit)
+            model.float()
+            agent = Agent(model, optimizer, dataset, group=Group(), config=AgentConfig(
+                global_batch_size=GLOBAL_BATCH, compress=codec, min_compress_numel=16,
+                initial_shares=shares, rebalance=False, check_every_steps=1))
+            script(habit, _idla_loop(agent), model, optimizer)
+            agent.close()
+            reference = _reference(habit, dataset, shares)
+            scale = float(_flat(reference).abs().max())
+            out[f"{codec}/{habit}"] = {
+                "params": _flat(model).tolist(), "steps": agent.step,
+                "relative_diff": float((_flat(model) - _flat(reference)).abs().max()) / scale,
+            }
+    owner.close()
+    return out
+
+
 def trainable_mismatch() -> dict[str, Any]:
     """Rank 1 freezes a layer the other ranks keep training: every rank must stop."""
     torch.set_default_dtype(torch.float64)
