@@ -16,7 +16,6 @@ keeps).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,6 +26,7 @@ from torch import nn
 from idla.agent.config import AgentConfig
 from idla.errors import ConfigError
 from idla.plan.planner import PlannerConfig
+from idla.runtime.digest import bytes_digest
 from idla.runtime.group import Group
 
 JOB_WIDE_FIELDS = (
@@ -71,7 +71,7 @@ def job_description(config: AgentConfig, model: nn.Module, dataset_samples: int)
 
 def description_digest(encoded: bytes) -> int:
     """A signed 64-bit digest of a JSON description."""
-    return int.from_bytes(hashlib.blake2b(encoded, digest_size=8).digest(), "little", signed=True)
+    return bytes_digest(encoded)
 
 
 def _ranks_with(values: Sequence[Any]) -> str:

@@ -21,13 +21,13 @@ with the agreed ones and says so in its statistics row (`StepFlag.TRAINABLE_CHAN
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from idla.errors import GradientError
+from idla.runtime.digest import bytes_digest
 from idla.runtime.group import Group
 from idla.runtime.stats import StepFlag
 from idla.sync.exchange import GradientExchange
@@ -40,8 +40,7 @@ def trainable_flags(model: nn.Module) -> tuple[bool, ...]:
 
 def flags_digest(flags: Sequence[bool]) -> int:
     """A blake2b digest of a trainable-flags tuple, as a signed 64-bit integer."""
-    data = bytes(1 if f else 0 for f in flags)
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+    return bytes_digest(bytes(1 if f else 0 for f in flags))
 
 
 class TrainableSet:

@@ -8,7 +8,6 @@ saved before (`Agent.batches(epoch, start_batch)`), with the same world size.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +17,7 @@ from torch import Tensor
 
 from idla.errors import ConfigError
 from idla.runtime.checkpoint import Checkpoint, restore_rng, save_checkpoint
+from idla.runtime.digest import bytes_digest
 
 if TYPE_CHECKING:
     from idla.agent.agent import Agent
@@ -28,8 +28,7 @@ def _gather_per_rank(agent: Agent, tensors: Mapping[str, Tensor]) -> dict[str, T
     ranks, which is checked first). Cost: world_size copies of `tensors` on every rank."""
     keys = sorted(tensors)
     layout = ";".join(f"{k}:{tuple(tensors[k].shape)}:{tensors[k].dtype}" for k in keys)
-    digest = int.from_bytes(hashlib.blake2b(layout.encode(), digest_size=8).digest(),
-                            "little", signed=True)
+    digest = bytes_digest(layout.encode())
     device = agent.group.device
     if len({int(t.item()) for t in agent.group.all_gather(
             torch.tensor([digest], dtype=torch.int64, device=device))}) != 1:

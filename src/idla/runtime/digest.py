@@ -99,6 +99,11 @@ def _weighted_sum(values: torch.Tensor) -> torch.Tensor:
     return total.reshape(1)
 
 
+def bytes_digest(data: bytes) -> int:
+    """A blake2b digest of `data` as a signed 64-bit integer (fits an int64 tensor)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+
+
 def tensor_sums(tensors: Sequence[torch.Tensor]) -> list[int]:
     """Each tensor's position-weighted integer sum modulo 2^64 (unsigned), computed on its
     device; one copy to the host for all of them."""
