@@ -47,7 +47,7 @@ def main() -> None:
         "member": report.member, "world_size": report.world_size, "steps": report.state.step,
         "steps_lost": sum(e.steps_lost for e in report.events),
         "lost_members": sorted({m for e in report.events for m in e.lost_members}),
-        "test_accuracy": accuracy(model, test_set, torch.device("cpu")),
+        "test_accuracy": accuracy(model, test_set, next(model.parameters()).device),
     }))
 
 

@@ -2,7 +2,8 @@
 
 The public API, one name per idea:
 
-- training: `Agent` and its `AgentConfig` for a user's own script; `run_elastic` (with
+- training: `Agent` and its `AgentConfig` for a user's own script, over a `Group` (each
+  rank's device, the job's data and control planes); `run_elastic` (with
   `ElasticState`, `ElasticConfig`) for one that survives lost workers; `save_agent` /
   `restore_agent` and `load_checkpoint` to resume exactly;
 - gradient compression: `parse_codec` and the codecs, `ErrorFeedback`;
@@ -37,6 +38,7 @@ from idla.elastic.membership import ElasticConfig
 from idla.errors import ConfigError, GradientError, IdlaError
 from idla.report import write_json_atomic
 from idla.runtime.checkpoint import load_checkpoint
+from idla.runtime.group import Group
 
 _LAZY = {
     "FedStrategy": "idla.fl.strategy",
@@ -61,6 +63,7 @@ __all__ = [
     "ElasticState",
     "ErrorFeedback",
     "GradientError",
+    "Group",
     "Fp16",
     "IdlaError",
     "NoCompression",

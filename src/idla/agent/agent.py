@@ -31,7 +31,6 @@ What a plain PyTorch script does keeps working, exactly:
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 import warnings
 from collections import deque
@@ -39,7 +38,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from idla.agent import buffers
@@ -50,11 +48,12 @@ from idla.agent.exchange import make_sync
 from idla.agent.history import StepHistory, agent_report, stragglers
 from idla.agent.lifecycle import mark_closed, warn_unless_closed
 from idla.agent.replicas import check_replicas
-from idla.agent.window import StepWindow, refuse_open_steps
+from idla.agent.window import StepWindow, read_step, refuse_open_steps
 from idla.errors import ConfigError
 from idla.plan.job_planner import JobPlanner, memory_caps
 from idla.plan.observer import JobObserver
 from idla.plan.topology import Topology
+from idla.profile.clock import StepClock
 from idla.runtime.data import GlobalBatch
 from idla.runtime.group import Group
 from idla.runtime.loader import Data, ShareLoader
@@ -110,6 +109,7 @@ class Agent:
         self._window = StepWindow.empty(self.group.world_size)  # the step's micro-batches
         self._no_sync = False
         self._awaiting_backward = False
+        self._clock = StepClock(self.group.device)
         self._step_start = 0.0
         self._step_cpu = 0.0
         self._sync_end: float | None = None
@@ -167,15 +167,14 @@ class Agent:
             return
         with torch.no_grad():
             for tensor in [*self.model.parameters(), *self.model.buffers()]:
-                dist.broadcast(tensor.data, src=0)
+                self.group.broadcast(tensor.data, src=0)
 
     def _gather_rank_limits(self) -> list[int | None]:
         """Every rank's `max_local_batch` (None where it has none); on the way, the job's plan
         lag (the deepest prefetch of any rank's loader) and the replaced-settings warning."""
         mine = -1 if self.config.max_local_batch is None else self.config.max_local_batch
-        facts = torch.tensor([mine, self._loader.local_lag], dtype=torch.int64,
-                             device=self.group.device)
-        gathered = [t.tolist() for t in self.group.all_gather(facts)]
+        facts = torch.tensor([mine, self._loader.local_lag], dtype=torch.int64)
+        gathered = [t.tolist() for t in self.group.control_all_gather(facts)]
         self._loader.lag = max(lag for _, lag in gathered)
         if self.rank == 0 and self._loader.replaced_note:
             warnings.warn(self._loader.replaced_note, UserWarning, stacklevel=3)
@@ -275,17 +274,16 @@ class Agent:
             raise ConfigError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if not self._awaiting_backward or self._batch is None:
             raise RuntimeError("agent.backward() must follow a batch from agent.batches()")
+        if loss.numel() != 1:
+            raise ConfigError(f"agent.backward needs a scalar loss, got shape {tuple(loss.shape)}")
         final = not self._no_sync
         self.sync.begin_backward(final)
         local, window = self._batch_shares[self.rank], self._window
-        if local > 0:
-            value = float(loss.detach())
-            loss_sum = value * local if reduction == "mean" else value
-            nonfinite = not math.isfinite(loss_sum)
-            if not (self.config.nan_guard and nonfinite):
-                scaled = loss * (local / self._batch.size) if reduction == "mean" else loss
-                scaled.backward()
-            window.record(local, loss_sum, nonfinite)
+        if local > 0:  # no host synchronization here: the loss is read at the step's end
+            value = loss.detach().double().reshape(())
+            scaled = loss * (local / self._batch.size) if reduction == "mean" else loss
+            scaled.backward()
+            window.record(local, value * local if reduction == "mean" else value)
         else:
             self._buffers.restore()
         self._awaiting_backward = False
@@ -295,13 +293,14 @@ class Agent:
     def _exchange(self) -> None:
         """End the step: the NaN guard, the exchange, what every rank learns from it."""
         window, guard = self._window, self.config.nan_guard
-        local, loss_sum, nonfinite = window.local, window.loss_sum, window.nonfinite
-        if guard and local > 0 and not nonfinite:
-            nonfinite = not bool(torch.isfinite(self.sync.grads).all())
+        local = window.local
+        loss_sum, nonfinite = read_step(window, self.sync.grads if guard else None, self._clock)
         if guard and nonfinite:
             self.sync.drop_local_gradient()
             loss_sum, local = 0.0, 0
-        compute_end, compute_cpu_end = time.perf_counter(), time.process_time()
+        compute_end, compute_cpu_end = self._clock.compute_end(), time.process_time()
+        prev_sync_s = self._clock.exchange_s(self._prev_sync_s)
+        prev_other_s = max(0.0, self._prev_other_s - (prev_sync_s - self._prev_sync_s))
         flags = StepFlag(0)
         if any(self.sync.views.gradless()):
             flags |= StepFlag.GRADLESS
@@ -310,24 +309,24 @@ class Agent:
         stats_row = row(
             compute_s=compute_end - self._step_start,
             compute_cpu_s=compute_cpu_end - self._step_cpu,
-            prev_sync_s=self._prev_sync_s,
+            prev_sync_s=prev_sync_s,
             prev_comm_cpu_s=self._prev_comm_cpu_s,
-            prev_other_s=self._prev_other_s,
+            prev_other_s=prev_other_s,
             samples=local,
             loss_sum=loss_sum,
             nonfinite=nonfinite,
             flags=flags,
         )
-        stats = self.sync.finish(stats_row.to(self.sync.grads.device))
-        table = stats.double().cpu().tolist()
+        stats = self.sync.finish(stats_row)  # (world size, WIDTH) float64 on the CPU
+        table = stats.tolist()
         seen = StepFlag(0)
         for r in table:
             seen |= flags_of(r)
         extra = settle_step(self.sync, self._trainable, self.group, seen, self.step,
                             drop=guard and nonfinite)
         self._buffers.sync([int(r[Stat.SAMPLES]) for r in table], window.shares)
-        self._sync_end = time.perf_counter()
-        self._prev_sync_s = self._sync_end - compute_end
+        self._sync_end = self._clock.exchange_end()
+        self._prev_sync_s = self._sync_end - compute_end  # on CUDA its launch: `StepClock`
         self._prev_comm_cpu_s = time.process_time() - compute_cpu_end
         if guard:
             self._reweight(int(stats[:, Stat.SAMPLES].sum().item()), window.size, extra)

@@ -152,18 +152,17 @@ def agree_on_job(description: Mapping[str, Any], group: Group) -> None:
     if group.world_size == 1:
         return
     encoded = json.dumps(description, sort_keys=True).encode()
-    mine = torch.tensor([description_digest(encoded), len(encoded)], dtype=torch.int64,
-                        device=group.device)
-    gathered = [t.tolist() for t in group.all_gather(mine)]
+    mine = torch.tensor([description_digest(encoded), len(encoded)], dtype=torch.int64)
+    gathered = [t.tolist() for t in group.control_all_gather(mine)]
     if all(g[0] == gathered[0][0] for g in gathered):
         return
     longest = max(length for _, length in gathered)
     if longest > MAX_DESCRIPTION_BYTES:
         raise ConfigError("the ranks disagree on the job (global batch, seed, model or other "
                           f"job-wide settings); digests {[d for d, _ in gathered]}")
-    padded = torch.zeros(longest, dtype=torch.uint8, device=group.device)
+    padded = torch.zeros(longest, dtype=torch.uint8)
     padded[:len(encoded)] = torch.frombuffer(bytearray(encoded), dtype=torch.uint8)
-    texts = [t.cpu()[:length].numpy().tobytes().decode()
-             for t, (_, length) in zip(group.all_gather(padded), gathered, strict=True)]
+    texts = [t[:length].numpy().tobytes().decode()
+             for t, (_, length) in zip(group.control_all_gather(padded), gathered, strict=True)]
     message = describe_difference([json.loads(text) for text in texts])
     raise ConfigError(message or "the ranks disagree on the job, but their descriptions match")

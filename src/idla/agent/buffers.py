@@ -52,7 +52,6 @@ import enum
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -140,7 +139,7 @@ class BufferSync:
 
     def _broadcast(self, buffers: list[torch.Tensor], source: int) -> None:
         flat = torch.cat([_bytes(b) for b in buffers])  # (total bytes,) uint8
-        dist.broadcast(flat, src=source)
+        self.group.broadcast(flat, src=source)
         if self.group.rank != source:
             _unpack(flat, buffers)
 
@@ -156,7 +155,9 @@ class BufferSync:
             else:
                 parts.append(values if mine else torch.zeros_like(values))
         flat = torch.cat(parts)  # (total elements,) float64
-        dist.all_reduce(flat)
+        work = self.group.all_reduce(flat)
+        if work is not None:
+            self.group.wait(work)
         sizes = [b.numel() for b in buffers]
         for b, part in zip(buffers, torch.split(flat, sizes), strict=True):
             b.copy_(part.view_as(b))

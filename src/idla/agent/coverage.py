@@ -63,8 +63,8 @@ class TrainableSet:
             GradientError: On every rank, when some rank's trainable set differs from rank 0's.
         """
         flags = trainable_flags(self.model)
-        mine = torch.tensor([flags_digest(flags)], dtype=torch.int64, device=group.device)
-        digests = [int(t.item()) for t in group.all_gather(mine)]
+        mine = torch.tensor([flags_digest(flags)], dtype=torch.int64)
+        digests = [int(t.item()) for t in group.control_all_gather(mine)]
         differ = [rank for rank, d in enumerate(digests) if d != digests[0]]
         if differ:
             raise GradientError(
@@ -93,9 +93,8 @@ def settle_step(
         GradientError: Ranks differ in which parameters train.
     """
     if seen & StepFlag.GRADLESS:
-        gradless = torch.tensor(sync.views.gradless(), dtype=torch.float64,
-                                device=sync.grads.device)
-        work = group.all_reduce(gradless)
+        gradless = torch.tensor(sync.views.gradless(), dtype=torch.float64)
+        work = group.control_all_reduce(gradless)
         if work is not None:
             group.wait(work)
         sync.views.settle([int(v) == group.world_size for v in gradless.tolist()])

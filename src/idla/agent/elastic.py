@@ -128,18 +128,19 @@ class ElasticReport:
 
 
 def _adopt_most_advanced(
-    state: ElasticState, model: nn.Module, optimizer: torch.optim.Optimizer | None
+    state: ElasticState, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+    group: Group,
 ) -> int:
-    """Every rank takes the state of the rank with the most committed steps; return the
-    number of started-but-uncommitted steps this re-form throws away."""
-    rows = all_gather_json(state.as_dict())
+    """Every rank takes the state of the rank with the most committed steps (on the control
+    plane); return the number of started-but-uncommitted steps this re-form throws away."""
+    rows = all_gather_json(state.as_dict(), group=group.control)
     best = max(row["step"] for row in rows)
     src = next(rank for rank, row in enumerate(rows) if row["step"] == best)
     lost = max(0, max(row["started"] for row in rows) - best)
     if len(rows) > 1:
-        broadcast_module_(model, src)
+        broadcast_module_(model, src, group)
         if optimizer is not None:
-            broadcast_optimizer_(optimizer, src)
+            broadcast_optimizer_(optimizer, src, group)
     missing = best - state.step
     cursor = (state.epoch, state.batch)
     for _ in range(missing):  # adopted steps: their cursors follow ours in order
@@ -185,7 +186,7 @@ def run_elastic(
             try:
                 agent = Agent(model, optimizer, dataset, config=config, group=group)
                 state.agent = agent
-                lost = _adopt_most_advanced(state, model, optimizer)
+                lost = _adopt_most_advanced(state, model, optimizer, group)
                 if events:
                     events[-1].steps_lost = lost
                 train_fn(agent, state)

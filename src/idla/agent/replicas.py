@@ -48,13 +48,13 @@ def differing_tensors(model: nn.Module, group: Group,
     0's, with the ranks they differ on; empty when the ranks hold different numbers of
     tensors (then nothing can be paired)."""
     tensors = named_tensors(model, buffers)
-    count = torch.tensor([len(tensors)], dtype=torch.int64, device=group.device)
-    if len({int(t.item()) for t in group.all_gather(count)}) > 1:
+    count = torch.tensor([len(tensors)], dtype=torch.int64)
+    if len({int(t.item()) for t in group.control_all_gather(count)}) > 1:
         return []
     unsigned = tensor_digests([t for _, t in tensors])
     digests = torch.tensor([d - (1 << 64) if d >= 1 << 63 else d for d in unsigned],
-                           dtype=torch.int64, device=group.device)
-    table = [t.tolist() for t in group.all_gather(digests)]  # (world size, tensors)
+                           dtype=torch.int64)
+    table = [t.tolist() for t in group.control_all_gather(digests)]  # (world size, tensors)
     return [(name, [r for r in range(len(table)) if table[r][i] != table[0][i]])
             for i, (name, _) in enumerate(tensors)
             if any(table[r][i] != table[0][i] for r in range(len(table)))]
@@ -90,9 +90,8 @@ def check_replicas(model: nn.Module, group: Group, step: int, buffers: bool) -> 
         ReplicaMismatchError: Some rank's parameters or buffers differ from rank 0's.
     """
     kinds = replica_tensors(model, buffers=buffers)
-    mine = torch.tensor([tensor_digest(t) for t in kinds.values()], dtype=torch.int64,
-                        device=group.device)
-    hashes = [t.tolist() for t in group.all_gather(mine)]
+    mine = torch.tensor([tensor_digest(t) for t in kinds.values()], dtype=torch.int64)
+    hashes = [t.tolist() for t in group.control_all_gather(mine)]
     for column, kind in enumerate(kinds):
         differ = [rank for rank, h in enumerate(hashes) if h[column] != hashes[0][column]]
         if differ:

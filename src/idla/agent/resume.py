@@ -29,14 +29,13 @@ def _gather_per_rank(agent: Agent, tensors: Mapping[str, Tensor]) -> dict[str, T
     keys = sorted(tensors)
     layout = ";".join(f"{k}:{tuple(tensors[k].shape)}:{tensors[k].dtype}" for k in keys)
     digest = bytes_digest(layout.encode())
-    device = agent.group.device
-    if len({int(t.item()) for t in agent.group.all_gather(
-            torch.tensor([digest], dtype=torch.int64, device=device))}) != 1:
+    if len({int(t.item()) for t in agent.group.control_all_gather(
+            torch.tensor([digest], dtype=torch.int64))}) != 1:
         raise ConfigError("cannot checkpoint: ranks hold differently shaped per-rank state")
     out: dict[str, Tensor] = {}
     for key in keys:
-        parts = agent.group.all_gather(tensors[key].to(device).contiguous())
-        out.update({f"rank{r}.{key}": part.cpu() for r, part in enumerate(parts)})
+        parts = agent.group.control_all_gather(tensors[key].cpu().contiguous())
+        out.update({f"rank{r}.{key}": part for r, part in enumerate(parts)})
     return out
 
 
@@ -68,8 +67,8 @@ def save_agent(
                 extra_tensors=gathered)
         except (ConfigError, OSError) as error:
             failure = str(error)
-    ok = torch.tensor([0 if failure else 1], dtype=torch.int64, device=agent.group.device)
-    if not all(int(t.item()) for t in agent.group.all_gather(ok)):  # doubles as the barrier
+    ok = torch.tensor([0 if failure else 1], dtype=torch.int64)
+    if not all(int(t.item()) for t in agent.group.control_all_gather(ok)):  # doubles as the barrier
         raise ConfigError(failure or "rank 0 could not write the checkpoint")
     return path
 

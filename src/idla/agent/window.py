@@ -7,6 +7,7 @@ are the sum over its micro-batches (per rank), and the NaN guard's verdict cover
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from idla.errors import GradientError
+from idla.profile.clock import StepClock
 
 _STEP_HOOKS: weakref.WeakKeyDictionary[torch.optim.Optimizer, RemovableHandle] = (
     weakref.WeakKeyDictionary())
@@ -34,10 +36,9 @@ class StepWindow:
     """Global batches the step has taken from `Agent.batches` so far."""
     local: int = 0
     """This rank's samples that went through backward (summed)."""
-    loss_sum: float = 0.0
-    """This rank's loss summed over its samples (mean loss × share, or the sum loss)."""
-    nonfinite: bool = False
-    """Whether any of this rank's micro-batches had a non-finite loss."""
+    loss_sum: torch.Tensor | None = None
+    """This rank's loss summed over its samples (mean loss × share, or the sum loss): a
+    float64 scalar on the device, read once at the end of the step (None: no samples)."""
 
     @classmethod
     def empty(cls, world_size: int) -> StepWindow:
@@ -49,11 +50,27 @@ class StepWindow:
         self.micro_batches += 1
         self.shares = [a + b for a, b in zip(self.shares, shares, strict=True)]
 
-    def record(self, local: int, loss_sum: float, nonfinite: bool) -> None:
-        """This rank's backward over `local` samples."""
+    def record(self, local: int, loss_sum: torch.Tensor) -> None:
+        """This rank's backward over `local` samples (`loss_sum`: their summed loss, a float64
+        scalar on the device; a non-finite one stays non-finite in the sum)."""
         self.local += local
-        self.loss_sum += loss_sum
-        self.nonfinite = self.nonfinite or nonfinite
+        self.loss_sum = loss_sum if self.loss_sum is None else self.loss_sum + loss_sum
+
+
+def read_step(
+    window: StepWindow, grads: torch.Tensor | None, clock: StepClock
+) -> tuple[float, bool]:
+    """This rank's summed loss over the step and whether the step was non-finite (its loss,
+    or with `grads` given (the NaN guard) its gradient), in one read from the device: the
+    step's one host synchronization, after which backward is complete on any device."""
+    if window.loss_sum is None:
+        clock.synchronize()
+        return 0.0, False
+    parts = [window.loss_sum.reshape(1)]
+    if grads is not None:
+        parts.append(torch.isfinite(grads).all().to(parts[0].device, torch.float64).reshape(1))
+    values = torch.cat(parts).tolist()
+    return values[0], not math.isfinite(values[0]) or (grads is not None and values[1] == 0.0)
 
 
 def refuse_open_steps(

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from idla.agent import Agent, AgentConfig
 from idla.bench.ddp import DDPBaseline
@@ -42,7 +41,7 @@ def _stop_together(group: Group, clock: RunClock | None) -> bool:
     if group.rank == 0 and clock is not None:
         clock.evaluate()
         flag[0] = 1.0 if clock.over_budget() else 0.0
-    dist.broadcast(flag, src=0)
+    group.control_broadcast(flag, src=0)
     return bool(flag.item())
 
 

@@ -125,8 +125,7 @@ def join_check(
             return
         checked.add(step)
         flag = torch.tensor([1 if group.rank == 0 and rdzv.join_pending() else 0])
-        if group.world_size > 1:
-            dist.broadcast(flag, src=0)
+        group.control_broadcast(flag, src=0)
         if int(flag.item()):
             raise MembershipChange("a newcomer asked to join")
 

@@ -3,7 +3,10 @@
 The optimizer's state dict is split into a JSON skeleton (numbers, strings, lists, with a
 placeholder per tensor) and its tensors. The source's skeleton travels as JSON; every rank
 allocates the tensors it describes and receives them with one broadcast each, so a peer can at
-worst send malformed JSON. Cost: one all-gather of the skeletons plus one broadcast per tensor.
+worst send malformed JSON. Everything travels on the control plane (gloo, CPU copies), so state
+on a GPU, and state a GPU optimizer keeps on the CPU (Adam's ``step``), move alike on any
+data-plane backend. Cost: one all-gather of the skeletons plus one broadcast per tensor, each
+through a host copy.
 """
 
 from __future__ import annotations
@@ -11,19 +14,22 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from idla.runtime.collectives import all_gather_json
+from idla.runtime.group import Group
 
 _TENSOR = "__tensor__"
 
 
-def broadcast_module_(model: nn.Module, src: int) -> None:
+def broadcast_module_(model: nn.Module, src: int, group: Group) -> None:
     """Every rank's parameters and buffers become `src`'s (in place)."""
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
-            dist.broadcast(tensor.data, src=src)
+            host = tensor.detach().cpu().contiguous()
+            group.control_broadcast(host, src=src)
+            if group.rank != src:
+                tensor.data.copy_(host)
 
 
 def split_state(value: Any, tensors: list[torch.Tensor]) -> Any:
@@ -75,26 +81,25 @@ def _placeholders(skeleton: Any, found: dict[int, tuple[list[int], str]]) -> Non
             _placeholders(v, found)
 
 
-def broadcast_optimizer_(optimizer: torch.optim.Optimizer, src: int) -> None:
+def broadcast_optimizer_(optimizer: torch.optim.Optimizer, src: int, group: Group) -> None:
     """Every rank's optimizer state becomes `src`'s (including state `src` has and others lack,
-    e.g. Adam's moments when only `src` has stepped)."""
+    e.g. Adam's moments when only `src` has stepped); ``load_state_dict`` puts each tensor
+    where the optimizer keeps it."""
     mine: list[torch.Tensor] = []
     skeleton = split_state(optimizer.state_dict(), mine)
-    theirs = all_gather_json({"state": skeleton})[src]["state"]
+    theirs = all_gather_json({"state": skeleton}, group=group.control)[src]["state"]
     shapes: dict[int, tuple[list[int], str]] = {}
     _placeholders(theirs, shapes)
-    rank = dist.get_rank()
-    device = optimizer.param_groups[0]["params"][0].device
     tensors = []
     for index in range(len(shapes)):
         shape, dtype_name = shapes[index]
         dtype = getattr(torch, dtype_name, None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"rank {src} sent optimizer state of unknown dtype {dtype_name!r}")
-        if rank == src:
-            tensor = mine[index].detach().clone()
+        if group.rank == src:
+            tensor = mine[index].detach().cpu().clone().contiguous()
         else:
-            tensor = torch.empty(shape, dtype=dtype, device=mine[0].device if mine else device)
-        dist.broadcast(tensor, src=src)
+            tensor = torch.empty(shape, dtype=dtype)
+        group.control_broadcast(tensor, src=src)
         tensors.append(tensor)
     optimizer.load_state_dict(join_state(theirs, tensors))

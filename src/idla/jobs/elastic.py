@@ -47,7 +47,7 @@ def elastic_worker(config: TrainConfig, elastic: ElasticConfig | None = None) ->
     elapsed_s = time.perf_counter() - start
     result = report.as_dict()
     result.update(
-        test_accuracy=accuracy(model, test_set, torch.device("cpu")),
+        test_accuracy=accuracy(model, test_set, next(model.parameters()).device),
         elapsed_s=elapsed_s, config=config.as_dict(),
         param_digest=parameter_digest(model),
     )

@@ -34,7 +34,7 @@ def _time_compute(batch: int, repeats: int = 3) -> float:
 def survey_worker() -> dict[str, Any]:
     torch.set_num_threads(1)
     group = Group()
-    profiles = probe_all(group.rank)
+    profiles = probe_all(group.rank, group.control)
     fit = StepTimeFit(forget=1.0)
     timings = {}
     for batch in PROBE_BATCHES:

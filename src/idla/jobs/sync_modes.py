@@ -14,6 +14,7 @@ the same per-worker table as the synchronous trainer.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,6 +27,7 @@ from idla.plan.job_planner import lockstep_batch
 from idla.runtime.data import local_batches
 from idla.runtime.group import Group
 from idla.runtime.launch import report_progress
+from idla.runtime.tree import move_to
 from idla.sync.async_ps import AsyncConfig
 from idla.sync.modes import SyncMode, SyncSpec, parse_sync
 
@@ -40,7 +42,7 @@ def mode_worker(config: TrainConfig) -> dict[str, Any]:
     group = Group(timeout_s=300.0)
     train_set, test_set = load_digits_split(seed=config.agent.seed)
     torch.manual_seed(config.agent.seed)
-    model = DigitsCNN()
+    model = DigitsCNN().to(group.device)
     samples_total = config.epochs * len(train_set)
     start = time.perf_counter()
     if spec.mode is SyncMode.ASYNC:
@@ -50,7 +52,7 @@ def mode_worker(config: TrainConfig) -> dict[str, Any]:
     elapsed_s = time.perf_counter() - start
     mine.update(rank=group.rank, elapsed_s=elapsed_s)
     if group.rank == 0:
-        mine.update(test_accuracy=accuracy(model, test_set, torch.device("cpu")),
+        mine.update(test_accuracy=accuracy(model, test_set, group.device),
                     sync=spec.describe(), samples_total=samples_total)
     group.close()
     return mine
@@ -64,7 +66,8 @@ def _async(config: TrainConfig, spec: SyncSpec, group: Group, model: torch.nn.Mo
     async_config = AsyncConfig(staleness_bound=spec.staleness_bound,
                                delay_compensation=config.delay_compensation)
     out = train_async(model, group, async_config,
-                      local_batches(train_set, local, config.agent.seed, group.rank),
+                      _on(group.device, local_batches(train_set, local, config.agent.seed,
+                                                      group.rank)),
                       optimizer=lambda params: torch.optim.Adam(params, lr=config.lr),
                       total_steps=max(1, samples_total // local))
     if group.rank == async_config.server_rank:
@@ -88,11 +91,18 @@ def _local_rounds(config: TrainConfig, spec: SyncSpec, group: Group, model: torc
                              "shares": [local] * group.world_size, "loss": float(loss.detach())})
 
     progress = train_local(model, optimizer, strategy,
-                           local_batches(train_set, local, config.agent.seed, group.rank),
+                           _on(group.device, local_batches(train_set, local, config.agent.seed,
+                                                           group.rank)),
                            steps=steps, after_step=progress_bar)
     return {"role": "worker", "compute_s": progress.compute_s, "comm_s": progress.sync_s,
             "steps": steps, "samples": steps * local, "rounds": strategy.syncs,
             "bytes_sent": strategy.bytes_sent}
+
+
+def _on(device: torch.device, batches: Iterator[Any]) -> Iterator[Any]:
+    """`batches` with their tensors moved to `device` (the model's)."""
+    for batch in batches:
+        yield move_to(batch, device, non_blocking=True)
 
 
 def mode_summary(results: list[dict[str, Any]]) -> dict[str, Any]:

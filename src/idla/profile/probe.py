@@ -173,13 +173,14 @@ def probe(rank: int = 0, cpu_sample_s: float = 0.1) -> WorkerProfile:
     )
 
 
-def _ring_exchange_s(send: torch.Tensor, recv: torch.Tensor, rank: int, world_size: int) -> float:
+def _ring_exchange_s(send: torch.Tensor, recv: torch.Tensor, rank: int, world_size: int,
+                     group: Any) -> float:
     """Seconds for one simultaneous send to the next rank and receive from the previous one."""
-    dist.barrier()
+    dist.barrier(group=group)
     start_s = time.perf_counter()
     requests = [
-        dist.isend(send, dst=(rank + 1) % world_size),
-        dist.irecv(recv, src=(rank - 1) % world_size),
+        dist.isend(send, dst=(rank + 1) % world_size, group=group),
+        dist.irecv(recv, src=(rank - 1) % world_size, group=group),
     ]
     for request in requests:
         if request is not None:  # None only for ranks outside the default group
@@ -187,8 +188,12 @@ def _ring_exchange_s(send: torch.Tensor, recv: torch.Tensor, rank: int, world_si
     return time.perf_counter() - start_s
 
 
-def measure_link_bandwidth(nbytes: int = 2**21, repeats: int = 3) -> float | None:
-    """This rank's send rate in bytes/s over a ring exchange; None without peers.
+def measure_link_bandwidth(
+    nbytes: int = 2**21, repeats: int = 3, group: Any = None
+) -> float | None:
+    """This rank's send rate in bytes/s over a ring exchange of host buffers; None without
+    peers. `group`: the torch process group to measure on: a gloo one (the control plane,
+    `idla.runtime.group.Group.control`; None: the default group, which must then be gloo).
 
     Every rank sends ``nbytes`` to ``(rank+1) % W`` while receiving as much from
     ``(rank-1) % W``; the result is ``nbytes`` over the median of ``repeats`` timed exchanges,
@@ -197,7 +202,7 @@ def measure_link_bandwidth(nbytes: int = 2**21, repeats: int = 3) -> float | Non
     """
     if not (dist.is_available() and dist.is_initialized()):
         return None
-    world_size = dist.get_world_size()
+    world_size = dist.get_world_size(group)
     if world_size < 2:
         return None
     if nbytes < 1 or repeats < 1:
@@ -205,18 +210,21 @@ def measure_link_bandwidth(nbytes: int = 2**21, repeats: int = 3) -> float | Non
     rank = dist.get_rank()
     send = torch.ones(nbytes, dtype=torch.uint8)  # (nbytes,)
     recv = torch.empty(nbytes, dtype=torch.uint8)  # (nbytes,)
-    _ring_exchange_s(send, recv, rank, world_size)
-    times_s = [_ring_exchange_s(send, recv, rank, world_size) for _ in range(repeats)]
+    _ring_exchange_s(send, recv, rank, world_size, group)
+    times_s = [_ring_exchange_s(send, recv, rank, world_size, group) for _ in range(repeats)]
     return nbytes / max(statistics.median(times_s), 1e-9)
 
 
-def probe_all(rank: int) -> list[WorkerProfile]:
+def probe_all(rank: int, group: Any = None) -> list[WorkerProfile]:
     """Probe locally, measure the link, and share the profiles; the list is indexed by rank.
 
     Collective when a process group is initialized; with none it returns this worker alone.
+    `group`: a gloo process group of all ranks (the control plane; None: the default group).
     """
-    local = dataclasses.replace(probe(rank), link_bandwidth_bytes_per_s=measure_link_bandwidth())
-    profiles = [WorkerProfile.from_dict(data) for data in all_gather_json(local.to_dict())]
+    bandwidth = measure_link_bandwidth(group=group)
+    local = dataclasses.replace(probe(rank), link_bandwidth_bytes_per_s=bandwidth)
+    profiles = [WorkerProfile.from_dict(data)
+                for data in all_gather_json(local.to_dict(), group=group)]
     for position, profile in enumerate(profiles):
         if profile.rank != position:
             raise ValueError(

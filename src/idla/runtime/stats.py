@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
+from idla.runtime.group import Group, Work
+
 
 class Stat(enum.IntEnum):
     """Columns of the statistics matrix (world_size × WIDTH), one row per rank."""
@@ -64,4 +66,34 @@ def row(
         float(flags),
         0.0,  # LATE_S: filled in by the hub
     ]
-    return torch.tensor(values, dtype=torch.float32)
+    return torch.tensor(values, dtype=torch.float64)
+
+
+class StatsExchange:
+    """The statistics matrix of one step (world_size × width, float64, on the CPU), summed on
+    the control plane: each rank fills its own row, everyone else's stay zero, so the sum
+    hands every rank everybody's rows exactly (counts up to 2^53) whatever the model's
+    dtype or device. Cost: one all-reduce of world_size × width float64 on the gloo control
+    group, concurrent with the gradients' exchange on the data plane."""
+
+    def __init__(self, group: Group, width: int) -> None:
+        self.group = group
+        self.matrix = torch.zeros(group.world_size, width, dtype=torch.float64)
+        self._work: Work | None = None
+
+    def reset(self) -> None:
+        """A new step: every row zero."""
+        self.matrix.zero_()
+
+    def start(self, mine: torch.Tensor) -> None:
+        """Write this rank's row (what a hub noted in its leaves' rows stays) and start the
+        sum."""
+        self.matrix[self.group.rank].add_(mine.to(torch.float64))
+        self._work = self.group.control_all_reduce(self.matrix)
+
+    def finish(self) -> torch.Tensor:
+        """Everybody's rows (a copy), once the sum is complete."""
+        if self._work is not None:
+            self.group.wait(self._work)
+            self._work = None
+        return self.matrix.clone()

@@ -5,9 +5,9 @@ is its *weighted* contribution; their sum is exactly the gradient of the whole g
 whatever the shares. Gradients live in one flat buffer (each ``param.grad`` is a view into it,
 as DDP's ``gradient_as_bucket_view``), cut into buckets in backward order. A bucket's
 all-reduce starts as soon as its gradients are ready, overlapping communication with the rest
-of backward. A small matrix of per-rank statistics (world_size × width) rides at the end of the
-last bucket: each rank fills its own row and the sum hands every rank everybody's timings, so
-all ranks plan identically without an extra collective.
+of backward. A small matrix of per-rank statistics (world_size × width, float64) is summed on
+the control plane beside the last bucket (`idla.runtime.stats.StatsExchange`): each rank fills
+its own row and the sum hands every rank everybody's timings, so all ranks plan identically.
 
 Accumulation (`continue_step`, then `begin_backward(final=False)` for the micro-batches under
 ``no_sync``) adds each micro-batch's gradient into the buffer with no communication; buckets
@@ -19,7 +19,8 @@ their hub, which adds it in before reducing, and receive the reduced buffer back
 bit-identical on every rank: the ring's output is identical on its members and hubs copy it.
 
 Cost per step: one pass of all-reduce over the parameters (ring: 2(N-1)/N × size per core
-rank), plus, per leaf, one send and one receive of the buffer through its hub.
+rank), plus, per leaf with samples, one send and one receive of the buffer through its hub,
+plus the statistics' all-reduce of world_size × width float64 on the control plane.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch import nn
 
 from idla.plan.topology import Topology
 from idla.runtime.group import Group, Work
+from idla.runtime.stats import StatsExchange
 from idla.sync.grad_views import GradViews
 
 
@@ -67,7 +69,6 @@ class GradientSync:
         if any(p.dtype != dtype for p in self.params):
             raise ValueError("all trainable parameters must share one dtype")
         device = self.params[0].device
-        stats_numel = group.world_size * stats_width
         self.buckets: list[list[nn.Parameter]] = [[]]
         size_bytes = 0
         for p in reversed(self.params):  # backward produces gradients roughly in reverse order
@@ -76,8 +77,8 @@ class GradientSync:
                 size_bytes = 0
             self.buckets[-1].append(p)
             size_bytes += p.numel() * p.element_size()
-        total = sum(p.numel() for p in self.params) + stats_numel
-        self.flat = torch.zeros(total, dtype=dtype, device=device)  # (params + stats,)
+        total = sum(p.numel() for p in self.params)
+        self.flat = torch.zeros(total, dtype=dtype, device=device)  # (params,)
         grad_views: list[tuple[nn.Parameter, torch.Tensor]] = []
         self._bucket_slices: list[slice] = []
         self._bucket_index: dict[int, int] = {}
@@ -90,20 +91,17 @@ class GradientSync:
                 offset += p.numel()
             end = total if index == len(self.buckets) - 1 else offset
             self._bucket_slices.append(slice(start, end))
-        self.stats = self.flat[total - stats_numel :].view(group.world_size, stats_width)
-        self.grads = self.flat[: total - stats_numel]  # this rank's gradient, then the sum
+        self.stats = StatsExchange(group, stats_width)
+        self.grads = self.flat  # this rank's gradient, then the sum
         self._bucket_size = [len(b) for b in self.buckets]
         self._ready = [0] * len(self.buckets)
         self._next_launch = 0
         self._works: list[Work] = []
         self._leaf_bufs: dict[int, torch.Tensor] = {}  # a whole buffer per sending leaf
-        self._leaf_rows: dict[int, torch.Tensor] = {}  # a statistics row per idle leaf
         self._leaf_recvs: list[tuple[int, Work]] = []
-        self._my_share = 0  # this rank's share in the step's first micro-batch
         self._window: list[int] = []  # every rank's samples so far in this step
         self._hold = False  # a backward under no_sync: gradients stay here
         self._sending_leaves: list[int] = []
-        self._idle_leaves: list[int] = []
         self._leaves_added = False
         self._send_buf: torch.Tensor | None = None
         self._pending_sends: list[Work] = []
@@ -123,14 +121,14 @@ class GradientSync:
         for leaf in topology.leaves_of(self.group.rank):
             if leaf not in self._leaf_bufs:
                 self._leaf_bufs[leaf] = torch.empty_like(self.flat)
-                self._leaf_rows[leaf] = torch.empty_like(self.stats[leaf])
 
     def start_step(self, shares: Sequence[int]) -> None:
         """Zero the buffer, point every ``.grad`` into it and post the receives from leaves.
 
-        A leaf with no samples this step has no gradient to give: it sends only its row of
-        statistics, so it costs its hub nothing but a few bytes."""
+        A leaf with no samples this step has no gradient to give and sends nothing: its row of
+        statistics travels on the control plane like everybody's."""
         self.flat.zero_()
+        self.stats.reset()
         self.views.point()
         self._ready = [0] * len(self.buckets)
         self._hold = False
@@ -139,23 +137,17 @@ class GradientSync:
         self._works = []
         self._leaves_added = False
         leaves = self.topology.leaves_of(self.group.rank)
-        self._my_share = shares[self.group.rank]
-        self._leaf_recvs = [
-            (leaf, self.group.irecv(
-                self._leaf_bufs[leaf] if shares[leaf] > 0 else self._leaf_rows[leaf], leaf))
-            for leaf in leaves
-        ]
         self._sending_leaves = [leaf for leaf in leaves if shares[leaf] > 0]
-        self._idle_leaves = [leaf for leaf in leaves if shares[leaf] == 0]
+        self._leaf_recvs = [(leaf, self.group.irecv(self._leaf_bufs[leaf], leaf))
+                            for leaf in self._sending_leaves]
 
     def continue_step(self, shares: Sequence[int]) -> None:
         """Another micro-batch of the same step: the buffer keeps what it holds. A leaf that
-        had no samples in the first micro-batch and has some now sends its row (already
-        posted) and then its whole buffer, which is received here too."""
+        had no samples in the first micro-batch and has some now sends its whole buffer, which
+        is received here too."""
         self._window = [a + b for a, b in zip(self._window, shares, strict=True)]
         for leaf in self.topology.leaves_of(self.group.rank):
-            if leaf in self._idle_leaves and self._window[leaf] > 0:
-                self._idle_leaves.remove(leaf)
+            if leaf not in self._sending_leaves and self._window[leaf] > 0:
                 self._sending_leaves.append(leaf)
                 self._leaf_recvs.append(
                     (leaf, self.group.irecv(self._leaf_bufs[leaf], leaf)))
@@ -190,7 +182,7 @@ class GradientSync:
                 start = time.perf_counter()
                 self.group.wait(work)
                 if self.late_column is not None:
-                    self.stats[leaf, self.late_column] += time.perf_counter() - start
+                    self.stats.matrix[leaf, self.late_column] += time.perf_counter() - start
         elif not all(work.is_completed() for _, work in self._leaf_recvs):
             return False
         self._leaves_added = True
@@ -199,7 +191,7 @@ class GradientSync:
     def _launch(self, final: bool) -> None:
         """Start the all-reduce of every ready bucket, strictly in bucket order on all ranks.
 
-        The last bucket carries the statistics, so it starts only when `final` is set."""
+        The last bucket starts only when `final` is set (the end of the step's backward)."""
         last = len(self.buckets) - 1
         while self._next_launch <= last:
             index = self._next_launch
@@ -210,9 +202,6 @@ class GradientSync:
             part = self.flat[self._bucket_slices[index]]
             for leaf in self._sending_leaves:
                 part.add_(self._leaf_bufs[leaf][self._bucket_slices[index]])
-            if index == last:
-                for leaf in self._idle_leaves:
-                    self.stats[leaf].add_(self._leaf_rows[leaf])
             work = self.group.all_reduce(part, self.topology.core)
             if work is not None:
                 self._works.append(work)
@@ -220,17 +209,17 @@ class GradientSync:
 
     def finish(self, stats_row: torch.Tensor) -> torch.Tensor:
         """Write this rank's statistics, complete the exchange and return everybody's
-        statistics (world_size × width); afterwards every ``.grad`` holds the global gradient."""
-        self.stats[self.group.rank].copy_(stats_row)
+        statistics (world_size × width, float64, CPU); afterwards every ``.grad`` holds the
+        global gradient."""
         if self.is_leaf:
+            self.stats.start(stats_row)
             hub = self.topology.hub_of[self.group.rank]
-            if self._my_share == 0:  # the hub posted a receive for the row only
-                self.group.wait(self.group.isend(self.stats[self.group.rank], hub))
             if self._window[self.group.rank] > 0:
                 self.group.wait(self.group.isend(self.flat, hub))
             self.group.wait(self.group.irecv(self.flat, hub))
-            return self.stats.clone()
-        self._launch(final=True)
+            return self.stats.finish()
+        self._launch(final=True)  # a hub notes its leaves' lateness in their rows first
+        self.stats.start(stats_row)
         for work in self._works:
             self.group.wait(work)
         leaves = self.topology.leaves_of(self.group.rank)
@@ -241,7 +230,7 @@ class GradientSync:
                 self._send_buf = torch.empty_like(self.flat)
             self._send_buf.copy_(self.flat)
             self._pending_sends = [self.group.isend(self._send_buf, leaf) for leaf in leaves]
-        return self.stats.clone()
+        return self.stats.finish()
 
     def after_step(self, step: int, stats: Sequence[Sequence[float]]) -> None:
         """Nothing to learn: the exchange is exact."""

@@ -377,7 +377,7 @@ def async_worker(
     pushes, wait_s, compute_s = 0, 0.0, 0.0
     while True:
         start_s = time.monotonic()
-        group.irecv(reply, server).wait()
+        group.control_irecv(reply, server).wait()
         wait_s += time.monotonic() - start_s
         version, flag = read_reply_header(reply)
         load_flat(model, reply[REPLY_HEADER:])
@@ -394,7 +394,7 @@ def async_worker(
             write_push_header(push, version, samples, loss * samples, PushFlag.GRADIENT)
             pushes += 1
         compute_s += time.monotonic() - start_s
-        group.isend(push, server).wait()
+        group.control_isend(push, server).wait()
     return {
         "rank": group.rank,
         "pushes": pushes,

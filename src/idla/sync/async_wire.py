@@ -170,11 +170,11 @@ class ServerLink:
         try:
             while True:
                 reply = self._outbox.get()
-                self._group.isend(reply, self.rank).wait()
+                self._group.control_isend(reply, self.rank).wait()
                 if read_reply_header(reply)[1] is ReplyFlag.STOP:
                     return
                 push = torch.empty(PUSH_HEADER + self._numel, dtype=reply.dtype)
-                self._group.irecv(push, self.rank).wait()
+                self._group.control_irecv(push, self.rank).wait()
                 self._inbox.put(LinkEvent(self.rank, time.monotonic(), push))
         except RuntimeError as error:
             self._inbox.put(LinkEvent(self.rank, time.monotonic(), None, str(error)))

@@ -99,11 +99,11 @@ class AutoCodecExchange:
         self.exchange = compressed_exchange(self.setup, codec, self.exchange.steps_done)
 
     def _measure_link(self) -> float | None:
-        mine = measure_link_bandwidth(self.probe_bytes, repeats=2)
+        mine = measure_link_bandwidth(self.probe_bytes, repeats=2, group=self.group.control)
         if mine is None:
             return None
-        value = torch.tensor([mine], dtype=torch.float64, device=self.grads.device)
-        return min(float(t.item()) for t in self.group.all_gather(value))
+        value = torch.tensor([mine], dtype=torch.float64)
+        return min(float(t.item()) for t in self.group.control_all_gather(value))
 
     def after_step(self, step: int, stats: Sequence[Sequence[float]]) -> None:
         """Record this step; choose at the end of the probe, re-check at the interval."""

@@ -3,8 +3,9 @@
 Tensors with fewer than `min_compress_numel` elements, and tensors the codec cannot shrink
 (`Codec.eligible`: for PowerSGD, matrices where (m+n)·r ≥ m·n), would each cost a codec call
 and a collective for little or nothing saved. `SizeRule` lays out one flat fp32 buffer for an
-exchange: the tensors to compress first, then the others and the statistics matrix
-(world_size × width), which travel together in one all-reduce. Its `finish` wraps the
+exchange: the tensors to compress first, then the others, which travel together in one
+all-reduce; the statistics matrix (world_size × width, float64) is summed beside it on the
+control plane (`idla.runtime.stats.StatsExchange`). Its `finish` wraps the
 exchange's own collectives for the compressed tensors: it starts the all-reduce of the plain
 part, runs them, then waits for it. Every rank does the same arithmetic on the same reduced
 data, so replicas stay bit-identical.
@@ -12,8 +13,8 @@ data, so replicas stay bit-identical.
 It also holds what the compressed exchanges checkpoint alike: the step counter (which seeds
 random-k's positions) and the error-feedback residuals, ``ef.<key>`` for parameter ``p<i>``.
 
-Cost per step: one all-reduce of the plain part, 4 bytes per element of the small tensors plus
-the statistics.
+Cost per step: one all-reduce of the plain part, 4 bytes per element of the small tensors, and
+the statistics' all-reduce on the control plane.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import nn
 from idla.compress import Codec, ErrorFeedback, compresses
 from idla.plan.topology import Topology
 from idla.runtime.group import Group
+from idla.runtime.stats import StatsExchange
 from idla.sync.grad_views import GradViews
 
 
@@ -40,11 +42,11 @@ class CompressedSetup:
     """The model's parameters (the trainable ones are exchanged), in model order."""
     group: Group
     stats_width: int
-    """Columns of the statistics matrix that travels with the plain part."""
+    """Columns of the statistics matrix."""
     error_feedback: ErrorFeedback | None
     """The residuals per tensor key, one object for the whole run (None: off)."""
     min_compress_numel: int = 1024
-    """Tensors with fewer elements travel plain, with the statistics."""
+    """Tensors with fewer elements travel plain."""
     seed: int = 0
     """Seeds random-k's shared positions and PowerSGD's initial Q (the same on all ranks)."""
 
@@ -72,11 +74,10 @@ class SizeRule:
         self.steps_done = steps_done
         keys = {id(p): f"p{i}" for i, p in enumerate(self.params)}
         self.shapes = {keys[id(p)]: p.shape for p in self.params}
-        stats_numel = group.world_size * stats_width
-        total = sum(p.numel() for p in self.params) + stats_numel
+        total = sum(p.numel() for p in self.params)
         self.flat = torch.zeros(total, dtype=torch.float32, device=self.params[0].device)
-        self.grads = self.flat[: total - stats_numel]  # (params,) this rank's, then the sum
-        self.stats = self.flat[total - stats_numel :].view(group.world_size, stats_width)
+        self.grads = self.flat  # (params,) this rank's, then the sum
+        self.stats = StatsExchange(group, stats_width)
         large = [p for p in self.params if compresses(codec, p.shape, min_compress_numel)]
         chosen = {id(p) for p in large}
         pairs: list[tuple[nn.Parameter, torch.Tensor]] = []
@@ -97,6 +98,7 @@ class SizeRule:
     def start_step(self) -> None:
         """Zero the buffer and point every ``.grad`` into it (`GradViews.point`)."""
         self.flat.zero_()
+        self.stats.reset()
         self.views.point()
 
     def drop_local_gradient(self) -> None:
@@ -110,14 +112,14 @@ class SizeRule:
         """Write this rank's statistics, all-reduce the plain part while `exchange_large`
         sums the compressed tensors in place (skipped when there are none), and return
         everybody's statistics."""
-        self.stats[self.group.rank].copy_(stats_row)
+        self.stats.start(stats_row)
         plain_work = self.group.all_reduce(self.flat[self._plain_start :])
         if self.large:
             exchange_large()
         if plain_work is not None:
             self.group.wait(plain_work)
         self.steps_done += 1
-        return self.stats.clone()
+        return self.stats.finish()
 
     def state_dict(self, error_feedback: ErrorFeedback | None) -> dict[str, torch.Tensor]:
         """The step counter and every residual (``ef.<key>``), as CPU tensors."""
