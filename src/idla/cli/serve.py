@@ -13,7 +13,7 @@ from typing import Any
 
 from idla.cli.args import optional_speeds, port, positive_float, positive_int
 from idla.errors import ConfigError
-from idla.serve.devices import DEVICE_HELP
+from idla.serve.devices import DEVICE_HELP, resolve_devices
 
 _POLICY_HELP = "idla | round_robin | power_of_two | least_outstanding"
 
@@ -106,7 +106,6 @@ def _router_config(args: argparse.Namespace, policy: str, request_rows: int) -> 
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from idla.serve.devices import resolve_devices
     from idla.serve.http import HttpLimits
     from idla.serve.server import Running, ServeOptions, new_event_loop, serve_until_stopped
     from idla.serve.worker import WorkerPool
