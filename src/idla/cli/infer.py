@@ -13,6 +13,7 @@ from typing import Any
 
 from idla.cli.args import optional_speeds
 from idla.errors import ConfigError
+from idla.serve.devices import DEVICE_HELP, resolve_devices
 
 _SPEEDS_HELP = "relative CPU speed per worker, e.g. 1,0.5,0.25 (cgroup quota base-cores × speed)"
 
@@ -32,6 +33,7 @@ def add_commands(commands: Any, benches: Any) -> None:
     infer.add_argument("--output", required=True, metavar="FILE",
                        help="where to write the (N, classes) float32 outputs as .npy")
     infer.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
+    infer.add_argument("--device", default="cpu", metavar="DEVICES", help=DEVICE_HELP)
     infer.add_argument("--emulate-speeds", default="none", metavar="LIST",
                        help=f"{_SPEEDS_HELP}; default: none (no throttling)")
     infer.add_argument("--base-cores", type=float, default=0.5, metavar="CORES",
@@ -123,6 +125,7 @@ def _infer(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     speeds = _speeds(args.emulate_speeds, args.workers)
+    devices = resolve_devices(args.device, args.workers)
     import numpy as np
     from rich.progress import (
         BarColumn,
@@ -153,11 +156,13 @@ def _infer(args: argparse.Namespace) -> int:
 
         result = infer_offline(args.model, inputs, workers=args.workers, speeds=speeds,
                                base_cores=args.base_cores, chunking=args.chunking,
-                               batch_size=args.batch_size, on_progress=on_progress)
+                               batch_size=args.batch_size, on_progress=on_progress,
+                               devices=devices)
         with tmp.open("wb") as handle:
             np.save(handle, result.outputs)
     shares = ", ".join(f"{s:,}" for s in result.samples_per_worker)
-    print(f"scored {len(inputs):,} samples with {args.workers} worker(s) in {result.wall_s:.2f} s "
+    print(f"scored {len(inputs):,} samples with {args.workers} worker(s) "
+          f"({', '.join(devices)}) in {result.wall_s:.2f} s "
           f"({result.samples_per_s:,.0f} samples/s; {result.startup_s:.1f} s start-up); "
           f"per worker: {shares}; model {info.architecture} version {result.version}")
     print(f"wrote {args.output} ({result.outputs.shape[0]} × {result.outputs.shape[1]} float32)")
@@ -166,7 +171,8 @@ def _infer(args: argparse.Namespace) -> int:
 
         write_json_atomic(args.json, {**result.summary(), "model": args.model,
                                       "input": args.input, "output": args.output,
-                                      "workers": args.workers, "speeds": speeds,
+                                      "workers": args.workers, "devices": devices,
+                                      "speeds": speeds,
                                       "base_cores": args.base_cores})
     return 0
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from idla.cli.args import optional_speeds, port, positive_float, positive_int
 from idla.errors import ConfigError
+from idla.serve.devices import DEVICE_HELP, resolve_devices
 
 _POLICY_HELP = "idla | round_robin | power_of_two | least_outstanding"
 
@@ -45,6 +46,7 @@ def add_commands(commands: Any, benches: Any) -> None:
     serve.add_argument("--emulate-speeds", default="none", metavar="LIST",
                        help="relative CPU speed per worker, e.g. 1,0.5,0.25 (cgroup quota "
                        "base-cores × speed); default: none")
+    serve.add_argument("--device", default="cpu", metavar="DEVICES", help=DEVICE_HELP)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     serve.add_argument("--port", type=port, default=8000,
                        help="TCP port; 0 picks a free one (default: 8000)")
@@ -112,6 +114,7 @@ def _serve(args: argparse.Namespace) -> int:
     if speeds is not None and len(speeds) != args.workers:
         raise ConfigError(f"--emulate-speeds lists {len(speeds)} speeds for {args.workers} "
                           "workers")
+    devices = resolve_devices(args.device, args.workers)
     token = args.token or os.environ.get("IDLA_TOKEN") or ""
     generated = not token
     token = token or secrets.token_urlsafe(24)
@@ -122,7 +125,7 @@ def _serve(args: argparse.Namespace) -> int:
     def ready(running: Running) -> None:
         print(f"idla serve: {running.url}  (policy {running.router.policy.name})")
         for worker in running.router.stats():
-            print(f"  worker {worker['worker']}: pid {worker['pid']}, model "
+            print(f"  worker {worker['worker']}: pid {worker['pid']}, {worker['device']}, model "
                   f"{worker['version']}, max batch {worker['max_batch_rows']} rows, max wait "
                   f"{1e3 * worker['max_wait_s']:.2f} ms, capacity "
                   f"{worker['capacity_requests_per_s']:.0f} req/s (1-row requests)")
@@ -135,7 +138,7 @@ def _serve(args: argparse.Namespace) -> int:
     # SIGTERM ends the server like Ctrl-C, but with exit code 0 and the workers stopped.
     signal.signal(signal.SIGTERM, _exit_quietly)
     with WorkerPool(args.model, args.workers, speeds, args.base_cores,
-                    max_rows=args.max_batch_rows) as pool:
+                    max_rows=args.max_batch_rows, devices=devices) as pool:
         loop = new_event_loop()
         try:
             loop.run_until_complete(serve_until_stopped(pool.addresses, options, ready))

@@ -118,6 +118,11 @@ class ServeMetrics:
         for worker in workers:
             versions.add_metric([str(worker["worker"]), str(worker["version"])], 1)
         yield versions
+        devices = GaugeMetricFamily("idla_worker_device_info", "Device each worker runs its "
+                                    "model on (cpu, cuda:N).", labels=["worker", "device"])
+        for worker in workers:
+            devices.add_metric([str(worker["worker"]), str(worker.get("device") or "unknown")], 1)
+        yield devices
         yield CounterMetricFamily("idla_failovers", "Workers declared dead.", value=failovers)
         yield CounterMetricFamily("idla_retried_requests", "Requests moved to another worker.",
                                   value=retried)

@@ -34,6 +34,7 @@ import numpy as np
 from idla.emulate.cgroup import CpuThrottle
 from idla.errors import ConfigError, EmulationError, IdlaError
 from idla.profile.meters import RateMeter
+from idla.serve.devices import CPU, load_on, resolve_devices, run_on
 
 CHUNKINGS = ("dynamic", "equal")
 _POLL_S = 0.05  # how often the launcher checks for dead workers while it waits
@@ -200,20 +201,18 @@ class InferResult:
 
 
 def _worker(
-    rank: int, model_dir: str, in_path: str, out_path: str, shape: tuple[int, ...],
-    classes: int, batch_size: int, tasks: Any, results: Any, cgroup_procs: str | None,
+    rank: int, model_dir: str, in_path: str, out_path: str, shape: tuple[int, ...], classes: int,
+    batch_size: int, tasks: Any, results: Any, cgroup_procs: str | None, device: str,
 ) -> None:
     try:
         import torch
 
         torch.set_num_threads(1)
-        from idla.serve.model_io import load_model
-
-        model, info = load_model(model_dir)
+        model, info = load_on(model_dir, device)
         inputs = np.memmap(in_path, dtype=np.float32, mode="r", shape=shape)
         outputs = np.memmap(out_path, dtype=np.float32, mode="r+", shape=(shape[0], classes))
         with torch.no_grad():
-            model(torch.tensor(inputs[: min(batch_size, shape[0])]))  # warm-up, unthrottled
+            run_on(model, torch.tensor(inputs[:batch_size]), device)  # warm-up, unthrottled
             if cgroup_procs is not None:  # join after the heavy imports, as launch.py does
                 try:
                     Path(cgroup_procs).write_text(f"{os.getpid()}\n")
@@ -225,7 +224,7 @@ def _worker(
                 began = time.perf_counter()
                 for lo in range(start, stop, batch_size):
                     hi = min(lo + batch_size, stop)
-                    outputs[lo:hi] = model(torch.tensor(inputs[lo:hi])).numpy()
+                    outputs[lo:hi] = run_on(model, torch.tensor(inputs[lo:hi]), device).numpy()
                 results.put(("done", rank, (start, stop, time.perf_counter() - began)))
         outputs.flush()
     except IdlaError as error:
@@ -258,13 +257,14 @@ def infer_offline(
     batch_size: int = 256,
     on_progress: Callable[[int, int], None] | None = None,
     timeout_s: float = 3600.0,
+    devices: str | Sequence[str] = CPU,
 ) -> InferResult:
     """Score ``inputs`` with the model in ``model_dir`` on ``workers`` local processes.
 
-    With ``speeds``, worker i runs in a cgroup limited to ``base_cores × speeds[i]`` CPUs (real
-    throttling; the scheduler is not told). ``on_progress(done, total)`` is called in this
-    process after each range. Cost: one copy of the inputs and outputs in shared memory; one
-    queue round trip per range.
+    Worker i scores on ``devices[i]`` (``devices``: a ``--device`` value or one per worker) and,
+    with ``speeds``, in a cgroup of ``base_cores × speeds[i]`` CPUs (the scheduler is not told).
+    ``on_progress(done, total)`` is called here after each range. Cost: one copy of the inputs
+    and outputs in shared memory; one queue round trip per range.
     """
     from idla.serve.model_io import load_model
 
@@ -274,6 +274,7 @@ def infer_offline(
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     if speeds is not None and len(speeds) != workers:
         raise ConfigError(f"--emulate-speeds lists {len(speeds)} speeds for {workers} workers")
+    worker_devices = resolve_devices(devices, workers)
     model, info = load_model(model_dir)
     data = _check_inputs(inputs, info.input_shape)
     import torch
@@ -295,7 +296,8 @@ def infer_offline(
             context.Process(target=_worker, daemon=True, args=(
                 rank, str(model_dir), str(tmp / "inputs.f32"), str(tmp / "outputs.f32"),
                 data.shape, classes, batch_size, task_queues[rank], results,
-                None if throttle is None else str(throttle.paths[rank] / "cgroup.procs")))
+                None if throttle is None else str(throttle.paths[rank] / "cgroup.procs"),
+                worker_devices[rank]))
             for rank in range(workers)
         ]
         began = time.perf_counter()

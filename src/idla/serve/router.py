@@ -389,10 +389,10 @@ class Router:
     def stats(self) -> list[dict[str, Any]]:
         return [{
             "worker": w.index, "address": f"{w.address[0]}:{w.address[1]}", "up": w.alive,
-            "pid": w.link.hello.get("pid"), "version": w.version,
-            "queued_requests": w.batcher.queued_requests, "queued_rows": w.batcher.queued_rows,
-            "inflight_rows": sum(b.rows for b in w.inflight), "served_requests": w.served_requests,
-            "max_batch_rows": w.batcher.policy.max_batch_rows,
+            "pid": w.link.hello.get("pid"), "device": w.link.hello.get("device"),
+            "version": w.version, "queued_requests": w.batcher.queued_requests,
+            "queued_rows": w.batcher.queued_rows, "inflight_rows": sum(b.rows for b in w.inflight),
+            "served_requests": w.served_requests, "max_batch_rows": w.batcher.policy.max_batch_rows,
             "max_wait_s": w.batcher.policy.max_wait_s,
             "capacity_requests_per_s": self.capacity_requests_per_s(w),
             "slowdown": w.estimates()[0], "link_s": w.estimates()[1],

@@ -1,7 +1,8 @@
 """A serving worker: one process that loads a model directory and runs batches sent over TCP.
 
-Run as ``python -m idla.serve.worker --model DIR``; it prints one JSON line on stdout, either
-``{"ready": true, "port": P, "pid": ...}`` or ``{"error": "..."}`` (then exits 2). It runs one
+Run as ``python -m idla.serve.worker --model DIR [--device cuda:0]``; it prints one JSON line on
+stdout, either ``{"ready": true, "port": P, "pid": ...}`` or ``{"error": "..."}`` (then exits 2).
+The model lives on its device; each batch arrives and leaves on the CPU. It runs one
 thread of torch, optionally inside a throttled cgroup (joined after the heavy imports and the
 model load, before the batch-size curve is measured, so the curve is the throttled one) and
 optionally inside a network namespace (an emulated host). Protocol: `idla.serve.wire`.
@@ -30,6 +31,7 @@ from typing import Any
 
 from idla.errors import ConfigError, IdlaError
 from idla.serve import wire
+from idla.serve.devices import CPU, load_on, resolve_devices, run_on
 
 DEFAULT_MAX_ROWS = 256
 CURVE_LIMIT_S = 0.25  # stop measuring larger batches once one takes this long
@@ -40,9 +42,11 @@ READY_TIMEOUT_S = 120.0
 
 def measure_curve(
     model: Any, input_shape: Sequence[int], max_rows: int = DEFAULT_MAX_ROWS,
-    limit_s: float = CURVE_LIMIT_S, min_time_s: float = CURVE_MIN_TIME_S,
+    limit_s: float = CURVE_LIMIT_S, min_time_s: float = CURVE_MIN_TIME_S, device: str = CPU,
 ) -> list[list[float]]:
-    """``[[rows, seconds], ...]``: sustained wall time of a forward pass at rows 1, 2, 4, ...
+    """``[[rows, seconds], ...]``: sustained wall time of a batch at rows 1, 2, 4, ... on
+    ``device`` (where ``model`` lives), as `ModelServer` runs one: inputs moved from the CPU,
+    the forward pass, outputs back on the CPU, the device synchronized before the clock is read.
 
     Each size is timed in windows of at least ``min_time_s`` and two passes (several CFS
     periods, so a throttled worker shows its sustained rate); short sizes get three windows and
@@ -60,12 +64,12 @@ def measure_curve(
     with torch.no_grad():
         for rows in sizes:
             x = torch.rand((rows, *input_shape), generator=generator)
-            model(x)  # warm-up: allocations of this size
+            run_on(model, x, device)  # warm-up: allocations of this size
             windows_s: list[float] = []
             while len(windows_s) < 3 and (not windows_s or windows_s[-1] < SHORT_BATCH_S):
                 reps, start = 0, time.perf_counter()
                 while reps < 2 or time.perf_counter() - start < min_time_s:
-                    model(x)
+                    run_on(model, x, device)
                     reps += 1
                 windows_s.append((time.perf_counter() - start) / reps)
             curve.append([rows, min(windows_s)])
@@ -79,17 +83,17 @@ class _Loaded:
     model: Any
     info: Any  # idla.serve.model_io.ModelInfo
     output_features: int
+    device: str
+    """Where ``model`` lives; a hot swap loads the new model onto the same device."""
 
 
-def _load(path: str) -> _Loaded:
+def _load(path: str, device: str) -> _Loaded:
     import torch
 
-    from idla.serve.model_io import load_model
-
-    model, info = load_model(path)
+    model, info = load_on(path, device)
     with torch.no_grad():
-        out = model(torch.zeros((1, *info.input_shape)))
-    return _Loaded(model, info, int(out.shape[1]))
+        out = run_on(model, torch.zeros((1, *info.input_shape)), device)
+    return _Loaded(model, info, int(out.shape[1]), device)
 
 
 class ModelServer:
@@ -122,7 +126,7 @@ class ModelServer:
         return {"op": "hello", "version": info.version, "sha256": info.sha256,
                 "architecture": info.architecture, "input_shape": list(info.input_shape),
                 "output_features": self.active.output_features, "curve": self.curve,
-                "pid": os.getpid()}
+                "pid": os.getpid(), "device": self.active.device}
 
     def _handle(self, conn: socket.socket) -> None:
         self._send(conn, self._hello())
@@ -159,7 +163,8 @@ class ModelServer:
             return
         start = time.perf_counter()
         with torch.no_grad():
-            outputs = loaded.model(torch.from_numpy(np.array(inputs))).numpy()
+            outputs = run_on(loaded.model, torch.from_numpy(np.array(inputs)),
+                             loaded.device).numpy()
         service_s = time.perf_counter() - start
         shape, data = wire.to_payload(outputs)
         self._send(conn, {"op": "result", "id": request_id, "shape": shape,
@@ -167,7 +172,7 @@ class ModelServer:
 
     def _prepare(self, conn: socket.socket, request_id: Any, path: str) -> None:
         try:
-            loaded = _load(path)
+            loaded = _load(path, self.active.device)
         except IdlaError as error:
             reply = {"op": "error", "id": request_id, "message": str(error)}
         else:
@@ -212,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cgroup-procs", help="cgroup.procs file of this worker's cgroup")
     parser.add_argument("--netns", help="network namespace (emulated host) to run in")
     parser.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS)
+    parser.add_argument("--device", default=CPU, help="cpu or cuda:N")
     args = parser.parse_args(argv)
     import torch
 
@@ -222,10 +228,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from idla.emulate.netns import enter_netns
 
             enter_netns(args.netns)
-        loaded = _load(args.model)
+        loaded = _load(args.model, resolve_devices(args.device, 1)[0])
         if args.cgroup_procs:
             _join_cgroup(args.cgroup_procs)
-        curve = measure_curve(loaded.model, loaded.info.input_shape, args.max_rows)
+        curve = measure_curve(loaded.model, loaded.info.input_shape, args.max_rows,
+                              device=loaded.device)
         listener = socket.create_server((args.host, args.port))
     except (IdlaError, OSError) as error:
         print(json.dumps({"error": str(error)}), flush=True)
@@ -268,7 +275,8 @@ def _wait_ready(process: subprocess.Popen[bytes], deadline_s: float) -> dict[str
 
 class WorkerPool:
     """Start ``count`` local workers on ``model_dir`` (each in its own throttled cgroup when
-    ``speeds`` is given, quota ``base_cores × speed``); stop them all on exit.
+    ``speeds`` is given, quota ``base_cores × speed``); stop them all on exit. Worker i runs on
+    ``devices[i]`` (a ``--device`` value or one device per worker, checked here).
 
     With ``netns``, worker i runs in network namespace ``netns[i]`` (an emulated host) and binds
     ``hosts[i]``, that host's address; otherwise every worker binds ``host``.
@@ -278,6 +286,7 @@ class WorkerPool:
         self, model_dir: str | Path, count: int, speeds: Sequence[float] | None = None,
         base_cores: float = 0.5, host: str = "127.0.0.1", max_rows: int = DEFAULT_MAX_ROWS,
         netns: Sequence[str] | None = None, hosts: Sequence[str] | None = None,
+        devices: str | Sequence[str] = CPU,
     ) -> None:
         if count < 1:
             raise ConfigError(f"--workers must be at least 1, got {count}")
@@ -290,6 +299,7 @@ class WorkerPool:
             raise ConfigError(f"{len(self.hosts)} bind addresses for {count} workers")
         self.model_dir, self.count, self.speeds = str(model_dir), count, speeds
         self.base_cores, self.max_rows, self.netns = base_cores, max_rows, netns
+        self.devices = resolve_devices(devices, count)
         self.workers: list[WorkerProcess] = []
         self._stack = ExitStack()
 
@@ -315,7 +325,8 @@ class WorkerPool:
 
     def _spawn(self, index: int, throttle: Any) -> subprocess.Popen[bytes]:
         command = [sys.executable, "-m", "idla.serve.worker", "--model", self.model_dir,
-                   "--host", self.hosts[index], "--max-rows", str(self.max_rows)]
+                   "--host", self.hosts[index], "--max-rows", str(self.max_rows),
+                   "--device", self.devices[index]]
         if throttle is not None:
             command += ["--cgroup-procs", str(throttle.paths[index] / "cgroup.procs")]
         if self.netns is not None:
