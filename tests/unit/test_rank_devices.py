@@ -115,3 +115,14 @@ def test_a_control_plane_tensor_must_live_on_the_cpu() -> None:
     with pytest.raises(ValueError, match="control-plane tensor must be on the CPU"):
         group.control_all_gather(torch.empty(1, device="meta"))
     assert group.device == choose_device(0, torch.cuda.device_count())
+
+
+def test_a_cpu_rank_checkpoints_an_empty_cuda_generator_state_of_the_common_shape() -> None:
+    from idla.agent.resume import CUDA_RNG_BYTES, cuda_rng_state, set_cuda_rng_state
+
+    saved = cuda_rng_state(torch.device("cpu"))
+    assert saved.shape == (CUDA_RNG_BYTES,) and int(saved.sum()) == 0
+    set_cuda_rng_state(saved, torch.device("cpu"))  # nothing to restore, and no error
+    foreign = saved.clone()
+    foreign[0] = 16  # saved on a GPU rank, restored on a CPU one: the CPU has no such state
+    set_cuda_rng_state(foreign, torch.device("cpu"))

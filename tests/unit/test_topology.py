@@ -52,3 +52,11 @@ def test_cpu_bound_comm_scales_with_the_cpu_fraction() -> None:
     # a worker that gets 1/8 of a core needs 8× the CPU time in wall time
     assert cpu_bound_comm_s(0.001, 0.010, 0.080) == pytest.approx(0.008)
     assert cpu_bound_comm_s(0.001, 0.0, 0.0) == pytest.approx(0.001)
+
+
+def test_cpu_ranks_many_times_slower_than_a_gpu_rank_become_its_leaves() -> None:
+    """A mixed fleet (one GPU rank, two CPU ranks ~20× slower per sample): the CPU ranks
+    send to the GPU hub instead of stalling every phase of a ring."""
+    topology = choose_topology([0.05e-3, 1.0e-3, 1.2e-3], leaf_ratio=1.8)
+    assert topology.core == (0,)
+    assert topology.hub_of == {1: 0, 2: 0}

@@ -55,7 +55,8 @@ def save_agent(
     if agent.accumulating:
         raise ConfigError("cannot checkpoint in the middle of a step: micro-batches under "
                           "agent.no_sync() have not been exchanged yet")
-    per_rank: dict[str, Tensor] = {"rng.torch": torch.get_rng_state()}
+    per_rank: dict[str, Tensor] = {"rng.torch": torch.get_rng_state(),
+                                   "rng.cuda": cuda_rng_state(agent.group.device)}
     per_rank.update({f"sync.{k}": v for k, v in agent.sync.state_dict().items()})
     gathered = _gather_per_rank(agent, per_rank)
     path, failure = Path(directory) / f"step-{agent.step}", ""
@@ -107,4 +108,33 @@ def restore_agent(agent: Agent, checkpoint: Checkpoint) -> tuple[int, int]:
     restore_rng(checkpoint)
     if "rng.torch" in own:
         torch.set_rng_state(own["rng.torch"])
+    if "rng.cuda" in own:
+        set_cuda_rng_state(own["rng.cuda"], agent.group.device)
     return checkpoint.epoch, checkpoint.batch_in_epoch
+
+
+CUDA_RNG_BYTES = 64
+"""Room for one rank's CUDA generator state in a checkpoint: its length, then its bytes (the
+Philox state is 16), zeros on a CPU rank, so every rank's per-rank state has one shape."""
+
+
+def cuda_rng_state(device: torch.device) -> Tensor:
+    """This rank's CUDA generator state as (CUDA_RNG_BYTES,) uint8: [length, state..., 0...];
+    all zeros on a CPU rank."""
+    out = torch.zeros(CUDA_RNG_BYTES, dtype=torch.uint8)
+    if device.type == "cuda":
+        state = torch.cuda.get_rng_state(device)
+        if state.numel() >= CUDA_RNG_BYTES:
+            raise ConfigError(f"the CUDA generator state has {state.numel()} bytes; "
+                              f"checkpoints hold {CUDA_RNG_BYTES - 1}")
+        out[0] = state.numel()
+        out[1:1 + state.numel()] = state
+    return out
+
+
+def set_cuda_rng_state(saved: Tensor, device: torch.device) -> None:
+    """Restore what `cuda_rng_state` saved, on a CUDA rank; a CPU rank (or a state saved on
+    one) has nothing to restore."""
+    length = int(saved[0])
+    if device.type == "cuda" and length > 0:
+        torch.cuda.set_rng_state(saved[1:1 + length].clone(), device)
