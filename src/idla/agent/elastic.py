@@ -165,6 +165,7 @@ def run_elastic(
     Start every worker the usual way (torchrun, or idla's launcher); one process works too.
     """
     elastic = elastic or ElasticConfig()
+    os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")  # a lost NCCL peer raises here
     world, member = env_int("WORLD_SIZE", 1), env_int("RANK", 0)
     joining = os.environ.get("IDLA_JOIN") == "1"
     rdzv = (Rendezvous(rendezvous_spec_from_env(), member, world, prefix=store_prefix(),

@@ -34,6 +34,7 @@ from idla.runtime.devices import (
     describe_fleet,
     local_report,
 )
+from idla.runtime.netif import ensure_gloo_interface
 from idla.runtime.staging import STAGE_ENV, HostStaging, Work
 
 __all__ = ["Group", "Work"]
@@ -97,6 +98,7 @@ class Group:
 
     def _init_planes(self, store: dist.Store | None, timeout_s: float) -> None:
         if not dist.is_initialized():
+            ensure_gloo_interface(os.environ)  # GLOO_SOCKET_IFNAME: the route to MASTER_ADDR
             if store is None:
                 url = os.environ.get("IDLA_INIT_METHOD", "env://")
                 store, _, _ = next(dist.rendezvous(
