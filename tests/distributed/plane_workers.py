@@ -82,3 +82,29 @@ def train(staged: bool, leaves: bool) -> tuple[list[float], int]:
     values = [float(v) for t in [*model.parameters(), *model.buffers()]
               for v in t.detach().double().reshape(-1)]
     return values, agent.group.staged_ops
+
+
+def half_precision_weighting(dtype_name: str) -> dict[str, Any]:
+    """One step of a bf16 or fp16 model at shares [341, 171] of 512: the statistics this
+    rank saw, its own weighted gradient (computed beside the agent on a copy of the model,
+    in the model's dtype) and the exchanged one."""
+    import copy
+
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
+    data = (torch.randn(512, 6).to(dtype), torch.randint(0, 3, (512,)))
+    config = AgentConfig(global_batch_size=512, initial_shares=[341, 171], rebalance=False)
+    agent = Agent(model, None, data, config=config)
+    twin = copy.deepcopy(model)
+    for x, y in agent.batches(0):
+        loss = F.cross_entropy(twin(x).float(), y).to(dtype)
+        (loss * (x.shape[0] / 512)).backward()
+        agent.backward(F.cross_entropy(model(x).float(), y).to(dtype))
+        break
+    table = agent.sync.stats.matrix.tolist()
+    exchanged = [p.grad.detach().float().tolist() for p in model.parameters()]
+    mine = [p.grad.detach().float().tolist() for p in twin.parameters()]
+    agent.close()
+    return {"table": table, "stats_dtype": str(agent.sync.stats.matrix.dtype),
+            "exchanged": exchanged, "mine": mine, "loss": float(loss.float())}

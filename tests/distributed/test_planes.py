@@ -7,6 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
+
+from idla.runtime.stats import Stat
 
 from tests.distributed import plane_workers
 from tests.distributed.shared_launch import launch_cases
@@ -23,6 +26,8 @@ def _run() -> dict[str, list[Any]]:
             "staged": (plane_workers.train, (True, False)),
             "plain_leaf": (plane_workers.train, (False, True)),
             "staged_leaf": (plane_workers.train, (True, True)),
+            "bfloat16": (plane_workers.half_precision_weighting, ("bfloat16",)),
+            "float16": (plane_workers.half_precision_weighting, ("float16",)),
         }, world_size=2))
     return _results
 
@@ -47,3 +52,23 @@ def test_staging_through_host_buffers_changes_no_bit(topology: str) -> None:
     assert plain[0][0] == plain[1][0]  # replicas identical
     assert [values for values, _ in staged] == [values for values, _ in plain]
     assert all(ops == 0 for _, ops in plain) and all(ops > 0 for _, ops in staged)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_models_weight_samples_exactly(dtype: str) -> None:
+    """Statistics are float64 whatever the model's dtype: in bf16, 341 would round to 340 and
+    the agent would rescale every gradient by 512/511. Here the counts and loss sums arrive
+    exactly, and the exchanged gradient is the sum of the two ranks' own weighted gradients
+    (bit for bit in the model's dtype: nothing rescaled it)."""
+    ranks = _run()[dtype]
+    for seen in ranks:
+        assert seen["stats_dtype"] == "torch.float64"
+        assert [row[Stat.SAMPLES] for row in seen["table"]] == [341.0, 171.0]
+        for rank, (samples, other) in enumerate([(341, ranks[0]), (171, ranks[1])]):
+            assert seen["table"][rank][Stat.LOSS_SUM] == other["loss"] * samples
+    half = getattr(torch, dtype)
+    for got, g0, g1 in zip(ranks[0]["exchanged"], ranks[0]["mine"], ranks[1]["mine"],
+                           strict=True):
+        expected = torch.tensor(g0).to(half) + torch.tensor(g1).to(half)
+        assert torch.equal(torch.tensor(got).to(half), expected)
+    assert ranks[0]["exchanged"] == ranks[1]["exchanged"]
