@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from idla.runtime.stats import Stat
-
 from tests.distributed import plane_workers
 from tests.distributed.shared_launch import launch_cases
 
