@@ -55,6 +55,14 @@ def _int_env(name: str, default: int) -> int:
         raise ConfigError(f"environment variable {name}={text!r} is not an integer") from None
 
 
+def _script_backend(backend: str, fleet: Sequence[DeviceReport]) -> str:
+    """What a process group the script initialised itself ("nccl", "gloo", or per device,
+    "cpu:gloo,cuda:nccl") is for the data plane: NCCL only when every rank is on a GPU."""
+    if "nccl" in backend and all(r.device.startswith("cuda") for r in fleet):
+        return "nccl"
+    return "gloo" if "gloo" in backend else backend
+
+
 def _gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
@@ -109,8 +117,6 @@ class Group:
             dist.init_process_group(self.backend, store=store, rank=self.rank,
                                     world_size=self.world_size, timeout=self.timeout)
             self._owns_init = True
-        else:
-            self.backend = str(dist.get_backend())
         if dist.get_world_size() != self.world_size:
             raise ConfigError(
                 f"wrong world size: WORLD_SIZE={self.world_size} but the process group "
@@ -127,6 +133,8 @@ class Group:
                 rows = all_gather_json({"report": self.fleet[0].to_json()}, group=self.control)
                 self.fleet = [DeviceReport.from_json(str(r["report"])) for r in rows]
             _PLANES[id(world)] = (world, self.control, self.fleet)
+        if not self._owns_init:
+            self.backend = _script_backend(str(dist.get_backend()), self.fleet)
         if self.backend == "nccl" and self.device.type != "cuda":
             raise ConfigError(
                 f"rank {self.rank} computes on {self.device} but the process group runs NCCL, "
