@@ -16,6 +16,9 @@ uncompressed with the statistics (`idla.sync.size_rule`).
 Cost per step (N ranks, ring collectives): 2(N-1)/N × (m+n)·r·4 bytes per compressed tensor,
 in two all-reduces, plus the plain all-reduce of the rest. Memory: one (n, r) Q per compressed
 tensor, and with error feedback one fp32 residual of each.
+
+P, Q, P̂ and the residuals are float32 for every parameter dtype; a bf16 or fp16 gradient is
+widened when it is read and P̂ Qᵀ is rounded to it once, when written into the gradient view.
 """
 
 from __future__ import annotations
@@ -44,8 +47,10 @@ class PowerSGDExchange(SplitExchange):
             self.group.wait(work)
 
     def _corrected(self, key: str, grad: torch.Tensor) -> torch.Tensor:
+        """This rank's gradient plus its residual, as a new float32 tensor (P, Q and the
+        residual are float32 whatever the parameters' dtype)."""
         if self.error_feedback is None:
-            return grad.clone()
+            return grad.to(torch.float32, copy=True)
         return self.error_feedback.corrected(key, grad)
 
     def _exchange_large(self) -> None:
