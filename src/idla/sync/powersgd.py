@@ -10,6 +10,11 @@ gradient + old residual" holds per rank. The math is the pure functions of
 `idla.compress.powersgd`; this exchange holds the state: the warm Q per tensor and the
 residuals.
 
+Replicas stay bit-identical across hardware (a CPU rank beside GPUs of different models) with
+no extra collective: every rank orthonormalizes the same all-reduced P and reconstructs from
+the same all-reduced Q with fixed-order elementwise kernels (`idla.compress.fixed_order`),
+which round the same on every IEEE device, where QR and matmul kernels do not.
+
 Tensors PowerSGD cannot shrink ((m+n)·r ≥ m·n, or fewer than 2 dims) and small ones travel
 uncompressed with the statistics (`idla.sync.size_rule`).
 
@@ -74,7 +79,8 @@ class PowerSGDExchange(SplitExchange):
         for (key, corrected, matrix), p_hat in zip(matrices, p_hats, strict=True):
             q_local = codec.q_of(matrix, p_hat)  # (n, r)
             if self.error_feedback is not None:
-                sent = codec.reconstruct(p_hat, q_local, corrected.shape)
+                # only this rank reads its residual, so a matmul's rounding is fine here
+                sent = (p_hat @ q_local.T).view(corrected.shape)
                 self.error_feedback.update(key, corrected, sent)
             qs.append(q_local)
         q_all = torch.cat([q.reshape(-1) for q in qs])
