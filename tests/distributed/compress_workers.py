@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from idla import Agent, AgentConfig
+from idla.agent.replicas import parameter_digest
 from idla.runtime.data import GlobalBatchSampler
 from tests.distributed.workers import _digits_pair, _optimizer, param_hash
 
@@ -62,3 +63,41 @@ def auto_choice(steps: int) -> dict[str, Any]:
         epoch += 1
     agent.close()
     return {"hash": param_hash(model), "report": agent.report()["compression"]}
+
+
+def half_precision_steps(codec: str, dtype_name: str, steps: int) -> dict[str, Any]:
+    """Train the demo CNN in `dtype_name` ("bfloat16", "float16", "float32") through `codec`
+    on uneven shares, from the float32 initialisation rounded to bf16 (so every dtype starts
+    from the same values); return the replica digest and the gradient dtype, and on rank 0 the
+    parameters (float64) and the loss on the whole training set before and after."""
+    dtype = getattr(torch, dtype_name)
+    train_set, model, _, _ = _digits_pair("sgd")
+    model.to(torch.bfloat16).to(dtype)
+    images, labels = train_set.tensors
+    with torch.no_grad():
+        initial_loss = float(F.cross_entropy(model(images.to(dtype)).float(), labels))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    agent = Agent(model, optimizer, train_set, config=AgentConfig(
+        global_batch_size=64, initial_shares=[40, 24], rebalance=False, compress=codec,
+        min_compress_numel=256, check_every_steps=2))
+    grad_dtypes: set[str] = set()
+    epoch = 0
+    while agent.step < steps:
+        for x, y in agent.batches(epoch):
+            agent.backward(F.cross_entropy(model(x.to(dtype)).float(), y))
+            grad_dtypes |= {str(p.grad.dtype) for p in model.parameters() if p.grad is not None}
+            optimizer.step()
+            if agent.step == steps:
+                break
+        epoch += 1
+    agent.close()  # checks the replicas one last time: bit-identical, or it raises
+    flat = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+    result: dict[str, Any] = {"digest": parameter_digest(model), "grad_dtypes": grad_dtypes,
+                              "payload_bytes": agent.report()["compression"].get(
+                                  "payload_bytes_per_step")}
+    if agent.rank == 0:
+        with torch.no_grad():
+            result["loss"] = float(F.cross_entropy(model(images.to(dtype)).float(), labels))
+        result["initial_loss"] = initial_loss
+        result["params"] = flat.numpy()  # numpy: a tensor would travel by shared memory
+    return result

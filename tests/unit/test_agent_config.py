@@ -76,6 +76,10 @@ def test_one_worker_under_auto_trains_exactly_as_without_compression() -> None:
     ("kwargs", "expected"),
     [
         ({"buffers": "sync"}, "buffers must be one of 'broadcast', 'average', 'none'"),
+        ({"replica_check": "close"}, "replica_check must be one of 'exact', 'tolerance'"),
+        ({"replica_tolerance": 0.0}, "replica_tolerance must be a positive number, got 0.0"),
+        ({"replica_tolerance": float("nan")}, "replica_tolerance must be a positive number"),
+        ({"replica_tolerance": "1e-5"}, "replica_tolerance must be a number"),
         ({"min_local_batch": 0}, "min_local_batch must be at least 1 or None"),
         ({"min_local_batch": 2, "initial_shares": [11, 1]},
          r"initial_shares \[11, 1\] gives rank 1 1 sample\(s\), fewer than min_local_batch 2"),

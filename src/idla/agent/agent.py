@@ -47,7 +47,7 @@ from idla.agent.coverage import TrainableSet, rebuild_exchange, settle_step
 from idla.agent.exchange import make_sync
 from idla.agent.history import StepHistory, agent_report, stragglers
 from idla.agent.lifecycle import mark_closed, warn_unless_closed
-from idla.agent.replicas import check_replicas
+from idla.agent.replicas import check_replicas, replica_report
 from idla.agent.window import StepWindow, read_step, refuse_open_steps
 from idla.errors import ConfigError
 from idla.plan.job_planner import JobPlanner, memory_caps
@@ -359,8 +359,7 @@ class Agent:
         total = sum(r[Stat.SAMPLES] for r in stats)
         self._history.record_step(
             self.step, shares, sum(r[Stat.LOSS_SUM] for r in stats) / max(total, 1),
-            [r[Stat.COMPUTE_S] for r in stats], topology,
-        )
+            [r[Stat.COMPUTE_S] for r in stats], topology)
 
     def set_topology(self, topology: Topology) -> None:
         """Fix the reduction topology (all ranks, at the same step, between steps)."""
@@ -370,7 +369,8 @@ class Agent:
     def check_replicas(self) -> None:
         """Stop with a clear error if any rank's parameters, or buffers (unless
         ``AgentConfig.buffers`` is "none"), differ from rank 0's."""
-        check_replicas(self.model, self.group, self.step, buffers=self._buffers.covered())
+        check_replicas(self.model, self.group, self.step, buffers=self._buffers.covered(),
+                       mode=self.config.replica_check, tolerance=self.config.replica_tolerance)
 
     def stragglers(self) -> list[str]:
         return stragglers([m.snapshot() for m in self.observer.meters])
@@ -380,6 +380,7 @@ class Agent:
         return agent_report(
             self.planner, self._history, backend=self.group.backend, steps=self.step,
             compression=self.sync.report(),
+            replica_check=replica_report(self.config.replica_check, self.config.replica_tolerance),
         )
 
     def close(self) -> None:

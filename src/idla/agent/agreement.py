@@ -35,6 +35,7 @@ JOB_WIDE_FIELDS = (
     "rebalance", "nan_drop_after", "leaf_ratio", "initial_shares", "planner",  # the plan each
     # rank computes on its own from the same statistics must be the same plan
     "check_every_steps",  # when the replica check's collective runs
+    "replica_check", "replica_tolerance",  # its further collectives, and one verdict for all
     "bucket_cap_bytes", "nan_guard",  # bucket layout and when buckets are sent
     "compress", "error_feedback", "min_compress_numel",  # what travels, in which layout
     "buffers",  # the buffers' collective after every step

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from idla.agent.buffers import BufferMode
+from idla.agent.replicas import DEFAULT_TOLERANCE, ReplicaCheck
 from idla.compress import Codec, parse_codec
 from idla.errors import ConfigError
 from idla.plan.job_planner import check_min_share
@@ -26,6 +28,13 @@ class AgentConfig:
     """Re-plan shares from measurements; off (False) keeps equal shares, as DDP does."""
     check_every_steps: int = 50
     """Compare a hash of the parameters across ranks every this many steps (0: never)."""
+    replica_check: str = field(default="exact", metadata={"metavar": "MODE"})
+    """How the replica check compares the ranks: "exact" (bit for bit) or "tolerance" (for mixed
+    CPU/GPU fleets, whose optimizer arithmetic rounds differently: tensors may differ by up to
+    replica_tolerance); see `idla.agent.replicas`."""
+    replica_tolerance: float = field(default=DEFAULT_TOLERANCE, metadata={"metavar": "REL"})
+    """With replica_check "tolerance": the largest accepted difference of a tensor's summary
+    statistics from rank 0's, relative to the tensor's largest magnitude (unitless)."""
     bucket_cap_bytes: int = 4 * 1024 * 1024
     """Gradient bytes per all-reduce bucket. Smaller buckets start communicating earlier in
     backward, but each collective has a fixed cost: on CPU-starved gloo workers splitting the
@@ -77,6 +86,13 @@ class AgentConfig:
             raise ConfigError(f"global_batch_size must be at least 1, got {self.global_batch_size}")
         if self.check_every_steps < 0:
             raise ConfigError("check_every_steps must be 0 or more")
+        checks = [c.value for c in ReplicaCheck]
+        if self.replica_check not in checks:
+            raise ConfigError(f"replica_check must be one of {', '.join(map(repr, checks))}, "
+                              f"got {self.replica_check!r}")
+        if not 0.0 < self.replica_tolerance < math.inf:  # also rejects NaN
+            raise ConfigError(f"replica_tolerance must be a positive number, got "
+                              f"{self.replica_tolerance!r}")
         if self.bucket_cap_bytes < 1:
             raise ConfigError("bucket_cap_bytes must be positive")
         if self.leaf_ratio <= 1.0:

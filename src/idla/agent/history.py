@@ -72,9 +72,10 @@ class StepHistory:
 
 def agent_report(
     planner: JobPlanner, history: StepHistory, *, backend: str, steps: int,
-    compression: dict[str, Any],
+    compression: dict[str, Any], replica_check: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The agent's JSON-ready summary of the run so far (identical on every rank)."""
+    """The agent's JSON-ready summary of the run so far (identical on every rank);
+    `replica_check`: how the replicas are checked (`idla.agent.replicas.replica_report`)."""
     observer = planner.observer
     snaps = [m.snapshot() for m in observer.meters]
     series = history.as_dict()
@@ -96,6 +97,7 @@ def agent_report(
         "nonfinite_steps": list(planner.nonfinite_steps),
         "dropped_ranks": sorted(planner.dropped),
         "compression": compression,
+        **({"replica_check": dict(replica_check)} if replica_check is not None else {}),
         "sync_advice": advise_from_history(
             series["compute_s"], [s["comm_s"] for s in snaps]).as_dict(),
         "history": series,

@@ -17,6 +17,7 @@ TRAIN_OPTIONS = (
     "workers", "emulate_speeds", "base_cores", "agent.global_batch_size", "epochs", "lr",
     "agent.seed", "max_local_batch", "agent.rebalance", "out", "agent.compress",
     "agent.error_feedback", "sync", "delay_compensation", "checkpoint_dir", "resume",
+    "agent.replica_check", "agent.replica_tolerance",
 )
 PROFILE_OPTIONS = ("workers", "emulate_speeds", "base_cores")
 

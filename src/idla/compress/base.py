@@ -57,14 +57,16 @@ class Codec(abc.ABC):
 
     @abc.abstractmethod
     def compress(self, x: torch.Tensor, *, seed: int = 0) -> list[torch.Tensor]:
-        """The payload of ``x``: 1-D contiguous tensors matching ``payload_spec(x.shape)``."""
+        """The payload of ``x`` (float16, bfloat16, float32 or float64; computed in float32):
+        1-D contiguous tensors matching ``payload_spec(x.shape)``."""
 
     @abc.abstractmethod
     def decompress(self, payload: Payload, shape: torch.Size, *, seed: int = 0) -> torch.Tensor:
         """The float32 tensor of ``shape`` that ``payload`` stands for."""
 
     def decompress_add_(self, out: torch.Tensor, payload: Payload, *, seed: int = 0) -> None:
-        """Adds ``decompress(payload, out.shape)`` into ``out`` in place."""
+        """Adds ``decompress(payload, out.shape)`` into ``out`` in place (rounded to ``out``'s
+        dtype; sum into a float32 ``out`` to keep a half-precision model's sum in float32)."""
         out.add_(self.decompress(payload, out.shape, seed=seed))
 
     def _check(self, payload: Payload, shape: torch.Size) -> None:

@@ -4,6 +4,12 @@ Codecs work on CPU and CUDA tensors alike and return payloads on the input's dev
 choices come from seeded CPU generators so that ranks on different hardware agree. The
 interface lives in ``base``, PowerSGD in ``powersgd`` and byte packing in ``packing``; the
 package (``idla.compress``) exports them all.
+
+Inputs may be float16, bfloat16, float32 or float64; the math runs in float32 (`float32_flat`).
+A half-precision gradient thus gives exactly the payload of its float32 widening (every bf16
+and fp16 value is a float32 value), and a float64 one is first rounded to float32 (relative
+error 2^-24, below what any codec here keeps: the wire carries float32 or less). Cost for a
+non-float32 input: one float32 copy of it per call.
 """
 
 from __future__ import annotations
@@ -21,6 +27,12 @@ _N = TypeVar("_N", int, float)
 _FP16_MAX = 65504.0
 _INT32_MAX = 2**31 - 1
 _DEFAULT_RATIO = 0.01
+
+
+def float32_flat(x: torch.Tensor) -> torch.Tensor:
+    """``x`` flattened, detached and in float32: the tensor every codec computes on (a view
+    of a contiguous float32 input; a widening or rounding copy of any other dtype)."""
+    return x.detach().reshape(-1).to(torch.float32)
 
 
 class NoCompression(Codec):
@@ -62,8 +74,8 @@ class Fp16(Codec):
         return [(torch.float16, shape.numel())]
 
     def compress(self, x: torch.Tensor, *, seed: int = 0) -> list[torch.Tensor]:
-        flat = x.detach().reshape(-1)
-        return [flat.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)]
+        # clamped in float32: bf16 cannot hold 65504 and would round it up to 65536 (= fp16 inf)
+        return [float32_flat(x).clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)]
 
     def decompress(self, payload: Payload, shape: torch.Size, *, seed: int = 0) -> torch.Tensor:
         self._check(payload, shape)
@@ -117,7 +129,7 @@ class TopK(Codec):
         return [(torch.float16, k), (torch.int32, k)]
 
     def compress(self, x: torch.Tensor, *, seed: int = 0) -> list[torch.Tensor]:
-        flat = x.detach().reshape(-1)
+        flat = float32_flat(x)
         if flat.numel() > _INT32_MAX:
             raise ValueError(f"topk: {flat.numel()} entries do not fit int32 indices")
         k = _kept(self.ratio, flat.numel())
@@ -184,8 +196,8 @@ class RandomK(Codec):
         return [(torch.float32, _kept(self.ratio, shape.numel()))]
 
     def compress(self, x: torch.Tensor, *, seed: int = 0) -> list[torch.Tensor]:
-        flat = x.detach().reshape(-1)
-        return [flat[self.indices(flat.numel(), seed=seed, device=x.device)].to(torch.float32)]
+        flat = float32_flat(x)
+        return [flat[self.indices(flat.numel(), seed=seed, device=x.device)]]
 
     def decompress(self, payload: Payload, shape: torch.Size, *, seed: int = 0) -> torch.Tensor:
         out = torch.zeros(shape, dtype=torch.float32, device=payload[0].device)
@@ -211,7 +223,7 @@ class ScaledSign(Codec):
         return [(torch.float32, 1), (torch.uint8, math.ceil(shape.numel() / 8))]
 
     def compress(self, x: torch.Tensor, *, seed: int = 0) -> list[torch.Tensor]:
-        flat = x.detach().reshape(-1).to(torch.float32)
+        flat = float32_flat(x)
         scale = flat.abs().sum().div(max(flat.numel(), 1)).reshape(1)
         bits = (flat >= 0).to(torch.uint8)
         bits = torch.nn.functional.pad(bits, (0, -flat.numel() % 8)).view(-1, 8)

@@ -4,7 +4,12 @@ With residual e (zero at first) and gradient g, each step compresses c = g + e, 
 keeps e' = c - s, so nothing is lost, only delayed. This makes biased codecs (top-k, unscaled
 random-k, scaled sign, PowerSGD) converge like uncompressed SGD (Seide et al. 2014; Stich et
 al. 2018; Karimireddy et al. 2019). Cost: one float32 buffer per compressed tensor, i.e. a
-second copy of those gradients in memory.
+second copy of those gradients in memory (twice their bytes for a bf16 or fp16 model).
+
+Residuals and corrected gradients are float32 whatever the gradient's dtype: a bf16 residual
+would round away each new gradient entry below about 2^-9 of what has built up in it, and
+under top-k an entry builds up for about 1/ratio steps before it is sent. A float64 gradient
+is rounded to float32 here (relative 2^-24; that rounding is not carried over).
 
 The caller decides what "sent" is, which lets one class serve every codec: for most codecs it
 is ``codec.decompress(codec.compress(c))``, for PowerSGD the sync layer computes it after the
@@ -27,7 +32,8 @@ class ErrorFeedback:
         self._residuals: dict[str, torch.Tensor] = {}
 
     def corrected(self, key: str, x: torch.Tensor) -> torch.Tensor:
-        """A new tensor ``x + residual[key]`` (a copy of ``x`` while ``key`` has no residual).
+        """A new float32 tensor ``x + residual[key]`` (a float32 copy of ``x`` while ``key`` has
+        no residual), whatever ``x``'s floating dtype.
 
         A residual loaded on another device (e.g. the CPU, from a checkpoint) moves to
         ``x``'s device here, once.
@@ -37,7 +43,7 @@ class ErrorFeedback:
         """
         residual = self._residuals.get(key)
         if residual is None:
-            return x.detach().clone()
+            return x.detach().to(torch.float32, copy=True)
         if residual.shape != x.shape:
             raise ValueError(
                 f"error feedback {key!r}: residual shape {tuple(residual.shape)} "
@@ -45,7 +51,7 @@ class ErrorFeedback:
             )
         if residual.device != x.device:
             residual = self._residuals[key] = residual.to(x.device)
-        return x.detach() + residual
+        return x.detach().to(torch.float32) + residual
 
     def update(self, key: str, corrected: torch.Tensor, sent: torch.Tensor) -> None:
         """Keeps ``corrected - sent`` (in float32) as the residual of ``key``."""

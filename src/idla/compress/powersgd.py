@@ -2,6 +2,13 @@
 
 The math is a handful of pure functions the sync layer calls between its two all-reduces;
 ``PowerSGD`` adds the codec interface, the eligibility rule and the seeded initial Q.
+
+Bit-identical replicas across hardware, without another collective: the all-reduced P and Q
+are the same bits on every rank, so the two steps each rank computes from them alone,
+orthonormalizing P and reconstructing P̂ Qᵀ, run as fixed sequences of IEEE elementwise
+operations (`idla.compress.fixed_order`) and give the same bits on a CPU rank, an A100 and an
+H100 alike; `torch.linalg.qr` and a matmul would round differently on each. The local products
+P = M Q and Q = Mᵀ P̂ stay matmuls: only their all-reduced sums are used by every rank.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import math
 import torch
 
 from idla.compress.base import CODEC_FORMS, Codec, Payload, PayloadSpec, Transport
+from idla.compress.fixed_order import orthonormalize, outer_sum
 from idla.errors import ConfigError
 
 DEFAULT_RANK = 2
@@ -28,23 +36,17 @@ def p_of(m_matrix: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return m_matrix @ q
 
 
-def orthonormalize(p: torch.Tensor) -> torch.Tensor:
-    """P with orthonormal columns spanning the same space, by reduced QR.  (m, r) -> (m, r).
-
-    Deterministic for identical input on the same device; ranks on different hardware may
-    differ in the last bits.
-    """
-    return torch.linalg.qr(p, mode="reduced").Q
-
-
 def q_of(m_matrix: torch.Tensor, p_hat: torch.Tensor) -> torch.Tensor:
     """Q = Mᵀ P̂.  ``m_matrix``: (m, n), ``p_hat``: (m, r) -> (n, r)."""
     return m_matrix.T @ p_hat
 
 
 def reconstruct(p_hat: torch.Tensor, q: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """The rank-r approximation P̂ Qᵀ, reshaped to ``shape``.  (m, r), (n, r) -> shape."""
-    return (p_hat @ q.T).view(shape)
+    """The rank-r approximation P̂ Qᵀ, reshaped to ``shape``.  (m, r), (n, r) -> shape.
+
+    Computed by `outer_sum` (r elementwise multiply-adds, the same bits on every device):
+    2r − 1 passes over the m·n output where a matmul makes one."""
+    return outer_sum(p_hat, q).view(shape)
 
 
 class PowerSGD(Codec):

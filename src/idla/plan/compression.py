@@ -7,6 +7,10 @@ the bottleneck):
     step_s = compute_s + sent_bytes / bandwidth_bytes_per_s
     sent_bytes = 2(N-1)/N × (payload of linear codecs + small tensors)   (all-reduce)
                + (N-1) × payload of gathered codecs                        (all-gather)
+
+where tensors that travel uncompressed cost the parameters' element bytes each (4 for fp32, 2
+for a bf16 or fp16 model, whose gradients the exact exchange sums in their own dtype; codec
+payloads do not depend on it). For a half-precision model "fp16" thus sends what "none" does.
     cost = step_s × STEPS_FACTOR[codec]    (relative time to reach the same accuracy)
 
 `STEPS_FACTOR` is a prior: steps to a target accuracy relative to uncompressed training, with
@@ -50,9 +54,11 @@ class CodecChoice:
 
 
 def sent_bytes_per_step(
-    spec: str, shapes: Sequence[torch.Size], world_size: int, min_compress_numel: int
+    spec: str, shapes: Sequence[torch.Size], world_size: int, min_compress_numel: int,
+    element_bytes: int = 4,
 ) -> float:
-    """Bytes one rank puts on its link per step with codec `spec` (ring collectives)."""
+    """Bytes one rank puts on its link per step with codec `spec` (ring collectives);
+    `element_bytes`: bytes of one uncompressed gradient element (the parameters' dtype)."""
     if world_size < 2:
         return 0.0
     codec = parse_codec(spec)
@@ -62,7 +68,7 @@ def sent_bytes_per_step(
         if compresses(codec, shape, min_compress_numel):
             payload_bytes += codec.wire_bytes(shape)
         else:
-            dense_bytes += 4 * shape.numel()
+            dense_bytes += element_bytes * shape.numel()
     if codec.transport is Transport.ALLGATHER:
         return ring * dense_bytes + (world_size - 1) * payload_bytes
     return ring * (dense_bytes + payload_bytes)
@@ -76,12 +82,14 @@ def choose_codec(
     min_compress_numel: int = 1024,
     candidates: Sequence[str] = CANDIDATES,
     tie: float = 1.05,
+    element_bytes: int = 4,
 ) -> CodecChoice:
     """The candidate with the least predicted time to accuracy (step × steps factor); the
-    more faithful one when another is within `tie` of it (the model ignores codec CPU time)."""
+    more faithful one when another is within `tie` of it (the model ignores codec CPU time).
+    `element_bytes`: bytes of one uncompressed gradient element (2 for a bf16 model)."""
     if world_size < 2 or not bandwidth_bytes_per_s:
         return CodecChoice("none", {}, {}, "one worker (or no measured link): nothing to send")
-    sent = {c: sent_bytes_per_step(c, shapes, world_size, min_compress_numel)
+    sent = {c: sent_bytes_per_step(c, shapes, world_size, min_compress_numel, element_bytes)
             for c in candidates}
     step = {c: compute_s + b / bandwidth_bytes_per_s for c, b in sent.items()}
     cost = {c: step[c] * STEPS_FACTOR.get(c, 1.0) for c in candidates}

@@ -9,6 +9,9 @@ and the same pure `choose_codec` on the same numbers gives every rank the same c
 `recheck_every_steps` the measured communication time is compared with the prediction; when it
 is off by more than 2× (the link changed), the link is measured again and the choice redone.
 
+The prediction counts uncompressed tensors at the gradient buffer's element size, so a bf16
+or fp16 model (whose buffer is in its own dtype) is not told that "fp16" halves its traffic.
+
 A swap carries the error-feedback residuals (residuals of tensors that stay compressed go on
 being used) and the step count over; PowerSGD restarts from a fresh Q.
 """
@@ -125,7 +128,8 @@ class AutoCodecExchange:
         self.bandwidth_bytes_per_s = self._measure_link()
         compute_s = statistics.median(self._compute_s[-self.probe_steps :])
         choice = choose_codec(self.shapes, self.group.world_size, compute_s,
-                              self.bandwidth_bytes_per_s, self.setup.min_compress_numel)
+                              self.bandwidth_bytes_per_s, self.setup.min_compress_numel,
+                              element_bytes=self.grads.element_size())
         codec = parse_codec(choice.spec)
         if codec.name != self.codec.name:
             self._swap(codec)

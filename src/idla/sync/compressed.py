@@ -7,7 +7,8 @@ the global gradient. Here large tensors are compressed before they leave the ran
 - ALLREDUCE codecs (none, fp16, random-k with shared indices) are linear: their payloads are
   summed by one all-reduce and decompressed once.
 - ALLGATHER codecs (top-k, scaled sign) are not: every rank's payload is gathered, and each
-  rank decompresses and adds them in rank order, so all replicas compute the same sum.
+  rank decompresses and adds them in rank order, so all replicas compute the same sum (in
+  float32, rounded once to a bf16 or fp16 model's dtype).
 
 Small tensors travel uncompressed with the statistics (`idla.sync.size_rule`). PowerSGD is
 not a stateless codec exchange: it has its own (`idla.sync.powersgd`); `compressed_exchange`
@@ -16,7 +17,8 @@ builds whichever a codec needs.
 Cost per step (N ranks, ring collectives): the small tensors and statistics as a plain
 all-reduce; plus 2(N-1)/N × payload for ALLREDUCE codecs or (N-1) × payload for ALLGATHER
 codecs. Error feedback keeps one fp32 residual per compressed tensor (memory = the compressed
-part of the model).
+part of the model, in float32). A bf16 or fp16 model's gradient buffer and plain part are in its
+own dtype (`idla.sync.size_rule`); the codecs compute in float32.
 
 The hub/leaf topology is not used with compression: compressed payloads are small enough that
 the ring's per-phase stall on a slow member is the cost that remains, and a hub would have to
@@ -83,16 +85,26 @@ class CodecExchange(SplitExchange):
         gathered = self.group.all_gather(mine)
         specs = [self.codec.payload_spec(grad.shape) for _, grad in self.split.large]
         flat_spec = [item for spec in specs for item in spec]
-        for _, grad in self.split.large:
-            grad.zero_()
+        sums = [_float32_sum(grad) for _, grad in self.split.large]
         for buffer in gathered:  # rank order: the same additions in the same order everywhere
             parts = unpack(buffer, flat_spec)
             start = 0
-            for index, (_, grad) in enumerate(self.split.large):
+            for index, total in enumerate(sums):
                 count = len(specs[index])
-                self.codec.decompress_add_(grad, parts[start : start + count],
+                self.codec.decompress_add_(total, parts[start : start + count],
                                            seed=self._seed(index))
                 start += count
+        for (_, grad), total in zip(self.split.large, sums, strict=True):
+            if total is not grad:
+                grad.copy_(total)  # one rounding to the parameters' dtype, after the sum
+
+
+def _float32_sum(grad: torch.Tensor) -> torch.Tensor:
+    """A zeroed float32 tensor to sum the ranks' decompressed payloads in: ``grad`` itself
+    when it is float32, else a new one (a bf16 sum would round after every rank's term)."""
+    if grad.dtype == torch.float32:
+        return grad.zero_()
+    return torch.zeros(grad.shape, dtype=torch.float32, device=grad.device)
 
 
 CompressedExchange = CodecExchange | PowerSGDExchange

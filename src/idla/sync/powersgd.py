@@ -10,12 +10,20 @@ gradient + old residual" holds per rank. The math is the pure functions of
 `idla.compress.powersgd`; this exchange holds the state: the warm Q per tensor and the
 residuals.
 
+Replicas stay bit-identical across hardware (a CPU rank beside GPUs of different models) with
+no extra collective: every rank orthonormalizes the same all-reduced P and reconstructs from
+the same all-reduced Q with fixed-order elementwise kernels (`idla.compress.fixed_order`),
+which round the same on every IEEE device, where QR and matmul kernels do not.
+
 Tensors PowerSGD cannot shrink ((m+n)·r ≥ m·n, or fewer than 2 dims) and small ones travel
 uncompressed with the statistics (`idla.sync.size_rule`).
 
 Cost per step (N ranks, ring collectives): 2(N-1)/N × (m+n)·r·4 bytes per compressed tensor,
 in two all-reduces, plus the plain all-reduce of the rest. Memory: one (n, r) Q per compressed
 tensor, and with error feedback one fp32 residual of each.
+
+P, Q, P̂ and the residuals are float32 for every parameter dtype; a bf16 or fp16 gradient is
+widened when it is read and P̂ Qᵀ is rounded to it once, when written into the gradient view.
 """
 
 from __future__ import annotations
@@ -44,8 +52,10 @@ class PowerSGDExchange(SplitExchange):
             self.group.wait(work)
 
     def _corrected(self, key: str, grad: torch.Tensor) -> torch.Tensor:
+        """This rank's gradient plus its residual, as a new float32 tensor (P, Q and the
+        residual are float32 whatever the parameters' dtype)."""
         if self.error_feedback is None:
-            return grad.clone()
+            return grad.to(torch.float32, copy=True)
         return self.error_feedback.corrected(key, grad)
 
     def _exchange_large(self) -> None:
@@ -69,7 +79,8 @@ class PowerSGDExchange(SplitExchange):
         for (key, corrected, matrix), p_hat in zip(matrices, p_hats, strict=True):
             q_local = codec.q_of(matrix, p_hat)  # (n, r)
             if self.error_feedback is not None:
-                sent = codec.reconstruct(p_hat, q_local, corrected.shape)
+                # only this rank reads its residual, so a matmul's rounding is fine here
+                sent = (p_hat @ q_local.T).view(corrected.shape)
                 self.error_feedback.update(key, corrected, sent)
             qs.append(q_local)
         q_all = torch.cat([q.reshape(-1) for q in qs])

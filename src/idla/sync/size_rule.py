@@ -2,8 +2,10 @@
 
 Tensors with fewer than `min_compress_numel` elements, and tensors the codec cannot shrink
 (`Codec.eligible`: for PowerSGD, matrices where (m+n)·r ≥ m·n), would each cost a codec call
-and a collective for little or nothing saved. `SizeRule` lays out one flat fp32 buffer for an
-exchange: the tensors to compress first, then the others, which travel together in one
+and a collective for little or nothing saved. `SizeRule` lays out one flat buffer for an
+exchange, in the parameters' dtype (float16, bfloat16, float32 or float64: PyTorch wants each
+``.grad`` in its parameter's dtype, and the plain part is summed in it, as the exact exchange
+does): the tensors to compress first, then the others, which travel together in one
 all-reduce; the statistics matrix (world_size × width, float64) is summed beside it on the
 control plane (`idla.runtime.stats.StatsExchange`). Its `finish` wraps the
 exchange's own collectives for the compressed tensors: it starts the all-reduce of the plain
@@ -13,8 +15,12 @@ data, so replicas stay bit-identical.
 It also holds what the compressed exchanges checkpoint alike: the step counter (which seeds
 random-k's positions) and the error-feedback residuals, ``ef.<key>`` for parameter ``p<i>``.
 
-Cost per step: one all-reduce of the plain part, 4 bytes per element of the small tensors, and
-the statistics' all-reduce on the control plane.
+The codecs and error feedback compute in float32 whatever that dtype (cast up when a
+compressed tensor is read, cast back when its sum is written into its view), so a bf16 model
+sends the same payloads as its float32 widening would.
+
+Cost per step: one all-reduce of the plain part, the dtype's bytes (2 for bf16/fp16, 4 for
+fp32) per element of the small tensors, and the statistics' all-reduce on the control plane.
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ from idla.plan.topology import Topology
 from idla.runtime.group import Group
 from idla.runtime.stats import StatsExchange
 from idla.sync.grad_views import GradViews
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""Parameter dtypes a compressed exchange takes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,14 +77,17 @@ class SizeRule:
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
-        if any(p.dtype != torch.float32 for p in self.params):
-            raise ValueError("compression needs float32 parameters")
+        dtype = self.params[0].dtype
+        if dtype not in FLOAT_DTYPES or any(p.dtype != dtype for p in self.params):
+            dtypes = sorted({str(p.dtype) for p in self.params})
+            raise ValueError("compression needs trainable parameters of one floating dtype "
+                             f"(float16, bfloat16, float32 or float64), got {', '.join(dtypes)}")
         self.min_compress_numel = min_compress_numel
         self.steps_done = steps_done
         keys = {id(p): f"p{i}" for i, p in enumerate(self.params)}
         self.shapes = {keys[id(p)]: p.shape for p in self.params}
         total = sum(p.numel() for p in self.params)
-        self.flat = torch.zeros(total, dtype=torch.float32, device=self.params[0].device)
+        self.flat = torch.zeros(total, dtype=dtype, device=self.params[0].device)
         self.grads = self.flat  # (params,) this rank's, then the sum
         self.stats = StatsExchange(group, stats_width)
         large = [p for p in self.params if compresses(codec, p.shape, min_compress_numel)]
@@ -90,8 +102,8 @@ class SizeRule:
         self.large = [(keys[id(p)], view) for p, view in pairs[: len(large)]]
         """(key, gradient view) of every tensor to compress, in model order."""
         self._plain_start = sum(p.numel() for p in large)
-        self.payload_bytes = sum(codec.wire_bytes(v.shape) for _, v in self.large) + 4 * (
-            self.grads.numel() - self._plain_start
+        self.payload_bytes = sum(codec.wire_bytes(v.shape) for _, v in self.large) + (
+            self.flat.element_size() * (self.grads.numel() - self._plain_start)
         )
         """Bytes of gradient this rank contributes per step (codec payloads + small tensors)."""
 
