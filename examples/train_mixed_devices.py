@@ -4,8 +4,8 @@ On a box with one GPU and some spare cores, start one process more than there ar
 
     torchrun --nproc-per-node 3 examples/train_mixed_devices.py
 
-Rank 0 computes on cuda:0, ranks 1 and 2 on the CPU (each rank's own choice: cuda:LOCAL_RANK
-when that GPU exists, else the CPU; IDLA_DEVICE=cpu|cuda:N overrides it). Because not every
+Rank 0 computes on cuda:0, ranks 1 and 2 on the CPU (each rank's own choice: a GPU no lower
+rank of its host took, else the CPU; IDLA_DEVICE=cpu|cuda:N pins it). Because not every
 rank has a GPU, all ranks agree on gloo for the data plane; the GPU rank stages its gradients
 through pinned host buffers. The planner measures every rank and gives each the share of the
 global batch it finishes in time, so the GPU is not held back to the CPUs' speed, and the

@@ -16,6 +16,7 @@ from idla.runtime.devices import (
     choose_device,
     data_backend,
     describe_fleet,
+    settle_shared_gpus,
 )
 
 
@@ -29,17 +30,35 @@ CPU = DeviceReport(host="b", device="cpu", gpu_id="", nccl=True)
 @pytest.mark.parametrize(("local_rank", "gpus", "env", "expected"), [
     (0, 0, {}, "cpu"),
     (1, 2, {}, "cuda:1"),
-    (1, 1, {}, "cpu"),  # --nproc-per-node 2 on a one-GPU box: one GPU rank, one CPU rank
-    (3, 1, {"CUDA_VISIBLE_DEVICES": "5"}, "cuda:0"),  # a GPU per task (Slurm)
-    (3, 1, {"CUDA_VISIBLE_DEVICES": ""}, "cpu"),
+    (1, 1, {}, "cuda:0"),  # proposed; settled below when rank 0 proposes it too
+    (3, 2, {}, "cuda:1"),
     (0, 2, {"IDLA_DEVICE": "cpu"}, "cpu"),
     (1, 2, {"IDLA_DEVICE": "cuda"}, "cuda:1"),
     (1, 2, {"IDLA_DEVICE": "cuda:0"}, "cuda:0"),
 ])
-def test_each_rank_chooses_its_own_device(
+def test_each_rank_proposes_a_device(
     local_rank: int, gpus: int, env: dict[str, str], expected: str
 ) -> None:
     assert str(choose_device(local_rank, gpus, env)) == expected
+
+
+def _on(host: str, index: int, uuid: str, pinned: bool = False) -> DeviceReport:
+    return DeviceReport(host=host, device=f"cuda:{index}", gpu_id=uuid, nccl=True, pinned=pinned)
+
+
+def test_a_gpu_proposed_by_several_ranks_of_a_host_goes_to_the_lowest() -> None:
+    """--nproc-per-node 3 on a one-GPU box: rank 0 keeps it, ranks 1 and 2 take the CPU; one
+    GPU per Slurm task (each sees its own as cuda:0, different UUIDs): every rank keeps its
+    own; IDLA_DEVICE keeps a rank where it was put."""
+    one_box = settle_shared_gpus([_on("a", 0, "u0")] * 3)
+    assert [r.device for r in one_box] == ["cuda:0", "cpu", "cpu"]
+    assert data_backend(one_box) == "gloo"
+    per_task = settle_shared_gpus([_on("a", 0, "u0"), _on("a", 0, "u1"), _on("b", 0, "u0")])
+    assert [r.device for r in per_task] == ["cuda:0"] * 3
+    assert data_backend(per_task) == "nccl"
+    pinned = settle_shared_gpus([_on("a", 0, "u0"), _on("a", 0, "u0", pinned=True)])
+    assert [r.device for r in pinned] == ["cuda:0", "cuda:0"]
+    assert data_backend(pinned) == "gloo"
 
 
 @pytest.mark.parametrize(("value", "gpus", "message"), [

@@ -28,7 +28,7 @@ def make_sync(
     alone = codec is None and group.world_size == 1
     if alone or (codec is not None and codec.name == "none"):
         reason = ("compress='auto' with one worker: nothing is sent, exact" if alone
-                  else "compress='none': exact fp32 all-reduce")
+                  else "compress='none': exact all-reduce in the parameters' dtype")
         return GradientSync(params, group, stats_width, config.bucket_cap_bytes,
                             late_column=Stat.LATE_S, early_launch=not config.nan_guard,
                             reason=reason)

@@ -1,7 +1,11 @@
 """Which device each rank computes on, and the one data-plane backend the whole job uses.
 
-Each rank chooses its own device (`choose_device`): ``cuda:LOCAL_RANK`` when it has a GPU of
-its own, else the CPU; ``IDLA_DEVICE`` overrides. The backend is a job-wide decision
+Each rank chooses its own device: a GPU of its own when it has one, else the CPU;
+``IDLA_DEVICE`` overrides. A rank proposes ``cuda:(LOCAL_RANK mod the GPUs it sees)``
+(`choose_device`), and where several ranks of one host propose the same GPU the lowest rank
+keeps it and the others compute on the CPU (`settle_shared_gpus`): ``--nproc-per-node 3`` on a
+one-GPU box gives one GPU rank and two CPU ranks, and one GPU per Slurm task (each process sees
+only its own, as cuda:0) gives every rank its GPU. The backend is a job-wide decision
 (`data_backend`): NCCL only when every rank computes on a GPU that no other rank uses, gloo
 otherwise. Ranks agree on it through the store before any process group exists
 (`agree_on_reports`), because ranks that call ``init_process_group`` with different backends
@@ -38,6 +42,7 @@ class DeviceReport:
     device: str  # "cpu" or "cuda:N"
     gpu_id: str  # the GPU's UUID (or "host:index" where torch does not give one); "" on CPU
     nccl: bool  # whether this rank's torch has NCCL
+    pinned: bool = False  # chosen by IDLA_DEVICE: kept even on a GPU another rank uses
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -47,7 +52,8 @@ class DeviceReport:
         try:
             data = json.loads(text)
             return DeviceReport(host=str(data["host"]), device=str(data["device"]),
-                                gpu_id=str(data["gpu_id"]), nccl=bool(data["nccl"]))
+                                gpu_id=str(data["gpu_id"]), nccl=bool(data["nccl"]),
+                                pinned=bool(data.get("pinned", False)))
         except (ValueError, KeyError, TypeError) as error:
             raise ConfigError(f"a peer sent a malformed device report: {error}") from None
 
@@ -55,10 +61,9 @@ class DeviceReport:
 def choose_device(
     local_rank: int, gpu_count: int, environ: Mapping[str, str] | None = None
 ) -> torch.device:
-    """This rank's compute device: `IDLA_DEVICE` when set; else ``cuda:local_rank`` when
-    this host has that GPU; else ``cuda:0`` when the process sees exactly one GPU because
-    ``CUDA_VISIBLE_DEVICES`` names one (a GPU per task, as Slurm gives); else the CPU. So
-    ``--nproc-per-node 2`` on a one-GPU box gives one GPU rank and one CPU rank.
+    """The device this rank proposes: `IDLA_DEVICE` when set; else ``cuda:(local_rank mod
+    gpu_count)`` when the process sees a GPU; else the CPU. A GPU that several ranks of one
+    host propose goes to the lowest of them (`settle_shared_gpus`).
 
     Raises:
         ConfigError: `IDLA_DEVICE` names no device, or a GPU this host does not have.
@@ -67,12 +72,15 @@ def choose_device(
     wanted = env.get(DEVICE_ENV, "").strip()
     if wanted:
         return _parse_device(wanted, local_rank, gpu_count)
-    if gpu_count > 0 and local_rank < gpu_count:
-        return torch.device("cuda", local_rank)
-    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    if gpu_count == 1 and len(visible) == 1:
-        return torch.device("cuda", 0)
+    if gpu_count > 0:
+        return torch.device("cuda", local_rank % gpu_count)
     return torch.device("cpu")
+
+
+def is_pinned(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether `IDLA_DEVICE` chose this rank's device (then no other rank's claim moves it)."""
+    env = os.environ if environ is None else environ
+    return bool(env.get(DEVICE_ENV, "").strip())
 
 
 def _parse_device(text: str, local_rank: int, gpu_count: int) -> torch.device:
@@ -90,7 +98,7 @@ def _parse_device(text: str, local_rank: int, gpu_count: int) -> torch.device:
     return torch.device("cuda", index)
 
 
-def local_report(device: torch.device) -> DeviceReport:
+def local_report(device: torch.device, pinned: bool = False) -> DeviceReport:
     """This rank's `DeviceReport` for `device`."""
     host = socket.gethostname()
     gpu_id = ""
@@ -99,7 +107,23 @@ def local_report(device: torch.device) -> DeviceReport:
         uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
         gpu_id = str(uuid) if uuid is not None else f"{host}:{index}"
     return DeviceReport(host=host, device=str(device), gpu_id=gpu_id,
-                        nccl=dist.is_available() and dist.is_nccl_available())
+                        nccl=dist.is_available() and dist.is_nccl_available(), pinned=pinned)
+
+
+def settle_shared_gpus(reports: Sequence[DeviceReport]) -> list[DeviceReport]:
+    """Every rank's device once shared GPUs are settled: of the ranks on one host that
+    proposed the same GPU, the lowest keeps it and the others (unless pinned by
+    `IDLA_DEVICE`) compute on the CPU. Pure; identical on every rank."""
+    taken: set[tuple[str, str]] = set()
+    settled = []
+    for report in reports:
+        gpu = (report.host, report.gpu_id)
+        if report.device.startswith("cuda") and gpu in taken and not report.pinned:
+            report = DeviceReport(host=report.host, device="cpu", gpu_id="", nccl=report.nccl)
+        elif report.device.startswith("cuda"):
+            taken.add(gpu)
+        settled.append(report)
+    return settled
 
 
 def data_backend(reports: Sequence[DeviceReport]) -> str:

@@ -32,7 +32,9 @@ from idla.runtime.devices import (
     choose_device,
     data_backend,
     describe_fleet,
+    is_pinned,
     local_report,
+    settle_shared_gpus,
 )
 from idla.runtime.netif import ensure_gloo_interface
 from idla.runtime.staging import STAGE_ENV, HostStaging, Work
@@ -92,14 +94,16 @@ class Group:
         self.timeout = timedelta(seconds=timeout_s)
         self.device = (choose_device(self.local_rank, _gpu_count()) if device is None
                        else torch.device(device))
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
         self._owns_init = False
         self.backend = "none"
         self.control: dist.ProcessGroup | None = None
-        self.fleet: list[DeviceReport] = [local_report(self.device)]
+        self.fleet: list[DeviceReport] = [
+            local_report(self.device, pinned=device is not None or is_pinned())]
         if self.world_size > 1:
             self._init_planes(store, timeout_s)
+            self.device = torch.device(self.fleet[self.rank].device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         self._staging = HostStaging(self.device, self.timeout,
                                     enabled=self._stages() or os.environ.get(STAGE_ENV) == "1")
         self._subgroups: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
@@ -111,8 +115,8 @@ class Group:
                 url = os.environ.get("IDLA_INIT_METHOD", "env://")
                 store, _, _ = next(dist.rendezvous(
                     url, rank=self.rank, world_size=self.world_size, timeout=self.timeout))
-            self.fleet = agree_on_reports(store, self.rank, self.world_size, self.fleet[0],
-                                          timeout_s)
+            self.fleet = settle_shared_gpus(agree_on_reports(
+                store, self.rank, self.world_size, self.fleet[0], timeout_s))
             self.backend = data_backend(self.fleet)
             dist.init_process_group(self.backend, store=store, rank=self.rank,
                                     world_size=self.world_size, timeout=self.timeout)
@@ -131,13 +135,15 @@ class Group:
                 from idla.runtime.collectives import all_gather_json
 
                 rows = all_gather_json({"report": self.fleet[0].to_json()}, group=self.control)
-                self.fleet = [DeviceReport.from_json(str(r["report"])) for r in rows]
+                self.fleet = settle_shared_gpus(
+                    [DeviceReport.from_json(str(r["report"])) for r in rows])
             _PLANES[id(world)] = (world, self.control, self.fleet)
         if not self._owns_init:
             self.backend = _script_backend(str(dist.get_backend()), self.fleet)
-        if self.backend == "nccl" and self.device.type != "cuda":
+        mine = self.fleet[self.rank].device
+        if self.backend == "nccl" and not mine.startswith("cuda"):
             raise ConfigError(
-                f"rank {self.rank} computes on {self.device} but the process group runs NCCL, "
+                f"rank {self.rank} computes on {mine} but the process group runs NCCL, "
                 "which needs a GPU on every rank; initialise it with gloo (or let idla do it)")
 
     def _stages(self) -> bool:

@@ -51,7 +51,7 @@ class GradientSync:
         bucket_cap_bytes: int = 4 * 1024 * 1024,
         late_column: int | None = None,
         early_launch: bool = True,
-        reason: str = "compress='none': exact fp32 all-reduce",
+        reason: str = "compress='none': exact all-reduce in the parameters' dtype",
     ) -> None:
         """`late_column`: the statistics column where a hub records, in each of its leaves'
         rows, the seconds it sat waiting for that leaf's gradient (None: not recorded).
@@ -245,7 +245,7 @@ class GradientSync:
 
     def report(self) -> dict[str, Any]:
         return {"codec": "none", "error_feedback": False,
-                "payload_bytes_per_step": 4 * sum(p.numel() for p in self.params),
+                "payload_bytes_per_step": self.flat.element_size() * self.flat.numel(),
                 "reason": self.reason, "decisions": []}
 
     def close(self) -> None:
