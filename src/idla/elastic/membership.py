@@ -23,6 +23,7 @@ from idla.runtime.group import Group
 _PEER_FAILURE_MARKS = (
     "gloo", "connection", "read error", "write error", "timed out", "timeout", "broken pipe",
     "reset by peer", "socket", "closed", "aborted",
+    "nccl", "watchdog",  # NCCL's (with TORCH_NCCL_BLOCKING_WAIT=1, a DistBackendError anyway)
 )
 
 
