@@ -3,7 +3,8 @@
     python examples/train_torchrun.py
     torchrun --nproc-per-node 3 examples/train_torchrun.py --epochs 5
 
-gloo on CPU, nccl on GPU, chosen automatically. Rank 0 prints the test accuracy and shares.
+gloo on CPU, nccl when every rank has a GPU of its own, chosen automatically (a GPU and CPU
+ranks together: examples/train_mixed_devices.py). Rank 0 prints the test accuracy and shares.
 """
 
 from __future__ import annotations
