@@ -55,6 +55,9 @@ def _child(
         IDLA_RENDEZVOUS=f"file:{store_path}-rendezvous",
     )
     os.environ.update(env)
+    if cgroup_procs is not None or netns is not None:
+        # Emulated CPU speeds and hosts are CPU experiments: a GPU rank would void them.
+        os.environ.setdefault("IDLA_DEVICE", "cpu")
     try:
         if cgroup_procs is not None:
             _enter_cgroup(cgroup_procs)
