@@ -73,7 +73,9 @@ async def start(addresses: Sequence[tuple[str, int]], options: ServeOptions) -> 
     metrics = ServeMetrics()
     app = create_app(router, options.token, metrics, options.limits)
     family = socket.AF_INET6 if ":" in options.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that name TCP, and without it
+    # a response sent as head and body waits ~40 ms for the client's delayed ACK (Nagle).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((options.host, options.port))
