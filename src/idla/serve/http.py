@@ -8,29 +8,46 @@
 - ``GET /healthz`` (no token), ``GET /metrics`` (Prometheus text), ``POST /admin/model``
   (``{"path": DIR}``: roll a checkpoint out to every worker).
 
-``/v1/*`` and ``/admin/*`` need ``Authorization: Bearer <token>`` (401 without, 403 when wrong).
-A bad request gets a 4xx with ``{"error": reason}``; the server keeps serving.
+``/v1/*`` and ``/admin/*`` need ``Authorization: Bearer <token>`` (401 without, 403 when wrong;
+compared in constant time). A bad request gets a 4xx with ``{"error": reason}`` (the checks are in
+`idla.serve.request_body`), counted in ``/metrics`` like every answer; the server keeps serving.
+A JSON body over `INLINE_PARSE_BYTES` is parsed on a small thread pool, so that a big one (up
+to 16 MiB) does not hold the event loop, and the other clients, while it is parsed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
+import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.requests import ClientDisconnect
 
 from idla.serve import wire
 from idla.serve.link import WorkerError
 from idla.serve.metrics import ServeMetrics
+from idla.serve.request_body import (
+    BadRequest,
+    json_inputs,
+    load_json,
+    parse_binary_inputs,
+    shape_inputs,
+)
 from idla.serve.router import Overloaded, Prediction, RolloutError, Router, Unavailable
 
 BINARY = "application/octet-stream"
+INLINE_PARSE_BYTES = 64 << 10  # a JSON body this small parses in well under a millisecond
+ADMIN_BODY_BYTES = 1 << 16
+ADMIN_FORM = 'body must be JSON {"path": "/dir/of/the/model"}'
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,12 +56,10 @@ class HttpLimits:
     """Rows one predict request may carry (more: 413)."""
     max_body_bytes: int = 16 << 20
     """Bytes one request body may have (more: 413)."""
-
-
-class BadRequest(Exception):
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status, self.reason = status, reason
+    body_timeout_s: float = 30.0
+    """Seconds a request body may take to arrive once its head has (more: 408)."""
+    parse_threads: int = 2
+    """Threads that parse big JSON bodies (more such bodies at once wait their turn)."""
 
 
 def _error(status: int, reason: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -59,61 +74,26 @@ def check_token(authorization: str | None, token: str) -> int | None:
     return None if hmac.compare_digest(given, token.encode()) else 403
 
 
-def shape_inputs(array: np.ndarray, input_shape: tuple[int, ...], max_rows: int) -> np.ndarray:
-    """``array`` as (rows, *input_shape) float32; accepts (rows, prod(input_shape)) too."""
-    want = ", ".join(map(str, input_shape))
-    flat = math.prod(input_shape)
-    if array.ndim == 2 and array.shape[1] == flat and len(input_shape) > 1:
-        array = array.reshape((array.shape[0], *input_shape))
-    if array.ndim != 1 + len(input_shape) or tuple(array.shape[1:]) != input_shape:
-        raise BadRequest(422, f"inputs have shape {list(array.shape)}; the model takes "
-                              f"(rows, {want}) or (rows, {flat})")
-    if array.shape[0] < 1:
-        raise BadRequest(422, "inputs hold no rows")
-    if array.shape[0] > max_rows:
-        raise BadRequest(413, f"{array.shape[0]} rows in one request; at most {max_rows}")
-    if not np.isfinite(array).all():
-        raise BadRequest(422, "inputs hold NaN or infinite values")
-    return array
+async def _read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and (
+            len(declared) > 12 or int(declared) > max_bytes):
+        raise BadRequest(413, f"body of {declared[:12]} bytes; at most {max_bytes}")
 
+    async def receive() -> bytes:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_bytes:
+                raise BadRequest(413, f"body over {max_bytes} bytes")
+        return bytes(body)
 
-async def _read_body(request: Request, max_bytes: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise BadRequest(413, f"body of {declared} bytes; at most {max_bytes}")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise BadRequest(413, f"body over {max_bytes} bytes")
-    return bytes(body)
-
-
-def parse_json_inputs(body: bytes) -> np.ndarray:
     try:
-        document = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise BadRequest(400, f"body is not valid JSON ({error})") from None
-    if not isinstance(document, dict) or "inputs" not in document:
-        raise BadRequest(422, 'body must be a JSON object {"inputs": [[...], ...]}')
-    try:
-        return np.asarray(document["inputs"], dtype=np.float32)
-    except (ValueError, TypeError):
-        raise BadRequest(422, "inputs must be a rectangular array of numbers") from None
-
-
-def parse_binary_inputs(body: bytes, shape_header: str | None) -> np.ndarray:
-    if not shape_header:
-        raise BadRequest(400, "a binary body needs an X-Shape header, e.g. 'X-Shape: 4,64'")
-    try:
-        shape = [int(part) for part in shape_header.split(",")]
-    except ValueError:
-        raise BadRequest(400, f"X-Shape {shape_header!r} is not a comma-separated list of "
-                              "integers") from None
-    try:
-        return wire.from_payload(shape, body)
-    except wire.WireError as error:
-        raise BadRequest(400, f"binary body does not match X-Shape: {error}") from None
+        return await asyncio.wait_for(receive(), timeout_s)
+    except asyncio.TimeoutError:
+        raise BadRequest(408, f"body not received within {timeout_s:g} s") from None
+    except ClientDisconnect:  # nobody reads the answer, but it is counted
+        raise BadRequest(400, "the client disconnected before its body ended") from None
 
 
 def _answer(prediction: Prediction, binary: bool) -> Response:
@@ -131,37 +111,60 @@ def _answer(prediction: Prediction, binary: bool) -> Response:
                          "queue_ms": 1e3 * prediction.queue_s}, headers=headers)
 
 
+
+def _denied(status: int) -> JSONResponse:
+    return _error(status, "missing bearer token" if status == 401 else "wrong token",
+                  {"WWW-Authenticate": "Bearer"})
+
+
 def create_app(router: Router, token: str, metrics: ServeMetrics | None = None,
                limits: HttpLimits | None = None) -> FastAPI:
-    """The FastAPI app over a connected `Router`."""
+    """The FastAPI app over a connected `Router`. Its JSON parser threads are
+    ``app.state.parse_pool``, for the caller to shut down."""
     app = FastAPI(title="idla serve", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = metrics if metrics is not None else ServeMetrics()
     limits = limits if limits is not None else HttpLimits()
-    app.state.metrics, app.state.router = metrics, router
+    parse_pool = ThreadPoolExecutor(max_workers=limits.parse_threads,
+                                    thread_name_prefix="idla-parse")
+    app.state.metrics, app.state.router, app.state.parse_pool = metrics, router, parse_pool
+
+    async def counted(endpoint: str, handler: Callable[[], Awaitable[Response]]) -> Response:
+        try:
+            response = await handler()
+        except Exception:  # a bug, not the client's mistake: still one JSON answer, counted
+            log.exception("idla serve: %s failed", endpoint)
+            response = _error(500, "internal error")
+        metrics.count(endpoint, response.status_code)
+        return response
 
     @app.post("/v1/predict")
     async def predict(request: Request) -> Response:
         start_s = time.perf_counter()
-        response = await _predict(request, start_s)
-        metrics.count("predict", response.status_code)
-        return response
+        return await counted("predict", lambda: _predict(request, start_s))
+
+    async def _inputs(request: Request, body: bytes) -> np.ndarray:
+        content_type = request.headers.get("content-type", "application/json")
+        if content_type.startswith(BINARY):
+            raw = parse_binary_inputs(body, request.headers.get("x-shape"))
+        elif content_type.startswith("application/json"):
+            args = (body, router.input_shape, limits.max_request_rows)
+            if len(body) <= INLINE_PARSE_BYTES:
+                raw = json_inputs(*args)
+            else:
+                raw = await asyncio.get_running_loop().run_in_executor(parse_pool, json_inputs,
+                                                                       *args)
+        else:
+            raise BadRequest(415, f"content type {content_type!r}; send application/json or "
+                                  f"{BINARY}")
+        return shape_inputs(raw, router.input_shape, limits.max_request_rows)
 
     async def _predict(request: Request, start_s: float) -> Response:
         denied = check_token(request.headers.get("authorization"), token)
         if denied is not None:
-            return _error(denied, "missing bearer token" if denied == 401 else "wrong token",
-                          {"WWW-Authenticate": "Bearer"})
+            return _denied(denied)
         try:
-            body = await _read_body(request, limits.max_body_bytes)
-            content_type = request.headers.get("content-type", "application/json")
-            if content_type.startswith(BINARY):
-                raw = parse_binary_inputs(body, request.headers.get("x-shape"))
-            elif content_type.startswith("application/json"):
-                raw = parse_json_inputs(body)
-            else:
-                raise BadRequest(415, f"content type {content_type!r}; send application/json "
-                                      f"or {BINARY}")
-            inputs = shape_inputs(raw, router.input_shape, limits.max_request_rows)
+            body = await _read_body(request, limits.max_body_bytes, limits.body_timeout_s)
+            inputs = await _inputs(request, body)
         except BadRequest as error:
             return _error(error.status, error.reason)
         submitted_s = time.perf_counter()
@@ -198,22 +201,19 @@ def create_app(router: Router, token: str, metrics: ServeMetrics | None = None,
 
     @app.post("/admin/model")
     async def admin_model(request: Request) -> Response:
-        denied = check_token(request.headers.get("authorization"), token)
-        if denied is not None:
-            metrics.count("admin_model", denied)
-            return _error(denied, "missing bearer token" if denied == 401 else "wrong token",
-                          {"WWW-Authenticate": "Bearer"})
-        response = await _admin_model(request)
-        metrics.count("admin_model", response.status_code)
-        return response
+        return await counted("admin_model", lambda: _admin_model(request))
 
     async def _admin_model(request: Request) -> Response:
+        denied = check_token(request.headers.get("authorization"), token)
+        if denied is not None:
+            return _denied(denied)
         try:
-            document = json.loads(await _read_body(request, 1 << 16))
-        except (BadRequest, UnicodeDecodeError, json.JSONDecodeError):
-            return _error(400, 'body must be JSON {"path": "/dir/of/the/model"}')
+            body = await _read_body(request, ADMIN_BODY_BYTES, limits.body_timeout_s)
+            document = load_json(body)
+        except BadRequest as error:
+            return _error(error.status, f"{error.reason}; {ADMIN_FORM}")
         if not isinstance(document, dict) or not isinstance(document.get("path"), str):
-            return _error(422, 'body must be JSON {"path": "/dir/of/the/model"}')
+            return _error(422, ADMIN_FORM)
         try:
             result = await router.rollout(document["path"])
         except RolloutError as error:

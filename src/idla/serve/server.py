@@ -9,6 +9,7 @@ import contextlib
 import socket
 import threading
 from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeVar
@@ -52,6 +53,7 @@ class Running:
     task: asyncio.Task[None]
     host: str
     port: int
+    parse_pool: ThreadPoolExecutor | None = None
 
     @property
     def url(self) -> str:
@@ -62,6 +64,8 @@ class Running:
         self.server.should_exit = True
         await self.task
         await self.router.close()
+        if self.parse_pool is not None:
+            self.parse_pool.shutdown(wait=False)
 
 
 async def start(addresses: Sequence[tuple[str, int]], options: ServeOptions) -> Running:
@@ -92,8 +96,9 @@ async def start(addresses: Sequence[tuple[str, int]], options: ServeOptions) -> 
         await asyncio.sleep(0.01)
     if task.done():
         await router.close()
+        app.state.parse_pool.shutdown(wait=False)
         task.result()
-    return Running(router, metrics, server, task, options.host, port)
+    return Running(router, metrics, server, task, options.host, port, app.state.parse_pool)
 
 
 async def serve_until_stopped(addresses: Sequence[tuple[str, int]], options: ServeOptions,
@@ -105,6 +110,8 @@ async def serve_until_stopped(addresses: Sequence[tuple[str, int]], options: Ser
         await running.task
     finally:
         await running.router.close()
+        if running.parse_pool is not None:
+            running.parse_pool.shutdown(wait=False)
 
 
 class ServingThread:
