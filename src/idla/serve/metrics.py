@@ -76,6 +76,7 @@ class ServeMetrics:
         self.latency = Histogram(LATENCY_BUCKETS_S)
         self.overhead = Histogram(OVERHEAD_BUCKETS_S)
         self.recent_overhead_s: deque[float] = deque(maxlen=RECENT_SAMPLES)
+        self.closed_connections: Counter[str] = Counter()  # by reason, see serve/connections.py
         self.registry = CollectorRegistry()
         self._router: tuple[Sequence[dict[str, Any]], int, int, dict[str, Any] | None] = (
             (), 0, 0, None)  # workers' stats, failovers, retried requests, last rollout
@@ -83,6 +84,9 @@ class ServeMetrics:
 
     def count(self, endpoint: str, status: int) -> None:
         self.requests[(endpoint, status)] += 1
+
+    def close_connection(self, reason: str) -> None:
+        self.closed_connections[reason] += 1
 
     def observe(self, latency_s: float, overhead_s: float) -> None:
         self.latency.observe(latency_s)
@@ -102,6 +106,12 @@ class ServeMetrics:
         for (endpoint, status), n in sorted(self.requests.items()):
             requests.add_metric([endpoint, str(status)], n)
         yield requests
+        closed = CounterMetricFamily("idla_http_connections_closed", "Connections the server "
+                                     "closed: head_timeout, unread_body, over_limit.",
+                                     labels=["reason"])
+        for reason, n in sorted(self.closed_connections.items()):
+            closed.add_metric([reason], n)
+        yield closed
         yield self.latency.family("idla_request_latency_seconds",
                                   "Time from a predict request's arrival to its response.")
         yield self.overhead.family("idla_router_overhead_seconds",

@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from idla.errors import ConfigError
+from idla.serve.connections import guarded_protocol
 from idla.serve.http import HttpLimits, create_app
 from idla.serve.metrics import ServeMetrics
 from idla.serve.router import Router, RouterConfig
@@ -33,6 +34,20 @@ class ServeOptions:
     """TCP port (0: any free port; read it back from `Running.port`)."""
     router: RouterConfig = field(default_factory=RouterConfig)
     limits: HttpLimits = field(default_factory=HttpLimits)
+    head_timeout_s: float = 10.0
+    """Seconds a request line and headers may take to arrive (then 408, closed)."""
+    keep_alive_s: int = 5
+    """Seconds an idle keep-alive connection stays open after a response."""
+    max_connections: int = 1000
+    """Open HTTP connections at most; more are answered 503 and closed at once."""
+
+    def __post_init__(self) -> None:
+        if self.head_timeout_s <= 0:
+            raise ConfigError(f"head_timeout_s {self.head_timeout_s} must be positive")
+        if self.keep_alive_s < 1:
+            raise ConfigError(f"keep_alive_s {self.keep_alive_s} must be at least 1")
+        if self.max_connections < 1:
+            raise ConfigError(f"max_connections {self.max_connections} must be at least 1")
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -88,7 +103,10 @@ async def start(addresses: Sequence[tuple[str, int]], options: ServeOptions) -> 
         await router.close()
         raise ConfigError(f"cannot listen on {options.host}:{options.port} ({error})") from None
     port = int(sock.getsockname()[1])
+    protocol = guarded_protocol(options.head_timeout_s, options.max_connections,
+                                metrics.close_connection)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", ws="none",
+                            http=protocol, timeout_keep_alive=options.keep_alive_s,
                             timeout_graceful_shutdown=2, backlog=1024)
     server = uvicorn.Server(config)
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
