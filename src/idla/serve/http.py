@@ -25,13 +25,14 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.requests import ClientDisconnect
 
-from idla.serve import wire
+from idla.serve import model_path, wire
 from idla.serve.link import WorkerError
 from idla.serve.metrics import ServeMetrics
 from idla.serve.request_body import (
@@ -46,7 +47,7 @@ from idla.serve.router import Overloaded, Prediction, RolloutError, Router, Unav
 BINARY = "application/octet-stream"
 INLINE_PARSE_BYTES = 64 << 10  # a JSON body this small parses in well under a millisecond
 ADMIN_BODY_BYTES = 1 << 16
-ADMIN_FORM = 'body must be JSON {"path": "/dir/of/the/model"}'
+ADMIN_FORM = 'body must be JSON {"path": "dir/of/the/model"}'
 log = logging.getLogger(__name__)
 
 
@@ -118,8 +119,9 @@ def _denied(status: int) -> JSONResponse:
 
 
 def create_app(router: Router, token: str, metrics: ServeMetrics | None = None,
-               limits: HttpLimits | None = None) -> FastAPI:
-    """The FastAPI app over a connected `Router`. Its JSON parser threads are
+               limits: HttpLimits | None = None, model_root: Path | None = None) -> FastAPI:
+    """The FastAPI app over a connected `Router`; rollouts stay inside ``model_root`` (resolved,
+    see `idla.serve.model_path`) when one is given. Its JSON parser threads are
     ``app.state.parse_pool``, for the caller to shut down."""
     app = FastAPI(title="idla serve", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = metrics if metrics is not None else ServeMetrics()
@@ -215,10 +217,14 @@ def create_app(router: Router, token: str, metrics: ServeMetrics | None = None,
         if not isinstance(document, dict) or not isinstance(document.get("path"), str):
             return _error(422, ADMIN_FORM)
         try:
-            result = await router.rollout(document["path"])
+            target = model_path.confine(document["path"], model_root)
+        except BadRequest as error:
+            return _error(error.status, error.reason)
+        try:
+            result = await router.rollout(str(target.resolved))
         except RolloutError as error:
             busy = "in progress" in str(error)
-            return _error(409 if busy else 422, str(error))
+            return _error(409 if busy else 422, target.scrub(str(error), model_root))
         except Unavailable as error:
             return _error(503, str(error))
         return JSONResponse(result, headers={"X-Model-Version": str(result["version"])})

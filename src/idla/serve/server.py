@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -34,6 +35,8 @@ class ServeOptions:
     """TCP port (0: any free port; read it back from `Running.port`)."""
     router: RouterConfig = field(default_factory=RouterConfig)
     limits: HttpLimits = field(default_factory=HttpLimits)
+    model_root: Path | None = None
+    """Directory that POST /admin/model may load from (resolved; None: any readable path)."""
     head_timeout_s: float = 10.0
     """Seconds a request line and headers may take to arrive (then 408, closed)."""
     keep_alive_s: int = 5
@@ -90,7 +93,8 @@ async def start(addresses: Sequence[tuple[str, int]], options: ServeOptions) -> 
     router = Router(options.router)
     await router.connect(addresses)
     metrics = ServeMetrics()
-    app = create_app(router, options.token, metrics, options.limits)
+    model_root = None if options.model_root is None else options.model_root.resolve()
+    app = create_app(router, options.token, metrics, options.limits, model_root)
     family = socket.AF_INET6 if ":" in options.host else socket.AF_INET
     # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that name TCP, and without it
     # a response sent as head and body waits ~40 ms for the client's delayed ACK (Nagle).
