@@ -1,6 +1,6 @@
 """Open-loop load generator for `idla bench serve`, run in its own process.
 
-``python -m idla.bench.loadgen --port P --token T --rate R --duration S --rows N --features F``
+``IDLA_TOKEN=T python -m idla.bench.loadgen --port P --rate R --duration S --rows N --features F``
 sends POST /v1/predict requests (binary float32 bodies) at Poisson arrival times, whether or not
 earlier ones were answered (open loop), over a pool of keep-alive HTTP/1.1 connections, and
 prints one JSON object: one record per request. Latency counts from the request's scheduled
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import time
@@ -128,13 +129,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m idla.bench.loadgen")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--token", required=True)
+    parser.add_argument("--token", default=os.environ.get("IDLA_TOKEN"),
+                        help="bearer token (default: $IDLA_TOKEN, which ps does not show)")
     parser.add_argument("--rate", type=float, required=True, help="requests per second")
     parser.add_argument("--duration", type=float, required=True, help="seconds of arrivals")
     parser.add_argument("--rows", type=int, default=1)
     parser.add_argument("--features", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if not args.token:
+        parser.error("give the bearer token in IDLA_TOKEN (or --token)")
     inputs = np.random.default_rng(args.seed).random((args.rows, args.features), np.float32)
     generator = LoadGenerator(args.host, args.port, args.token, inputs.astype("<f4").tobytes(),
                               inputs.shape)

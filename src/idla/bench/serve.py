@@ -102,10 +102,11 @@ def _trial(serving: Any, config: ServeBenchConfig, token: str, policy: str, pct:
     serving.call(metrics.recent_overhead_s.clear)
     rate = capacity_rps * pct / 100
     command = [sys.executable, "-m", "idla.bench.loadgen", "--port", str(serving.running.port),
-               "--token", token, "--rate", f"{rate:.6g}", "--duration", f"{duration_s:g}",
+               "--rate", f"{rate:.6g}", "--duration", f"{duration_s:g}",
                "--rows", str(config.request_rows), "--features", str(config.features),
                "--seed", str(seed)]
-    loadgen = subprocess.Popen(command, stdout=subprocess.PIPE)
+    loadgen = subprocess.Popen(command, stdout=subprocess.PIPE,
+                               env=os.environ | {"IDLA_TOKEN": token})  # not in ps
     held = None
     if kill is not None:
         time.sleep(duration_s / 2)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import signal
+import sys
 from typing import Any
 
 from idla.cli.args import optional_speeds, port, positive_float, positive_int
@@ -50,8 +50,16 @@ def add_commands(commands: Any, benches: Any) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     serve.add_argument("--port", type=port, default=8000,
                        help="TCP port; 0 picks a free one (default: 8000)")
-    serve.add_argument("--token", help="bearer token for /v1 and /admin (default: $IDLA_TOKEN, "
-                       "else a random one, printed)")
+    serve.add_argument("--token-file", metavar="PATH",
+                       help="file holding the bearer token for /v1 and /admin (mode 600); "
+                       "default: $IDLA_TOKEN, else a random one, printed")
+    serve.add_argument("--token", help="the bearer token itself; every user of the machine sees "
+                       "it in the process list, so prefer --token-file or IDLA_TOKEN")
+    serve.add_argument("--model-root", metavar="DIR",
+                       help="POST /admin/model loads only models inside DIR (paths relative to "
+                       "it; symlinks resolved); default: any path the server can read")
+    serve.add_argument("--max-connections", type=positive_int, default=1000, metavar="N",
+                       help="open HTTP connections at most; more get 503 (default: 1000)")
     serve.add_argument("--policy", default="idla", help=f"{_POLICY_HELP} (default: idla)")
     serve.add_argument("--max-wait-ms", type=float, metavar="MS",
                        help="batching wait of an idle worker (default: each worker's fixed "
@@ -106,21 +114,26 @@ def _router_config(args: argparse.Namespace, policy: str, request_rows: int) -> 
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from idla.cli.token import resolve_token
     from idla.serve.http import HttpLimits
+    from idla.serve.model_path import model_root
     from idla.serve.server import Running, ServeOptions, new_event_loop, serve_until_stopped
     from idla.serve.worker import WorkerPool
+
+    token, source, warnings = resolve_token(args.token, args.token_file, os.environ)
+    for warning in warnings:
+        print(warning, file=sys.stderr, flush=True)
+    root = None if args.model_root is None else model_root(args.model_root)
 
     speeds = optional_speeds(args.emulate_speeds, "--emulate-speeds")
     if speeds is not None and len(speeds) != args.workers:
         raise ConfigError(f"--emulate-speeds lists {len(speeds)} speeds for {args.workers} "
                           "workers")
     devices = resolve_devices(args.device, args.workers)
-    token = args.token or os.environ.get("IDLA_TOKEN") or ""
-    generated = not token
-    token = token or secrets.token_urlsafe(24)
     options = ServeOptions(token=token, host=args.host, port=args.port,
                            router=_router_config(args, args.policy, 1),
-                           limits=HttpLimits(max_request_rows=args.max_request_rows))
+                           limits=HttpLimits(max_request_rows=args.max_request_rows),
+                           model_root=root, max_connections=args.max_connections)
 
     def ready(running: Running) -> None:
         print(f"idla serve: {running.url}  (policy {running.router.policy.name})")
@@ -129,8 +142,10 @@ def _serve(args: argparse.Namespace) -> int:
                   f"{worker['version']}, max batch {worker['max_batch_rows']} rows, max wait "
                   f"{1e3 * worker['max_wait_s']:.2f} ms, capacity "
                   f"{worker['capacity_requests_per_s']:.0f} req/s (1-row requests)")
-        if generated:
-            print(f"  token: {token}  (choose one with --token or IDLA_TOKEN)")
+        if source == "generated":
+            print(f"  token: {token}  (choose one with --token-file or IDLA_TOKEN)")
+        if root is not None:
+            print(f"  POST /admin/model loads models under {root}")
         print("  POST /v1/predict, GET /healthz, GET /metrics, POST /admin/model; Ctrl-C stops",
               flush=True)
 
