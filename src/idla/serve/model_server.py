@@ -2,8 +2,10 @@
 on its own thread, sharing the model being served and the loads of hot swaps.
 
 Several connections may be open at once (a router that reconnects while its old connection is
-still held, or a stranger holding one), up to `MAX_CONNECTIONS`; one more is refused with an
-``error`` frame. A connection must authenticate (`idla.serve.auth`) within
+still held, or a stranger holding one), up to `MAX_CONNECTIONS`. When they are all open, a new
+one takes the place of the oldest that has not authenticated yet (so strangers cannot lock the
+router out), or is refused with an ``error`` frame when every one has. A connection must
+authenticate (`idla.serve.auth`) within
 `HANDSHAKE_TIMEOUT_S`, and every frame must arrive whole within `FRAME_TIMEOUT_S` of its start;
 an authenticated connection silent for `IDLE_TIMEOUT_S` is closed (a router pings an idle worker
 every second or so). A frame that breaks the protocol (bad JSON, NaN, a bad id, the wrong
@@ -93,6 +95,11 @@ class _Connection:
         self.sock = sock
         self._send_lock = threading.Lock()
 
+    def evict(self) -> None:
+        """End this connection from another thread: its reader sees the end of the stream."""
+        with suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
     def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
         frame = wire.encode(header, payload)
         with self._send_lock:
@@ -114,33 +121,52 @@ class ModelServer:
         self._lock = threading.Lock()  # guards _loads and _connections
         self._loads: dict[int, _Load] = {}
         self._tokens = itertools.count(1)
-        self._connections = 0
+        self._open: set[_Connection] = set()
+        self._unproven: list[_Connection] = []  # open, not authenticated yet; oldest first
 
     def serve_forever(self, listener: socket.socket) -> None:
         while True:
-            sock, _ = listener.accept()
+            try:
+                sock, _ = listener.accept()
+            except OSError:  # e.g. out of file descriptors: wait for some to close
+                time.sleep(0.1)
+                continue
+            connection, evicted = _Connection(sock), None
             with self._lock:
-                admitted = self._connections < MAX_CONNECTIONS
-                self._connections += int(admitted)
+                if len(self._open) >= MAX_CONNECTIONS and self._unproven:
+                    evicted = self._unproven.pop(0)
+                    self._open.discard(evicted)
+                admitted = len(self._open) < MAX_CONNECTIONS
+                if admitted:
+                    self._open.add(connection)
+                    self._unproven.append(connection)
+            if evicted is not None:
+                evicted.evict()
             if not admitted:
                 with suppress(OSError):
-                    _Connection(sock).error(None, "busy", f"more than {MAX_CONNECTIONS} "
-                                            "connections at once")
+                    connection.error(None, "busy", f"{MAX_CONNECTIONS} connections are open")
                 sock.close()
                 continue
-            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
 
-    def _serve(self, sock: socket.socket) -> None:
-        connection = _Connection(sock)
+    def _serve(self, connection: _Connection) -> None:
+        sock = connection.sock
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._authenticate(connection):
+            proven = self._authenticate(connection)
+            with self._lock:
+                proven = proven and connection in self._unproven  # not evicted meanwhile
+                if proven:
+                    self._unproven.remove(connection)
+            if proven:
                 self._handle(connection)
         except (OSError, wire.WireError):
             pass  # the peer went away, stalled, or broke the stream: drop this connection
         finally:
             with self._lock:
-                self._connections -= 1
+                self._open.discard(connection)
+                if connection in self._unproven:
+                    self._unproven.remove(connection)
                 for token, load_ in list(self._loads.items()):
                     if load_.owner is connection:
                         self._drop(token, load_)
