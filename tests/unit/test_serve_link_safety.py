@@ -4,6 +4,7 @@ Sockets here are real (socketpair), never mocked."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import socket
 import struct
@@ -13,6 +14,7 @@ import pytest
 
 from idla.errors import ConfigError
 from idla.serve import auth, wire
+from idla.serve.link import WorkerLink, WorkerLost
 from idla.serve.model_server import describe_failure
 from idla.serve.router import RouterConfig
 from idla.serve.supervisor import SupervisorConfig, backoff_s
@@ -103,3 +105,21 @@ def test_timeouts_must_be_positive() -> None:
         RouterConfig(load_timeout_s=0)
     with pytest.raises(ConfigError, match="backoff_max_s"):
         SupervisorConfig(backoff_max_s=-1)
+
+
+def test_the_router_refuses_a_worker_that_cannot_prove_the_secret() -> None:
+    async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(wire.encode({"op": "challenge", "nonce": auth.new_nonce()}))
+        await wire.read_frame(reader)  # the router's auth: its proof is useless to us
+        writer.write(wire.encode({"op": "hello", "mac": "00" * 32, "version": "fake"}))
+        await writer.drain()
+
+    async def attempt() -> str:
+        server = await asyncio.start_server(impostor, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            with pytest.raises(WorkerLost) as refused:
+                await WorkerLink.connect("127.0.0.1", port, auth.new_secret(), timeout_s=5)
+        return str(refused.value)
+
+    assert "did not prove" in asyncio.run(attempt())

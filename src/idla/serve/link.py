@@ -61,13 +61,13 @@ class WorkerLink:
             raise WorkerLost(f"cannot reach {where} ({error!r})") from None
         try:
             hello = await asyncio.wait_for(_handshake(reader, writer, secret, where), timeout_s)
+        except WorkerLost:  # before OSError, which it is
+            writer.close()
+            raise
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError,
                 wire.WireError) as error:
             writer.close()
             raise WorkerLost(f"cannot reach {where} ({error!r})") from None
-        except WorkerLost:
-            writer.close()
-            raise
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
