@@ -8,6 +8,7 @@ import asyncio
 import io
 import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -123,3 +124,20 @@ def test_the_router_refuses_a_worker_that_cannot_prove_the_secret() -> None:
         return str(refused.value)
 
     assert "did not prove" in asyncio.run(attempt())
+
+
+def test_a_connection_that_does_not_authenticate_in_time_is_closed() -> None:
+    from idla.serve.model_io import MLP, ModelInfo
+    from idla.serve.model_server import Loaded, ModelServer
+
+    info = ModelInfo("mlp", {}, (4,), "v1", "0" * 64)
+    loaded = Loaded(MLP(in_features=4, hidden=4, layers=1, classes=2), info, 2, "cpu")
+    server = ModelServer(loaded, [[1, 0.001]], auth.new_secret(), handshake_timeout_s=0.2)
+    listener = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=server.serve_forever, args=(listener,), daemon=True).start()
+    with socket.create_connection(listener.getsockname(), timeout=5) as sock:
+        challenge = wire.recv_frame(sock)
+        start_s = time.monotonic()
+        assert challenge is not None and challenge[0]["op"] == "challenge"
+        assert sock.recv(1) == b""  # closed by the worker, not by us
+        assert 0.1 < time.monotonic() - start_s < 2.0

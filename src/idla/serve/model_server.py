@@ -113,11 +113,13 @@ class ModelServer:
     """The model a worker serves and the loads in progress, shared by its connections."""
 
     def __init__(self, loaded: Loaded, curve: list[list[float]], secret: bytes,
-                 load_delay_s: float = 0.0) -> None:
+                 load_delay_s: float = 0.0,
+                 handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S) -> None:
         self.active = loaded
         self.curve = curve
         self._secret = secret
         self._load_delay_s = load_delay_s
+        self._handshake_timeout_s = handshake_timeout_s
         self._lock = threading.Lock()  # guards _loads and _connections
         self._loads: dict[int, _Load] = {}
         self._tokens = itertools.count(1)
@@ -176,8 +178,8 @@ class ModelServer:
         nonce = auth.new_nonce()
         connection.send({"op": "challenge", "nonce": nonce})
         try:
-            raw = wire.recv_raw(connection.sock, HANDSHAKE_TIMEOUT_S, HANDSHAKE_TIMEOUT_S,
-                                HANDSHAKE_MAX_BYTES)
+            raw = wire.recv_raw(connection.sock, self._handshake_timeout_s,
+                                self._handshake_timeout_s, HANDSHAKE_MAX_BYTES)
             if raw is None:
                 return False
             header: dict[str, Any] | None = wire.parse_header(raw[0])

@@ -29,7 +29,7 @@ from idla.errors import ConfigError, IdlaError
 from idla.profile.meters import EmaMeter
 from idla.serve import wire
 from idla.serve.batcher import BatchPolicy, DynamicBatcher, ServiceCurve, size_batching
-from idla.serve.link import WorkerError, WorkerLink, WorkerLost
+from idla.serve.link import CONNECT_TIMEOUT_S, WorkerError, WorkerLink, WorkerLost
 from idla.serve.policies import POLICIES, Policy, make_policy, predict_completion_s
 from idla.serve.rollout import CONFLICT, RolloutError, commit_all, prepare_all
 from idla.serve.slots import Batch, Prediction, Request, WorkerSlot
@@ -164,7 +164,9 @@ class Router:
         """Bring a lost worker back at ``address``: connect, bring it to the served model if
         it serves another (prepare and commit ``model_path``), then route to it again. Raises
         WorkerLost, or RolloutError when it cannot serve the fleet's model."""
-        link = await WorkerLink.connect(*address, self._secret)
+        link = await WorkerLink.connect(*address, self._secret,
+                                        timeout_s=min(CONNECT_TIMEOUT_S,
+                                                      self.config.health_timeout_s))
         try:
             async with self._rollout_lock:  # never join halfway through a rollout
                 shape = (tuple(link.hello["input_shape"]), int(link.hello["output_features"]))
