@@ -74,7 +74,7 @@ def serve_and_measure(seconds: float, features: int) -> None:
         save_model(Path(root), MLP(**kwargs), "mlp", kwargs, (features,), "v1")
         options = ServeOptions(token=TOKEN, port=0, router=RouterConfig(max_batch_rows=1024))
         with WorkerPool(root, 1, max_rows=1024) as pool, \
-                ServingThread(pool.addresses, options) as server:
+                ServingThread(pool, options) as server:
             me = [sys.executable, __file__, "--url", server.url, "--seconds", str(seconds),
                   "--features", str(features), "--client"]
             idle = json.loads(subprocess.run([*me, "probe"], capture_output=True, text=True,

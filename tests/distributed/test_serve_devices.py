@@ -147,12 +147,12 @@ def test_a_gpu_and_a_cpu_worker_answer_alike_and_swap_models_on_their_devices(
 
     with WorkerPool(models["v1"], 2, devices="cuda:0,cpu") as pool:
         alone = []
-        for address in pool.addresses:  # each worker alone (a worker serves one router at once)
-            with ServingThread([address], options) as single:
+        for index in range(2):  # each worker alone
+            with ServingThread(pool, options, [index]) as single:
                 answer = httpx.post(f"{single.url}/v1/predict", headers=AUTH, timeout=60,
                                     json={"inputs": inputs.tolist()})
                 alone.append(np.asarray(answer.json()["outputs"], dtype=np.float32))
-        with ServingThread(pool.addresses, options) as server, \
+        with ServingThread(pool, options) as server, \
                 httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as client:
             before = server.call(server.router.stats)
             swap = client.post("/admin/model", json={"path": str(models["v2"])})

@@ -61,7 +61,7 @@ def server(root: Path) -> Iterator[ServingThread]:
     options = ServeOptions(token=TOKEN, port=0, model_root=root, head_timeout_s=HEAD_TIMEOUT_S,
                            max_connections=MAX_CONNECTIONS,
                            limits=HttpLimits(body_timeout_s=HEAD_TIMEOUT_S))
-    with WorkerPool(root / "v1", 1) as pool, ServingThread(pool.addresses, options) as serving:
+    with WorkerPool(root / "v1", 1) as pool, ServingThread(pool, options) as serving:
         yield serving
 
 

@@ -379,6 +379,7 @@ class Agent:
         """A JSON-ready summary of the run so far (identical on every rank)."""
         return agent_report(
             self.planner, self._history, backend=self.group.backend, steps=self.step,
+            devices=[r.device for r in self.group.fleet],
             compression=self.sync.report(),
             replica_check=replica_report(self.config.replica_check, self.config.replica_tolerance),
         )
@@ -388,8 +389,7 @@ class Agent:
         mark_closed(self)
         if self._sync_end is not None and self._batch is not None:
             self._history.record_rate(
-                self._last_size / max(time.perf_counter() - self._step_start, 1e-9)
-            )
+                self._last_size / max(time.perf_counter() - self._step_start, 1e-9))
             self._sync_end = None
         if self._step_hook is not None:
             self._step_hook.remove()

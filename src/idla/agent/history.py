@@ -73,15 +73,18 @@ class StepHistory:
 def agent_report(
     planner: JobPlanner, history: StepHistory, *, backend: str, steps: int,
     compression: dict[str, Any], replica_check: Mapping[str, Any] | None = None,
+    devices: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The agent's JSON-ready summary of the run so far (identical on every rank);
-    `replica_check`: how the replicas are checked (`idla.agent.replicas.replica_report`)."""
+    `replica_check`: how the replicas are checked (`idla.agent.replicas.replica_report`);
+    `devices`: each rank's compute device, in rank order."""
     observer = planner.observer
     snaps = [m.snapshot() for m in observer.meters]
     series = history.as_dict()
     return {
         "world_size": planner.world_size,
         "backend": backend,
+        "devices": list(devices),
         "global_batch_size": planner.global_batch_size,
         "steps": steps,
         "shares": list(planner.shares),

@@ -190,7 +190,7 @@ def run_serve_bench(config: ServeBenchConfig,
         options = ServeOptions(token=token, port=0, router=config.router)
         with WorkerPool(model_dir, len(config.speeds), config.speeds, config.base_cores,
                         max_rows=config.router.max_batch_rows) as pool, \
-                ServingThread(pool.addresses, options) as serving:
+                ServingThread(pool, options) as serving:
             workers = serving.call(serving.router.stats)
             capacity_rps = sum(w["capacity_requests_per_s"] for w in workers)
             settings = {**asdict(config), "model": {"architecture": "mlp", **kwargs},

@@ -66,6 +66,10 @@ def add_commands(commands: Any, benches: Any) -> None:
                        "cost, at most 5 ms)")
     serve.add_argument("--max-request-rows", type=positive_int, default=1024, metavar="ROWS",
                        help="rows one request may carry (default: 1024)")
+    serve.add_argument("--load-timeout", type=positive_float, default=120.0, metavar="S",
+                       help="a model rollout (POST /admin/model) not loaded on every worker "
+                       "within this many seconds is aborted with 504; the old model keeps "
+                       "serving (default: 120)")
     _add_router_options(serve)
     serve.set_defaults(handler=_serve)
 
@@ -110,7 +114,8 @@ def _router_config(args: argparse.Namespace, policy: str, request_rows: int) -> 
     return RouterConfig(policy=policy, max_queue_requests=args.max_queue,
                         batch_budget_s=args.batch_budget_ms / 1e3,
                         max_batch_rows=args.max_batch_rows, max_wait_s=max_wait_s,
-                        request_rows=request_rows)
+                        request_rows=request_rows,
+                        load_timeout_s=getattr(args, "load_timeout", 120.0))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -156,7 +161,7 @@ def _serve(args: argparse.Namespace) -> int:
                     max_rows=args.max_batch_rows, devices=devices) as pool:
         loop = new_event_loop()
         try:
-            loop.run_until_complete(serve_until_stopped(pool.addresses, options, ready))
+            loop.run_until_complete(serve_until_stopped(pool, options, ready))
         finally:
             loop.close()
     return 0

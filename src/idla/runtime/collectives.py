@@ -24,8 +24,8 @@ def all_gather_json(payload: dict[str, Any], group: Any = None) -> list[dict[str
     Without an initialized process group this returns ``[payload]``, so callers keep one code
     path for 1 worker and N. Tensors stay on the CPU, which gloo requires.
     """
-    if not _is_distributed():
-        return [payload]
+    if not _is_distributed() or dist.get_world_size(group) == 1:
+        return [payload]  # no peer: no collective (and nothing meets a one-rank NCCL group)
     world_size = dist.get_world_size(group)
     encoded = json.dumps(payload, separators=(",", ":")).encode("utf-8")
     local = torch.frombuffer(bytearray(encoded), dtype=torch.uint8)  # (n_bytes,)

@@ -6,7 +6,10 @@
   ``application/octet-stream``. Every answer names the model version (body and
   ``X-Model-Version``).
 - ``GET /healthz`` (no token), ``GET /metrics`` (Prometheus text), ``POST /admin/model``
-  (``{"path": DIR}``: roll a checkpoint out to every worker).
+  (``{"path": DIR}``: roll a checkpoint out to every worker, all or nothing: 200 when every
+  worker switched; 409 while another rollout runs or a worker still loads an aborted one, 422
+  for a model that is refused or fails to build, 503 when a worker was lost while loading,
+  504 when it did not load within the load timeout; after any of these the old model serves).
 
 ``/v1/*`` and ``/admin/*`` need ``Authorization: Bearer <token>`` (401 without, 403 when wrong;
 compared in constant time). A bad request gets a 4xx with ``{"error": reason}`` (the checks are in
@@ -222,9 +225,8 @@ def create_app(router: Router, token: str, metrics: ServeMetrics | None = None,
             return _error(error.status, error.reason)
         try:
             result = await router.rollout(str(target.resolved))
-        except RolloutError as error:
-            busy = "in progress" in str(error)
-            return _error(409 if busy else 422, target.scrub(str(error), model_root))
+        except RolloutError as error:  # 409, 422, 503 or 504: `idla.serve.rollout`
+            return _error(error.status, target.scrub(str(error), model_root))
         except Unavailable as error:
             return _error(503, str(error))
         return JSONResponse(result, headers={"X-Model-Version": str(result["version"])})

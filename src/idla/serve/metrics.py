@@ -35,6 +35,10 @@ WORKER_GAUGES = {  # metric: (help, key of the router's per-worker stats)
     "idla_worker_capacity_requests_per_second": (
         "Measured capacity with full batches.", "capacity_requests_per_s"),
     "idla_worker_served_requests_total": ("Requests answered.", "served_requests"),
+    "idla_worker_restarts_total": ("Times the worker's process was replaced by a new one.",
+                                   "restarts"),
+    "idla_worker_reconnects_total": ("Times the worker came back after being lost.",
+                                     "reconnects"),
 }
 
 
@@ -133,6 +137,10 @@ class ServeMetrics:
         for worker in workers:
             devices.add_metric([str(worker["worker"]), str(worker.get("device") or "unknown")], 1)
         yield devices
+        yield GaugeMetricFamily("idla_workers_up", "Workers healthy now.",
+                                value=sum(1 for worker in workers if worker["up"]))
+        yield GaugeMetricFamily("idla_workers", "Workers the router serves with, up or not.",
+                                value=len(workers))
         yield CounterMetricFamily("idla_failovers", "Workers declared dead.", value=failovers)
         yield CounterMetricFamily("idla_retried_requests", "Requests moved to another worker.",
                                   value=retried)

@@ -79,9 +79,11 @@ def _build(architecture: str, kwargs: dict[str, Any]) -> nn.Module:
         raise ModelFormatError(f"unknown model architecture {architecture!r} (known: {known})")
     try:
         return ARCHITECTURES[architecture](**kwargs)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, RuntimeError, OverflowError, MemoryError) as error:
+        # torch raises RuntimeError for a negative size, and fails to allocate a huge one
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ModelFormatError(
-            f"architecture {architecture!r} does not accept kwargs {kwargs}: {error}"
+            f"architecture {architecture!r} does not accept kwargs {kwargs}: {first[:200]}"
         ) from None
 
 

@@ -5,8 +5,11 @@ A request is routed once on arrival to the worker its policy picks among those w
 their queue, and waits there for a batch (`idla.serve.batcher`). When a worker dies (its
 connection breaks, a ping or a batch times out) its batch in flight and its queue go to the
 others, so a request is answered exactly once unless it failed on ``max_attempts`` workers.
+A lost worker comes back through `Router.revive` (`idla.serve.supervisor` calls it), on the
+model the others serve. Rollouts: `idla.serve.rollout`; each worker's state:
+`idla.serve.slots`.
 
-Longer than 400 lines because admission, routing, failover and rollout share one piece of
+Admission, routing, failover and rollout stay in one class because they share one piece of
 state (every worker's queue and batch in flight) that one event loop owns; split, each part
 would reach into the others' queues.
 """
@@ -17,7 +20,7 @@ import asyncio
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,8 +29,10 @@ from idla.errors import ConfigError, IdlaError
 from idla.profile.meters import EmaMeter
 from idla.serve import wire
 from idla.serve.batcher import BatchPolicy, DynamicBatcher, ServiceCurve, size_batching
-from idla.serve.link import WorkerError, WorkerLink, WorkerLost
-from idla.serve.policies import POLICIES, LoadView, Policy, make_policy, predict_completion_s
+from idla.serve.link import CONNECT_TIMEOUT_S, WorkerError, WorkerLink, WorkerLost
+from idla.serve.policies import POLICIES, Policy, make_policy, predict_completion_s
+from idla.serve.rollout import CONFLICT, RolloutError, commit_all, prepare_all
+from idla.serve.slots import Batch, Prediction, Request, WorkerSlot
 
 PIPELINE_DEPTH = 2  # batches a worker may have outstanding: one running, one in its socket
 
@@ -45,10 +50,6 @@ class Overloaded(IdlaError):
 
 class Unavailable(IdlaError):
     """No healthy worker can answer (all died, or a request was retried too often)."""
-
-
-class RolloutError(IdlaError):
-    """A model rollout was refused (bad model, other shapes, or another rollout running)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -77,6 +78,8 @@ class RouterConfig:
     """A request waits at most this long for its answer (then 504)."""
     max_attempts: int = 3
     """A request is tried on at most this many workers (failover)."""
+    load_timeout_s: float = 120.0
+    """A model rollout not loaded on every worker within this many seconds is aborted (504)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -85,79 +88,9 @@ class RouterConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} {getattr(self, name)} must be at least 1")
         for name in ("batch_budget_s", "health_interval_s", "health_timeout_s",
-                     "request_timeout_s"):
+                     "request_timeout_s", "load_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} {getattr(self, name)} must be positive")
-
-
-@dataclass(frozen=True, slots=True)
-class Prediction:
-    outputs: np.ndarray  # (rows, output_features)
-    version: str
-    worker: int
-    batch_rows: int
-    queue_s: float
-    """Seconds from (the last) enqueue to dispatch."""
-    route_s: float
-    """Seconds the router spent choosing a worker and enqueuing."""
-    service_s: float
-    """Seconds from sending the batch to the worker to its reply (the worker's share)."""
-
-
-@dataclass(slots=True, eq=False)
-class _Request:
-    inputs: np.ndarray  # (rows, *input_shape)
-    future: asyncio.Future[Prediction]
-    attempts: int = 1
-    route_s: float = 0.0
-
-    @property
-    def rows(self) -> int:
-        return int(self.inputs.shape[0])
-
-
-@dataclass(slots=True)
-class _Batch:
-    rows: int
-    requests: int
-    until_s: float
-    """Predicted time (perf_counter) its reply arrives."""
-
-
-@dataclass(eq=False)
-class _Worker:
-    index: int
-    address: tuple[str, int]
-    link: WorkerLink
-    curve: ServiceCurve
-    batcher: DynamicBatcher[_Request]
-    version: str
-    alive: bool = True
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    inflight: list[_Batch] = field(default_factory=list)
-    slowdown: EmaMeter = field(default_factory=lambda: EmaMeter(0.9))
-    link_s: EmaMeter = field(default_factory=lambda: EmaMeter(0.9))
-    served_requests: int = 0
-    task: asyncio.Task[None] | None = None
-    batch_tasks: set[asyncio.Task[None]] = field(default_factory=set)
-
-    def estimates(self) -> tuple[float, float]:
-        """(slowdown, link seconds) as measured so far; (1, 0) before the first batch."""
-        if not self.slowdown.count:
-            return 1.0, 0.0
-        return self.slowdown.value, self.link_s.value
-
-    def view(self, now_s: float) -> LoadView:
-        if self.inflight:
-            rows = sum(b.rows for b in self.inflight)
-            requests = sum(b.requests for b in self.inflight)
-            remaining_s = max(0.0, self.inflight[-1].until_s - now_s)
-        else:
-            rows = requests = 0
-            remaining_s = 0.0
-        return LoadView(self.index, self.batcher.queued_rows, self.batcher.queued_requests,
-                        rows, requests, remaining_s, self.batcher.oldest_wait_s(now_s),
-                        self.curve, self.batcher.policy, *self.estimates())
 
 
 class Router:
@@ -169,20 +102,27 @@ class Router:
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
         self.policy: Policy = make_policy(config.policy, config.seed)
-        self.workers: list[_Worker] = []
+        self.workers: list[WorkerSlot] = []
         self.input_shape: tuple[int, ...] = ()
         self.output_features = 0
         self.failovers = 0
         self.retried_requests = 0
         self.last_rollout: dict[str, Any] | None = None
-        self._rollout_lock = asyncio.Lock()
+        self.version: str | None = None
+        """The model version every worker serves (None while they differ)."""
+        self.model_path: str | None = None
+        """Directory of the last model rolled out (None: still the one the workers began on)."""
+        self._secret = b""
+        self._rollout_lock = asyncio.Lock()  # one rollout, or one worker joining, at a time
 
     def set_policy(self, name: str) -> None:
         self.policy = make_policy(name, self.config.seed)
 
-    async def connect(self, addresses: Sequence[tuple[str, int]]) -> None:
-        """Connect to every worker, read its curve and size its batching; start dispatching."""
-        links = await asyncio.gather(*(WorkerLink.connect(h, p) for h, p in addresses))
+    async def connect(self, addresses: Sequence[tuple[str, int]], secret: bytes) -> None:
+        """Connect to every worker (``secret``: the pool's link secret), read its curve and size
+        its batching; start dispatching."""
+        self._secret = secret
+        links = await asyncio.gather(*(WorkerLink.connect(h, p, secret) for h, p in addresses))
         shapes = {(tuple(link.hello["input_shape"]), int(link.hello["output_features"]))
                   for link in links}
         if len(shapes) != 1:
@@ -190,29 +130,75 @@ class Router:
                 link.close()
             raise ConfigError(f"workers serve models of different shapes: {sorted(shapes)}")
         (self.input_shape, self.output_features), = shapes
+        versions = {str(link.hello["version"]) for link in links}
+        self.version = versions.pop() if len(versions) == 1 else None
         for address, link in zip(addresses, links, strict=True):
-            curve = ServiceCurve.from_points(link.hello["curve"])
-            batching = size_batching(curve, self.config.batch_budget_s,
-                                     self.config.max_batch_rows, self.config.max_wait_cap_s,
-                                     self.config.request_rows)
-            if self.config.max_wait_s is not None:
-                batching = BatchPolicy(batching.max_batch_rows, self.config.max_wait_s)
-            worker = _Worker(len(self.workers), address, link, curve,
-                             DynamicBatcher(batching), str(link.hello["version"]))
-            link.set_on_lost(worker.wake.set)
-            worker.task = asyncio.get_running_loop().create_task(self._dispatch(worker))
+            curve, batcher = self._batching(link)
+            worker = WorkerSlot(len(self.workers), address, link, curve, batcher,
+                                str(link.hello["version"]))
+            self._attach(worker, address, link)
             self.workers.append(worker)
+
+    def _batching(self, link: WorkerLink) -> tuple[ServiceCurve, DynamicBatcher[Request]]:
+        """The curve a worker's hello reports, and a batcher sized by it."""
+        curve = ServiceCurve.from_points(link.hello["curve"])
+        batching = size_batching(curve, self.config.batch_budget_s, self.config.max_batch_rows,
+                                 self.config.max_wait_cap_s, self.config.request_rows)
+        if self.config.max_wait_s is not None:
+            batching = BatchPolicy(batching.max_batch_rows, self.config.max_wait_s)
+        return curve, DynamicBatcher(batching)
+
+    def _attach(self, worker: WorkerSlot, address: tuple[str, int], link: WorkerLink) -> None:
+        """Serve ``worker`` through ``link`` (curve and batching from its hello); dispatch."""
+        worker.address, worker.link = address, link
+        worker.curve, worker.batcher = self._batching(link)
+        worker.version = str(link.hello["version"])
+        worker.slowdown, worker.link_s = EmaMeter(0.9), EmaMeter(0.9)
+        worker.alive = True
+        link.set_on_lost(worker.wake.set)
+        if worker.task is not None:
+            worker.task.cancel()
+        worker.task = asyncio.get_running_loop().create_task(self._dispatch(worker))
+
+    async def revive(self, worker: WorkerSlot, address: tuple[str, int]) -> None:
+        """Bring a lost worker back at ``address``: connect, bring it to the served model if
+        it serves another (prepare and commit ``model_path``), then route to it again. Raises
+        WorkerLost, or RolloutError when it cannot serve the fleet's model."""
+        link = await WorkerLink.connect(*address, self._secret,
+                                        timeout_s=min(CONNECT_TIMEOUT_S,
+                                                      self.config.health_timeout_s))
+        try:
+            async with self._rollout_lock:  # never join halfway through a rollout
+                shape = (tuple(link.hello["input_shape"]), int(link.hello["output_features"]))
+                if shape != (self.input_shape, self.output_features):
+                    raise RolloutError(f"worker {worker.index} came back serving {shape}")
+                if self.version is not None and link.hello["version"] != self.version:
+                    if self.model_path is None:
+                        raise RolloutError(f"worker {worker.index} came back on version "
+                                           f"{link.hello['version']}, not {self.version}")
+                    prepared = await prepare_all([link], [worker.index], self.model_path,
+                                                 self.config.load_timeout_s,
+                                                 self.config.health_timeout_s, shape)
+                    commit, = await commit_all(prepared, self.config.health_timeout_s)
+                    if isinstance(commit, BaseException):
+                        raise WorkerLost(f"worker {worker.index} did not switch ({commit!r})")
+                    link.hello["version"] = commit["version"]
+                self._attach(worker, address, link)
+        except BaseException:
+            link.close()
+            raise
+        worker.reconnects += 1
 
     async def submit(self, inputs: np.ndarray) -> Prediction:
         """Answer one request (``inputs``: (rows, *input_shape) float32). Raises Overloaded,
         Unavailable, WorkerError or asyncio.TimeoutError."""
         start_s = time.perf_counter()
-        request = _Request(inputs, asyncio.get_running_loop().create_future())
+        request = Request(inputs, asyncio.get_running_loop().create_future())
         self._route(request, admit=True)
         request.route_s = time.perf_counter() - start_s
         return await asyncio.wait_for(request.future, self.config.request_timeout_s)
 
-    def _route(self, request: _Request, admit: bool) -> None:
+    def _route(self, request: Request, admit: bool) -> None:
         alive = [w for w in self.workers if w.alive]
         if not alive:
             raise Unavailable("no healthy worker")
@@ -227,7 +213,7 @@ class Router:
         worker.batcher.push(request, request.rows, now_s)
         worker.wake.set()
 
-    async def _dispatch(self, worker: _Worker) -> None:
+    async def _dispatch(self, worker: WorkerSlot) -> None:
         """Start batches on ``worker``: one when it is idle (by the batching rule), and while
         one runs a second only when a full batch is queued, so the worker does not idle through
         the round trip (pipelining)."""
@@ -237,7 +223,7 @@ class Router:
             if worker.link.closed:
                 self._lose(worker, [])
                 return
-            batch: list[tuple[_Request, float]] = []
+            batch: list[tuple[Request, float]] = []
             wait_s = None
             if not worker.inflight or (len(worker.inflight) < PIPELINE_DEPTH and
                                        worker.batcher.queued_rows >= policy.max_batch_rows):
@@ -257,13 +243,14 @@ class Router:
                 if wait_s is None and idle:
                     await self._ping(worker)
 
-    async def _ping(self, worker: _Worker) -> None:
+    async def _ping(self, worker: WorkerSlot) -> None:
+        link = worker.link
         try:
-            await worker.link.call({"op": "ping"}, timeout_s=self.config.health_timeout_s)
+            await link.call({"op": "ping"}, timeout_s=self.config.health_timeout_s)
         except (WorkerLost, WorkerError, asyncio.TimeoutError):
-            self._lose(worker, [])
+            self._lose(worker, [], link)
 
-    async def _run(self, worker: _Worker, batch: list[tuple[_Request, float]]) -> None:
+    async def _run(self, worker: WorkerSlot, batch: list[tuple[Request, float]]) -> None:
         batch = [(r, enqueued_s) for r, enqueued_s in batch if not r.future.done()]
         if not batch:
             return
@@ -276,14 +263,14 @@ class Router:
         slowdown, link_s = worker.estimates()
         pipelined = bool(worker.inflight)
         begin_s = max(start_s, worker.inflight[-1].until_s) if pipelined else start_s
-        record = _Batch(rows, len(requests), begin_s + slowdown * predicted_s + link_s)
+        record = Batch(rows, len(requests), begin_s + slowdown * predicted_s + link_s)
         worker.inflight.append(record)
         shape, data = wire.to_payload(inputs)
         timeout_s = max(self.config.batch_timeout_floor_s,
                         20 * (record.until_s - start_s))
+        link = worker.link
         try:
-            header, payload = await worker.link.call({"op": "batch", "shape": shape}, data,
-                                                     timeout_s)
+            header, payload = await link.call({"op": "batch", "shape": shape}, data, timeout_s)
             outputs = wire.from_payload(header.get("shape"), payload)
         except WorkerError as error:
             for request in requests:
@@ -291,10 +278,11 @@ class Router:
                     request.future.set_exception(error)
             return
         except (WorkerLost, wire.WireError, asyncio.TimeoutError):
-            self._lose(worker, requests)
+            self._lose(worker, requests, link)
             return
         finally:
-            worker.inflight.remove(record)
+            if record in worker.inflight:
+                worker.inflight.remove(record)
             worker.wake.set()
         elapsed_s = time.perf_counter() - start_s
         service_s = float(header.get("service_s", elapsed_s))
@@ -313,9 +301,12 @@ class Router:
                                                      start_s - enqueued_s, request.route_s,
                                                      elapsed_s))
 
-    def _lose(self, worker: _Worker, inflight: list[_Request]) -> None:
-        """Mark ``worker`` dead and hand its batch in flight and its queue to the others."""
-        if worker.alive:
+    def _lose(self, worker: WorkerSlot, inflight: list[Request],
+              link: WorkerLink | None = None) -> None:
+        """Mark ``worker`` dead and hand its batch in flight and its queue to the others;
+        ``link``: the connection that failed (an older one than the worker's changes nothing
+        but its requests)."""
+        if worker.alive and (link is None or link is worker.link):
             worker.alive = False
             worker.link.close()
             self.failovers += 1
@@ -333,47 +324,41 @@ class Router:
             except IdlaError as error:
                 request.future.set_exception(error)
 
-    async def rollout(self, path: str, timeout_s: float = 120.0) -> dict[str, Any]:
-        """Roll the model in ``path`` out to every live worker: all load it beside the old one
-        (prepare), then all switch between two batches (commit). Version skew is the spread of
-        the workers' switch times, at most about one batch plus a round trip."""
+    async def rollout(self, path: str, load_timeout_s: float | None = None) -> dict[str, Any]:
+        """Roll the model in ``path`` out to every live worker, all or nothing
+        (`idla.serve.rollout`): all load it beside the old one within ``load_timeout_s``
+        (default: the config's), then all switch between two batches. Version skew is the
+        spread of the workers' switch times, at most about one batch plus a round trip."""
         if self._rollout_lock.locked():
-            raise RolloutError("another model rollout is in progress")
+            raise RolloutError("another model rollout (or a worker's recovery) is in progress",
+                               CONFLICT)
         async with self._rollout_lock:
             workers = [w for w in self.workers if w.alive]
             if not workers:
                 raise Unavailable("no healthy worker")
             previous = sorted({w.version for w in workers})
             start_s = time.perf_counter()
-            replies = await asyncio.gather(
-                *(w.link.call({"op": "prepare", "path": path}, timeout_s=timeout_s)
-                  for w in workers), return_exceptions=True)
-            prepared = [(w, r[0]) for w, r in zip(workers, replies, strict=True)
-                        if not isinstance(r, BaseException)]
-            refusals = [str(r) for r in replies if isinstance(r, WorkerError)]
-            if refusals or not prepared:
-                raise RolloutError(refusals[0] if refusals else "every worker failed to load")
-            shapes = {(tuple(h["input_shape"]), int(h["output_features"])) for _, h in prepared}
-            if shapes != {(self.input_shape, self.output_features)}:
-                raise RolloutError(
-                    f"the new model maps {sorted(shapes)}, the served one "
-                    f"{self.input_shape} -> {self.output_features} features")
+            control_s = self.config.health_timeout_s
+            prepared = await prepare_all(
+                [w.link for w in workers], [w.index for w in workers], path,
+                self.config.load_timeout_s if load_timeout_s is None else load_timeout_s,
+                control_s, (self.input_shape, self.output_features))
             prepare_s = time.perf_counter() - start_s
             # A worker switches once the batches already sent to it are done: the spread of
             # switch times is bounded by the longest such wait plus a round trip.
             now_s = time.perf_counter()
-            bound_s = max(w.view(now_s).inflight_remaining_s + w.estimates()[1]
-                          for w, _ in prepared)
-            commits = await asyncio.gather(
-                *(w.link.call({"op": "commit"}, timeout_s=timeout_s) for w, _ in prepared),
-                return_exceptions=True)
+            bound_s = max(w.view(now_s).inflight_remaining_s + w.estimates()[1] for w in workers)
             switched_s = []
-            for (worker, _), commit in zip(prepared, commits, strict=True):
-                if not isinstance(commit, BaseException):
-                    worker.version = str(commit[0]["version"])
-                    switched_s.append(float(commit[0]["switched_at_s"]))
+            for worker, commit in zip(workers, await commit_all(prepared, control_s),
+                                      strict=True):
+                if isinstance(commit, BaseException):  # it rejoins on the new model
+                    self._lose(worker, [], worker.link)
+                else:
+                    worker.version = str(commit["version"])
+                    switched_s.append(float(commit["switched_at_s"]))
+            self.version, self.model_path = str(prepared[0].reply["version"]), path
             self.last_rollout = {
-                "version": prepared[0][1]["version"], "previous_versions": previous,
+                "version": self.version, "previous_versions": previous,
                 "workers": len(switched_s), "prepare_s": prepare_s,
                 "total_s": time.perf_counter() - start_s,
                 "skew_s": max(switched_s) - min(switched_s) if switched_s else math.nan,
@@ -381,7 +366,7 @@ class Router:
             }
             return self.last_rollout
 
-    def capacity_requests_per_s(self, worker: _Worker) -> float:
+    def capacity_requests_per_s(self, worker: WorkerSlot) -> float:
         """Requests/s a worker sustains with full batches of typical requests."""
         per_batch = max(1, worker.batcher.policy.max_batch_rows // self.config.request_rows)
         return per_batch / worker.curve.predict_s(per_batch * self.config.request_rows)
@@ -392,7 +377,8 @@ class Router:
             "pid": w.link.hello.get("pid"), "device": w.link.hello.get("device"),
             "version": w.version, "queued_requests": w.batcher.queued_requests,
             "queued_rows": w.batcher.queued_rows, "inflight_rows": sum(b.rows for b in w.inflight),
-            "served_requests": w.served_requests, "max_batch_rows": w.batcher.policy.max_batch_rows,
+            "served_requests": w.served_requests, "restarts": w.restarts,
+            "reconnects": w.reconnects, "max_batch_rows": w.batcher.policy.max_batch_rows,
             "max_wait_s": w.batcher.policy.max_wait_s,
             "capacity_requests_per_s": self.capacity_requests_per_s(w),
             "slowdown": w.estimates()[0], "link_s": w.estimates()[1],

@@ -1,5 +1,6 @@
-"""Run the router and its HTTP app: in the foreground (``idla serve``) or on a background thread
-with its own event loop (tests and benchmarks, which drive it from the main thread)."""
+"""Run the router and its HTTP app over a `WorkerPool`: in the foreground (``idla serve``) or on
+a background thread with its own event loop (tests and benchmarks, which drive it from the main
+thread). A `Supervisor` on the same loop brings lost workers back."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from idla.serve.connections import guarded_protocol
 from idla.serve.http import HttpLimits, create_app
 from idla.serve.metrics import ServeMetrics
 from idla.serve.router import Router, RouterConfig
+from idla.serve.supervisor import Supervisor, SupervisorConfig
+from idla.serve.worker import WorkerPool
 
 T = TypeVar("T")
 START_TIMEOUT_S = 60.0
@@ -35,6 +38,7 @@ class ServeOptions:
     """TCP port (0: any free port; read it back from `Running.port`)."""
     router: RouterConfig = field(default_factory=RouterConfig)
     limits: HttpLimits = field(default_factory=HttpLimits)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     model_root: Path | None = None
     """Directory that POST /admin/model may load from (resolved; None: any readable path)."""
     head_timeout_s: float = 10.0
@@ -71,27 +75,38 @@ class Running:
     task: asyncio.Task[None]
     host: str
     port: int
-    parse_pool: ThreadPoolExecutor | None = None
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
+    supervisor: Supervisor
+    parse_pool: ThreadPoolExecutor | None = None
+
     async def stop(self) -> None:
         self.server.should_exit = True
         await self.task
+        await self.close()
+
+    async def close(self) -> None:
+        await self.supervisor.close()
         await self.router.close()
         if self.parse_pool is not None:
             self.parse_pool.shutdown(wait=False)
 
 
-async def start(addresses: Sequence[tuple[str, int]], options: ServeOptions) -> Running:
-    """Connect a router to the workers at ``addresses`` and start serving HTTP."""
+async def start(pool: WorkerPool, options: ServeOptions,
+                indices: Sequence[int] | None = None) -> Running:
+    """Connect a router to the pool's workers (those at ``indices``, default all), supervise
+    them, and start serving HTTP."""
     import uvicorn
 
+    indices = list(range(len(pool.workers))) if indices is None else list(indices)
     router = Router(options.router)
-    await router.connect(addresses)
+    await router.connect([pool.addresses[i] for i in indices], pool.secret)
+    supervisor = Supervisor(router, pool, indices, options.supervisor)
+    supervisor.start()
     metrics = ServeMetrics()
     model_root = None if options.model_root is None else options.model_root.resolve()
     app = create_app(router, options.token, metrics, options.limits, model_root)
@@ -104,6 +119,7 @@ async def start(addresses: Sequence[tuple[str, int]], options: ServeOptions) -> 
         sock.bind((options.host, options.port))
     except OSError as error:
         sock.close()
+        await supervisor.close()
         await router.close()
         raise ConfigError(f"cannot listen on {options.host}:{options.port} ({error})") from None
     port = int(sock.getsockname()[1])
@@ -117,30 +133,32 @@ async def start(addresses: Sequence[tuple[str, int]], options: ServeOptions) -> 
     while not server.started and not task.done():
         await asyncio.sleep(0.01)
     if task.done():
+        await supervisor.close()
         await router.close()
         app.state.parse_pool.shutdown(wait=False)
         task.result()
-    return Running(router, metrics, server, task, options.host, port, app.state.parse_pool)
+    return Running(router, metrics, server, task, options.host, port, supervisor,
+                   app.state.parse_pool)
 
 
-async def serve_until_stopped(addresses: Sequence[tuple[str, int]], options: ServeOptions,
+async def serve_until_stopped(pool: WorkerPool, options: ServeOptions,
                               on_ready: Callable[[Running], None]) -> None:
     """Serve in the foreground until SIGINT/SIGTERM (uvicorn catches them on the main thread)."""
-    running = await start(addresses, options)
+    running = await start(pool, options)
     on_ready(running)
     try:
         await running.task
     finally:
-        await running.router.close()
-        if running.parse_pool is not None:
-            running.parse_pool.shutdown(wait=False)
+        await running.close()
 
 
 class ServingThread:
     """The router and HTTP server on a background thread; ``with ServingThread(...) as s``."""
 
-    def __init__(self, addresses: Sequence[tuple[str, int]], options: ServeOptions) -> None:
-        self.addresses, self.options = list(addresses), options
+    def __init__(self, pool: WorkerPool, options: ServeOptions,
+                 indices: Sequence[int] | None = None) -> None:
+        self.pool, self.options = pool, options
+        self.indices = None if indices is None else list(indices)
         self.loop = new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True,
                                         name="idla-router")
@@ -178,7 +196,8 @@ class ServingThread:
     def __enter__(self) -> ServingThread:
         self._thread.start()
         try:
-            self._running = self.run(start(self.addresses, self.options), START_TIMEOUT_S)
+            self._running = self.run(start(self.pool, self.options, self.indices),
+                                     START_TIMEOUT_S)
         except BaseException:
             self._shutdown()
             raise

@@ -1,14 +1,16 @@
 """A serving worker: one process that loads a model directory and runs batches sent over TCP.
 
-Run as ``python -m idla.serve.worker --model DIR [--device cuda:0]``; it prints one JSON line on
-stdout, either ``{"ready": true, "port": P, "pid": ...}`` or ``{"error": "..."}`` (then exits 2).
+Run as ``python -m idla.serve.worker --model DIR [--device cuda:0]`` with the link secret on
+stdin (`idla.serve.auth`; `WorkerPool` does this); it prints one JSON line on stdout, either
+``{"ready": true, "port": P, "pid": ...}`` or ``{"error": "..."}`` (then exits 2).
 The model lives on its device; each batch arrives and leaves on the CPU. It runs one
 thread of torch, optionally inside a throttled cgroup (joined after the heavy imports and the
 model load, before the batch-size curve is measured, so the curve is the throttled one) and
-optionally inside a network namespace (an emulated host). Protocol: `idla.serve.wire`.
+optionally inside a network namespace (an emulated host). Protocol: `idla.serve.wire`; the
+connections and hot swaps: `idla.serve.model_server`.
 
-A hot swap loads the new model in a background thread while batches keep running, then switches
-on ``commit`` between two batches: every batch runs entirely on one version, which its reply names.
+For tests only: ``IDLA_TEST_ONLY_LOAD_DELAY_S`` (0 to 60 seconds) makes every hot-swap load
+sleep that long first, so that a test can watch a rollout time out; it changes nothing else.
 """
 
 from __future__ import annotations
@@ -30,14 +32,17 @@ from types import TracebackType
 from typing import Any
 
 from idla.errors import ConfigError, IdlaError
-from idla.serve import wire
-from idla.serve.devices import CPU, load_on, resolve_devices, run_on
+from idla.serve import auth
+from idla.serve.devices import CPU, resolve_devices, run_on
+from idla.serve.model_server import ModelServer, describe_failure, load
 
 DEFAULT_MAX_ROWS = 256
 CURVE_LIMIT_S = 0.25  # stop measuring larger batches once one takes this long
 CURVE_MIN_TIME_S = 0.03  # time each batch size for at least this long (several CFS periods)
 SHORT_BATCH_S = 0.05  # sizes faster than this are timed three times, keeping the fastest
 READY_TIMEOUT_S = 120.0
+LOAD_DELAY_ENV = "IDLA_TEST_ONLY_LOAD_DELAY_S"
+MAX_LOAD_DELAY_S = 60.0
 
 
 def measure_curve(
@@ -78,122 +83,6 @@ def measure_curve(
     return curve
 
 
-@dataclass
-class _Loaded:
-    model: Any
-    info: Any  # idla.serve.model_io.ModelInfo
-    output_features: int
-    device: str
-    """Where ``model`` lives; a hot swap loads the new model onto the same device."""
-
-
-def _load(path: str, device: str) -> _Loaded:
-    import torch
-
-    model, info = load_on(path, device)
-    with torch.no_grad():
-        out = run_on(model, torch.zeros((1, *info.input_shape)), device)
-    return _Loaded(model, info, int(out.shape[1]), device)
-
-
-class ModelServer:
-    """Serves one router connection at a time; batches run on this thread, loads on another."""
-
-    def __init__(self, loaded: _Loaded, curve: list[list[float]]) -> None:
-        self.active = loaded
-        self.curve = curve
-        self._staged: _Loaded | None = None
-        self._send_lock = threading.Lock()
-
-    def _send(self, conn: socket.socket, header: dict[str, Any], payload: bytes = b"") -> None:
-        frame = wire.encode(header, payload)
-        with self._send_lock:
-            conn.sendall(frame)
-
-    def serve_forever(self, listener: socket.socket) -> None:
-        while True:
-            conn, _ = listener.accept()
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                self._handle(conn)
-            except (OSError, wire.WireError):
-                pass  # the router went away or broke the protocol: wait for the next one
-            finally:
-                conn.close()
-
-    def _hello(self) -> dict[str, Any]:
-        info = self.active.info
-        return {"op": "hello", "version": info.version, "sha256": info.sha256,
-                "architecture": info.architecture, "input_shape": list(info.input_shape),
-                "output_features": self.active.output_features, "curve": self.curve,
-                "pid": os.getpid(), "device": self.active.device}
-
-    def _handle(self, conn: socket.socket) -> None:
-        self._send(conn, self._hello())
-        while (frame := wire.recv_frame(conn)) is not None:
-            header, payload = frame
-            op, request_id = header["op"], header.get("id")
-            if op == "batch":
-                self._batch(conn, request_id, header, payload)
-            elif op == "ping":
-                self._send(conn, {"op": "pong", "id": request_id,
-                                  "version": self.active.info.version})
-            elif op == "prepare":
-                threading.Thread(target=self._prepare, args=(conn, request_id,
-                                                              str(header.get("path"))),
-                                 daemon=True).start()
-            elif op == "commit":
-                self._commit(conn, request_id)
-            else:
-                self._send(conn, {"op": "error", "id": request_id, "message": f"unknown op {op}"})
-
-    def _batch(self, conn: socket.socket, request_id: Any, header: dict[str, Any],
-               payload: bytes) -> None:
-        import numpy as np
-        import torch
-
-        loaded = self.active  # one version for the whole batch
-        try:
-            inputs = wire.from_payload(header.get("shape"), payload)
-            if tuple(inputs.shape[1:]) != tuple(loaded.info.input_shape) or not len(inputs):
-                raise wire.WireError(f"batch of shape {list(inputs.shape)}, the model takes "
-                                     f"(rows, {', '.join(map(str, loaded.info.input_shape))})")
-        except wire.WireError as error:
-            self._send(conn, {"op": "error", "id": request_id, "message": str(error)})
-            return
-        start = time.perf_counter()
-        with torch.no_grad():
-            outputs = run_on(loaded.model, torch.from_numpy(np.array(inputs)),
-                             loaded.device).numpy()
-        service_s = time.perf_counter() - start
-        shape, data = wire.to_payload(outputs)
-        self._send(conn, {"op": "result", "id": request_id, "shape": shape,
-                          "version": loaded.info.version, "service_s": service_s}, data)
-
-    def _prepare(self, conn: socket.socket, request_id: Any, path: str) -> None:
-        try:
-            loaded = _load(path, self.active.device)
-        except IdlaError as error:
-            reply = {"op": "error", "id": request_id, "message": str(error)}
-        else:
-            self._staged = loaded
-            info = loaded.info
-            reply = {"op": "prepared", "id": request_id, "version": info.version,
-                     "sha256": info.sha256, "input_shape": list(info.input_shape),
-                     "output_features": loaded.output_features}
-        with suppress(OSError):
-            self._send(conn, reply)
-
-    def _commit(self, conn: socket.socket, request_id: Any) -> None:
-        staged, self._staged = self._staged, None
-        if staged is None:
-            self._send(conn, {"op": "error", "id": request_id, "message": "nothing prepared"})
-            return
-        self.active = staged
-        self._send(conn, {"op": "committed", "id": request_id, "version": staged.info.version,
-                          "switched_at_s": time.time()})
-
-
 def _watch_parent(parent_pid: int) -> None:
     """Exit when the process that started this worker is gone (no orphaned workers)."""
     while os.getppid() == parent_pid:
@@ -209,6 +98,17 @@ def _join_cgroup(procs_path: str) -> None:
         raise ConfigError(f"cannot join the throttled cgroup {procs_path}: {error}") from None
 
 
+def _test_load_delay_s() -> float:
+    text = os.environ.get(LOAD_DELAY_ENV, "")
+    try:
+        delay_s = float(text) if text else 0.0
+    except ValueError:
+        delay_s = -1.0
+    if not 0 <= delay_s <= MAX_LOAD_DELAY_S:
+        raise ConfigError(f"{LOAD_DELAY_ENV}={text!r} must be 0 to {MAX_LOAD_DELAY_S:g} seconds")
+    return delay_s
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m idla.serve.worker")
     parser.add_argument("--model", required=True)
@@ -219,6 +119,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS)
     parser.add_argument("--device", default=CPU, help="cpu or cuda:N")
     args = parser.parse_args(argv)
+    try:
+        secret = auth.read_secret(sys.stdin.buffer)
+        load_delay_s = _test_load_delay_s()
+    except ConfigError as error:
+        print(json.dumps({"error": str(error)}), flush=True)
+        return 2
     import torch
 
     torch.set_num_threads(1)
@@ -228,18 +134,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             from idla.emulate.netns import enter_netns
 
             enter_netns(args.netns)
-        loaded = _load(args.model, resolve_devices(args.device, 1)[0])
+        loaded = load(args.model, resolve_devices(args.device, 1)[0])
         if args.cgroup_procs:
             _join_cgroup(args.cgroup_procs)
         curve = measure_curve(loaded.model, loaded.info.input_shape, args.max_rows,
                               device=loaded.device)
         listener = socket.create_server((args.host, args.port))
-    except (IdlaError, OSError) as error:
-        print(json.dumps({"error": str(error)}), flush=True)
+    except Exception as error:  # e.g. a model whose kwargs make torch raise: say why, exit 2
+        print(json.dumps({"error": describe_failure(error, "starting the worker", args.model)}),
+              flush=True)
         return 2
     print(json.dumps({"ready": True, "port": listener.getsockname()[1], "pid": os.getpid(),
                       "version": loaded.info.version}), flush=True)
-    ModelServer(loaded, curve).serve_forever(listener)
+    ModelServer(loaded, curve, secret, load_delay_s).serve_forever(listener)
     return 0
 
 
@@ -279,7 +186,8 @@ class WorkerPool:
     ``devices[i]`` (a ``--device`` value or one device per worker, checked here).
 
     With ``netns``, worker i runs in network namespace ``netns[i]`` (an emulated host) and binds
-    ``hosts[i]``, that host's address; otherwise every worker binds ``host``.
+    ``hosts[i]``, that host's address; otherwise every worker binds ``host``. Every worker gets
+    `secret` (drawn here, per pool) on its stdin; a router needs it to connect (`idla.serve.auth`).
     """
 
     def __init__(
@@ -300,8 +208,12 @@ class WorkerPool:
         self.model_dir, self.count, self.speeds = str(model_dir), count, speeds
         self.base_cores, self.max_rows, self.netns = base_cores, max_rows, netns
         self.devices = resolve_devices(devices, count)
+        self.secret = auth.new_secret()
         self.workers: list[WorkerProcess] = []
         self._stack = ExitStack()
+        self._throttle: Any = None
+        self._lock = threading.Lock()  # restarts run on other threads than close
+        self._closed = False
 
     def __enter__(self) -> WorkerPool:
         from idla.emulate.cgroup import CpuThrottle
@@ -309,9 +221,10 @@ class WorkerPool:
 
         read_info(self.model_dir)  # a missing, damaged or pickle model fails here, clearly
         try:
-            throttle = (self._stack.enter_context(CpuThrottle(self.speeds, self.base_cores))
-                        if self.speeds else None)
-            processes = [self._spawn(i, throttle) for i in range(self.count)]
+            self._throttle = (self._stack.enter_context(CpuThrottle(self.speeds,
+                                                                    self.base_cores))
+                              if self.speeds else None)
+            processes = [self._spawn(i, self.model_dir) for i in range(self.count)]
             deadline_s = time.monotonic() + READY_TIMEOUT_S
             for process in processes:
                 self._stack.callback(_stop, process)
@@ -319,25 +232,57 @@ class WorkerPool:
                 ready = _wait_ready(process, deadline_s)
                 self.workers.append(WorkerProcess(process, self.hosts[i], int(ready["port"])))
         except BaseException:
-            self._stack.close()
+            self.close()
             raise
         return self
 
-    def _spawn(self, index: int, throttle: Any) -> subprocess.Popen[bytes]:
-        command = [sys.executable, "-m", "idla.serve.worker", "--model", self.model_dir,
+    def restart(self, index: int, model_dir: str | None = None) -> WorkerProcess:
+        """Replace worker ``index`` by a new process on ``model_dir`` (default: `model_dir`),
+        with the same device, cgroup, namespace and secret, on a new port; the old process is
+        killed if it still runs. Blocks until the new one is ready (at most READY_TIMEOUT_S);
+        a worker that cannot start raises IdlaError."""
+        with self._lock:
+            if self._closed:
+                raise IdlaError("the worker pool is closed")
+            old = self.workers[index].process
+        if old.poll() is None:
+            old.kill()
+        _stop(old)
+        process = self._spawn(index, model_dir or self.model_dir)
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._stack.callback(_stop, process)
+        if closed:
+            _stop(process)
+            raise IdlaError("the worker pool is closed")
+        ready = _wait_ready(process, time.monotonic() + READY_TIMEOUT_S)
+        worker = WorkerProcess(process, self.hosts[index], int(ready["port"]))
+        self.workers[index] = worker
+        return worker
+
+    def _spawn(self, index: int, model_dir: str) -> subprocess.Popen[bytes]:
+        command = [sys.executable, "-m", "idla.serve.worker", "--model", model_dir,
                    "--host", self.hosts[index], "--max-rows", str(self.max_rows),
                    "--device", self.devices[index]]
-        if throttle is not None:
-            command += ["--cgroup-procs", str(throttle.paths[index] / "cgroup.procs")]
+        if self._throttle is not None:
+            command += ["--cgroup-procs", str(self._throttle.paths[index] / "cgroup.procs")]
         if self.netns is not None:
             command += ["--netns", self.netns[index]]
-        return subprocess.Popen(command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stdin=subprocess.PIPE)
+        assert process.stdin is not None
+        with suppress(OSError):  # a worker that died at once says so on stdout
+            process.stdin.write(self.secret.hex().encode() + b"\n")
+            process.stdin.close()
+        return process
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
         return [(w.host, w.port) for w in self.workers]
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
         self._stack.close()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -1,0 +1,92 @@
+"""A worker as the router sees it (`WorkerSlot`): its connection, measured curve, batcher,
+batches in flight, health and counters; and the records of a request and a batch in flight.
+
+A slot outlives its connection: a worker that is lost and comes back (a new connection, or a
+new process) is the same slot with a new link, so its index and counters carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from idla.profile.meters import EmaMeter
+from idla.serve.batcher import DynamicBatcher, ServiceCurve
+from idla.serve.link import WorkerLink
+from idla.serve.policies import LoadView
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    outputs: np.ndarray  # (rows, output_features)
+    version: str
+    worker: int
+    batch_rows: int
+    queue_s: float
+    """Seconds from (the last) enqueue to dispatch."""
+    route_s: float
+    """Seconds the router spent choosing a worker and enqueuing."""
+    service_s: float
+    """Seconds from sending the batch to the worker to its reply (the worker's share)."""
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    inputs: np.ndarray  # (rows, *input_shape)
+    future: asyncio.Future[Prediction]
+    attempts: int = 1
+    route_s: float = 0.0
+
+    @property
+    def rows(self) -> int:
+        return int(self.inputs.shape[0])
+
+
+@dataclass(slots=True)
+class Batch:
+    rows: int
+    requests: int
+    until_s: float
+    """Predicted time (perf_counter) its reply arrives."""
+
+
+@dataclass(eq=False)
+class WorkerSlot:
+    index: int
+    address: tuple[str, int]
+    link: WorkerLink
+    curve: ServiceCurve
+    batcher: DynamicBatcher[Request]
+    version: str
+    alive: bool = True
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    inflight: list[Batch] = field(default_factory=list)
+    slowdown: EmaMeter = field(default_factory=lambda: EmaMeter(0.9))
+    link_s: EmaMeter = field(default_factory=lambda: EmaMeter(0.9))
+    served_requests: int = 0
+    restarts: int = 0
+    """Times its process was replaced by a new one (`idla.serve.supervisor`)."""
+    reconnects: int = 0
+    """Times it came back after being lost (a new process or only a new connection)."""
+    task: asyncio.Task[None] | None = None
+    batch_tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def estimates(self) -> tuple[float, float]:
+        """(slowdown, link seconds) as measured so far; (1, 0) before the first batch."""
+        if not self.slowdown.count:
+            return 1.0, 0.0
+        return self.slowdown.value, self.link_s.value
+
+    def view(self, now_s: float) -> LoadView:
+        if self.inflight:
+            rows = sum(b.rows for b in self.inflight)
+            requests = sum(b.requests for b in self.inflight)
+            remaining_s = max(0.0, self.inflight[-1].until_s - now_s)
+        else:
+            rows = requests = 0
+            remaining_s = 0.0
+        return LoadView(self.index, self.batcher.queued_rows, self.batcher.queued_requests,
+                        rows, requests, remaining_s, self.batcher.oldest_wait_s(now_s),
+                        self.curve, self.batcher.policy, *self.estimates())
