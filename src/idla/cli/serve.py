@@ -59,7 +59,8 @@ def add_commands(commands: Any, benches: Any) -> None:
                        help="POST /admin/model loads only models inside DIR (paths relative to "
                        "it; symlinks resolved); default: any path the server can read")
     serve.add_argument("--max-connections", type=positive_int, default=1000, metavar="N",
-                       help="open HTTP connections at most; more get 503 (default: 1000)")
+                       help="open HTTP connections at most; one more closes the oldest one "
+                       "still waiting for a request (default: 1000)")
     serve.add_argument("--policy", default="idla", help=f"{_POLICY_HELP} (default: idla)")
     serve.add_argument("--max-wait-ms", type=float, metavar="MS",
                        help="batching wait of an idle worker (default: each worker's fixed "

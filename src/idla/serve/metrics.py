@@ -111,7 +111,7 @@ class ServeMetrics:
             requests.add_metric([endpoint, str(status)], n)
         yield requests
         closed = CounterMetricFamily("idla_http_connections_closed", "Connections the server "
-                                     "closed: head_timeout, unread_body, over_limit.",
+                                     "closed: head_timeout, unread_body, evicted, over_limit.",
                                      labels=["reason"])
         for reason, n in sorted(self.closed_connections.items()):
             closed.add_metric([reason], n)

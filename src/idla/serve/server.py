@@ -46,7 +46,8 @@ class ServeOptions:
     keep_alive_s: int = 5
     """Seconds an idle keep-alive connection stays open after a response."""
     max_connections: int = 1000
-    """Open HTTP connections at most; more are answered 503 and closed at once."""
+    """Open HTTP connections at most: one more closes the oldest connection waiting for a request
+    (408), or gets 503 when every one is inside a request."""
 
     def __post_init__(self) -> None:
         if self.head_timeout_s <= 0:
