@@ -15,7 +15,7 @@ scores → the aggregator → the server optimizer (none: x + lr·Δ; FedAdam / 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -172,15 +172,20 @@ class FedStrategy:
         return tasks
 
     def _screen(
-        self, round_index: int, reference: list[np.ndarray], updates: Sequence[ClientUpdate]
+        self,
+        round_index: int,
+        reference: list[np.ndarray],
+        updates: Sequence[ClientUpdate],
+        refused: Mapping[int, str],
     ) -> tuple[list[ClientUpdate], dict[int, str], list[int]]:
         """Split the updates into usable, rejected (with reasons) and late. A client that sent
-        several updates has all of them rejected: nothing says which one is its own."""
-        counts: dict[int, int] = {}
+        several updates (the refused ones count) has all of them rejected: nothing says which
+        one is its own."""
+        counts: dict[int, int] = dict.fromkeys(refused, 1)
         for update in updates:
             counts[update.client_id] = counts.get(update.client_id, 0) + 1
         usable: list[ClientUpdate] = []
-        rejected: dict[int, str] = {}
+        rejected: dict[int, str] = {int(c): str(r) for c, r in refused.items()}
         late: list[int] = []
         for update in updates:
             client = update.client_id
@@ -223,12 +228,17 @@ class FedStrategy:
         global_arrays: list[np.ndarray],
         updates: Sequence[ClientUpdate],
         failures: Sequence[Failure],
+        refused: Mapping[int, str] | None = None,
     ) -> RoundResult:
         """Combine this round's updates into new global weights; bad updates are rejected with a
-        reason (never raised), late ones dropped. No usable update: the global weights stay."""
+        reason (never raised), late ones dropped. No usable update: the global weights stay.
+
+        ``refused``: client → reason for updates that the transport could not even decode
+        (``idla.fl.wire``); they are rejected and counted like the others.
+        """
         cfg = self.config
         reference = [np.asarray(a) for a in global_arrays]
-        usable, rejected, late = self._screen(round_index, reference, updates)
+        usable, rejected, late = self._screen(round_index, reference, updates, refused or {})
         failed = {f.client_id: str(f.reason) for f in failures}
         if late and cfg.deadline_s is not None:
             round_s = float(cfg.deadline_s)
