@@ -16,6 +16,8 @@ from safetensors.numpy import save
 from idla.errors import ConfigError
 from idla.fl.aggregate import (
     ServerOptState,
+    centered_clipping,
+    clipping_radius,
     coordinate_median,
     krum,
     server_opt_step,
@@ -142,7 +144,7 @@ def test_late_updates_are_dropped_and_the_round_lasts_until_the_deadline() -> No
     assert on_time.aggregate_round(1, _GLOBAL, early[:2], []).round_s == 1.5
 
 
-@pytest.mark.parametrize("aggregator", ["median", "trimmed", "krum", "multikrum"])
+@pytest.mark.parametrize("aggregator", ["median", "trimmed", "krum", "multikrum", "cclip"])
 def test_robust_aggregators_match_the_pure_functions(aggregator: str) -> None:
     config = StrategyConfig(aggregator=aggregator, clients_per_round=8, num_malicious=2)
     strategy = FedStrategy(config, _fleet())
@@ -154,6 +156,9 @@ def test_robust_aggregators_match_the_pure_functions(aggregator: str) -> None:
         "trimmed": lambda: trimmed_mean(arrays, 0.2),
         "krum": lambda: krum(arrays, 2)[0],
         "multikrum": lambda: krum(arrays, 2, 6, samples)[0],
+        "cclip": lambda: centered_clipping(
+            arrays, coordinate_median(arrays),
+            clipping_radius(arrays, coordinate_median(arrays)), 3),
     }[aggregator]()
 
     result = strategy.aggregate_round(1, _GLOBAL, updates, [])

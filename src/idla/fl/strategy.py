@@ -24,6 +24,8 @@ import numpy as np
 from idla.errors import ConfigError
 from idla.fl.aggregate import (
     ServerOptState,
+    centered_clipping,
+    clipping_radius,
     coordinate_median,
     krum,
     server_opt_step,
@@ -281,6 +283,9 @@ class FedStrategy:
         elif cfg.aggregator == "multikrum":
             selected = cfg.multikrum_selected or max(1, count - malicious)
             aggregate, _ = krum(arrays, malicious, min(selected, count), samples)
+        elif cfg.aggregator == "cclip":
+            aggregate = centered_clipping(arrays, center, clipping_radius(arrays, center),
+                                          cfg.clip_iterations)
         else:
             weights = [
                 n * self._trust.trust(c) * (0.0 if flag and cfg.trust_exclude_outliers else 1.0)
