@@ -204,6 +204,19 @@ def test_centered_clipping_is_the_mean_with_a_large_radius_and_the_center_with_n
         centered_clipping(clients, center, 1.0, iterations=0)
 
 
+def test_weighted_centered_clipping_is_the_weighted_mean_unclipped() -> None:
+    clients = _clients(seed=15, count=4)
+    center = coordinate_median(clients)
+    weights = [3.0, 1.0, 0.0, 2.0]
+
+    _close(centered_clipping(clients, center, 1e9, iterations=1, weights=weights),
+           weighted_mean(clients, weights), atol=1e-6)
+    _close(centered_clipping(clients, center, 0.7, weights=[2.0] * 4),
+           centered_clipping(clients, center, 0.7), atol=1e-7)
+    with pytest.raises(ValueError, match="weights"):
+        centered_clipping(clients, center, 1.0, weights=[1.0, -1.0, 1.0, 1.0])
+
+
 def test_far_attackers_move_centered_clipping_at_most_their_clipped_share() -> None:
     rng = np.random.default_rng(13)
     honest = [[rng.normal(size=(8, 4))] for _ in range(7)]

@@ -192,6 +192,29 @@ def test_trust_aggregator_resists_a_sign_flip_attack_and_reports_trust() -> None
     assert report["participation"]["2"]["outlier"] == 3
 
 
+def test_trustclip_clips_the_updates_that_are_not_outliers_weighted_by_trust() -> None:
+    strategy = FedStrategy(StrategyConfig(aggregator="trustclip", clients_per_round=10), _fleet())
+    tasks = strategy.configure_round(1, _GLOBAL, 1000)
+    attackers = {1, 4, 8}
+    updates = [
+        ClientUpdate(u.client_id, u.num_samples, [-5.0 * a for a in u.arrays])
+        if u.client_id in attackers
+        else u
+        for u in _updates(tasks, seed=5)
+    ]
+    everyone = [u.arrays for u in updates]
+    honest = [u.arrays for u in updates if u.client_id not in attackers]
+    center = coordinate_median(everyone)
+    expected = centered_clipping(honest, center, clipping_radius(honest, center), 3)
+
+    result = strategy.aggregate_round(1, _GLOBAL, updates, [])
+
+    assert sorted(result.outliers) == sorted(attackers)
+    for ours, theirs in zip(result.arrays, expected, strict=True):
+        np.testing.assert_allclose(ours, theirs, atol=1e-6)
+    assert all(abs(float(a.mean()) - 1.0) < 0.1 for a in result.arrays)
+
+
 def test_fedavg_is_poisoned_by_the_same_attack() -> None:
     strategy = FedStrategy(StrategyConfig(clients_per_round=10), _fleet())
     tasks = strategy.configure_round(1, _GLOBAL, 1000)

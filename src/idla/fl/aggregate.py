@@ -189,6 +189,7 @@ def centered_clipping(
     center: Sequence[np.ndarray],
     radius: float,
     iterations: int = 3,
+    weights: Sequence[float] | None = None,
 ) -> NDArrays:
     """Centered clipping (Karimireddy, He & Jaggi 2021, "Learning from History for Byzantine
     Robust Optimization", ICML): L times, v ← v + (1/K) Σ_k clip_τ(x_k − v) with
@@ -214,11 +215,17 @@ def centered_clipping(
     value = _matrix([center])[0]
     if value.size != flat.shape[1]:
         raise ValueError(f"center has {value.size} values, the updates {flat.shape[1]}")
+    share = np.full(len(updates), 1.0 / len(updates))
+    if weights is not None:
+        w = np.asarray(weights, dtype=np.float64)
+        if w.shape != share.shape or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+            raise ValueError("weights must be one finite, non-negative value per update, sum > 0")
+        share = w / w.sum()
     for _ in range(iterations):
         offsets = flat - value
         norms = np.linalg.norm(offsets, axis=1)
         scale = np.minimum(1.0, radius / np.maximum(norms, np.finfo(np.float64).tiny))
-        value = value + (scale[:, None] * offsets).mean(axis=0)
+        value = value + (share * scale) @ offsets
     return _unflatten(value, updates[0])
 
 

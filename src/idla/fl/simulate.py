@@ -62,7 +62,7 @@ class SimulationConfig:
     alpha: float = 0.5
     """Dirichlet α of the non-IID label skew, > 0 (small: very non-IID)."""
     aggregator: str = "fedavg"
-    """fedavg | median | trimmed | krum | multikrum | trust."""
+    """fedavg | median | trimmed | krum | multikrum | trust | cclip | trustclip."""
     server_optimizer: str = "none"
     """none | adam | yogi."""
     proximal_mu: float = field(default=0.0, metadata={"metavar": "MU"})
