@@ -15,6 +15,8 @@ from flwr.server.strategy.aggregate import (
 
 from idla.fl.aggregate import (
     ServerOptState,
+    centered_clipping,
+    clipping_radius,
     coordinate_median,
     krum,
     krum_scores,
@@ -165,3 +167,82 @@ def test_integer_layers_keep_their_dtype() -> None:
         assert [a.dtype for a in result] == [np.float32, np.int64]
     assert weighted_mean(updates, [1, 1, 1, 1])[1][0] == 5  # 20 / 4
     assert coordinate_median(updates)[1][0] == 4
+
+
+def _flat(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
+
+
+def test_centered_clipping_matches_a_per_client_reference_loop() -> None:
+    clients = _clients(seed=11, count=6, dtype=np.float64)
+    center = coordinate_median(clients)
+    radius = 0.5 * clipping_radius(clients, center)  # small enough that most are clipped
+    value = _flat(center)
+    for _ in range(3):
+        step = np.zeros_like(value)
+        for client in clients:
+            offset = _flat(client) - value
+            step += offset * min(1.0, radius / float(np.linalg.norm(offset)))
+        value = value + step / len(clients)
+
+    ours = centered_clipping(clients, center, radius, iterations=3)
+
+    np.testing.assert_allclose(_flat(ours), value, rtol=0, atol=1e-12)
+    assert [a.shape for a in ours] == [np.shape(a) for a in clients[0]]
+
+
+def test_centered_clipping_is_the_mean_with_a_large_radius_and_the_center_with_none() -> None:
+    clients = _clients(seed=12, count=5)
+    center = coordinate_median(clients)
+
+    _close(centered_clipping(clients, center, 1e9, iterations=1),
+           weighted_mean(clients, [1.0] * 5), atol=1e-6)
+    _close(centered_clipping(clients, center, 0.0), center, atol=0)
+    with pytest.raises(ValueError, match="radius"):
+        centered_clipping(clients, center, float("nan"))
+    with pytest.raises(ValueError, match="iterations"):
+        centered_clipping(clients, center, 1.0, iterations=0)
+
+
+def test_weighted_centered_clipping_is_the_weighted_mean_unclipped() -> None:
+    clients = _clients(seed=15, count=4)
+    center = coordinate_median(clients)
+    weights = [3.0, 1.0, 0.0, 2.0]
+
+    _close(centered_clipping(clients, center, 1e9, iterations=1, weights=weights),
+           weighted_mean(clients, weights), atol=1e-6)
+    _close(centered_clipping(clients, center, 0.7, weights=[2.0] * 4),
+           centered_clipping(clients, center, 0.7), atol=1e-7)
+    with pytest.raises(ValueError, match="weights"):
+        centered_clipping(clients, center, 1.0, weights=[1.0, -1.0, 1.0, 1.0])
+
+
+def test_far_attackers_move_centered_clipping_at_most_their_clipped_share() -> None:
+    rng = np.random.default_rng(13)
+    honest = [[rng.normal(size=(8, 4))] for _ in range(7)]
+    attackers = [[1e6 * rng.normal(size=(8, 4))] for _ in range(3)]
+    everyone = honest + attackers
+    center = coordinate_median(everyone)
+    radius = clipping_radius(everyone, center)
+    iterations = 3
+
+    result = _flat(centered_clipping(everyone, center, radius, iterations))
+
+    honest_mean = _flat(weighted_mean(honest, [1.0] * 7))
+    honest_distances = [np.linalg.norm(_flat(h) - _flat(center)) for h in honest]
+    assert radius <= max(honest_distances)  # the attackers cannot inflate the radius
+    assert np.linalg.norm(result - _flat(center)) <= iterations * radius + 1e-9
+    # Each attacker pulls by at most radius / K per iteration; the plain mean moves by ~3e5.
+    assert np.linalg.norm(result - honest_mean) < iterations * 3 * radius / 10 + radius
+    assert np.linalg.norm(_flat(weighted_mean(everyone, [1.0] * 10)) - honest_mean) > 1e4
+
+
+def test_clipping_radius_is_the_median_distance_and_scales_with_the_updates() -> None:
+    clients = _clients(seed=14, count=5, dtype=np.float64)
+    center = coordinate_median(clients)
+    distances = [np.linalg.norm(_flat(c) - _flat(center)) for c in clients]
+
+    assert clipping_radius(clients, center) == pytest.approx(float(np.median(distances)))
+    scaled = [[3.0 * a for a in c] for c in clients]
+    assert clipping_radius(scaled, [3.0 * a for a in center]) == pytest.approx(
+        3.0 * clipping_radius(clients, center))

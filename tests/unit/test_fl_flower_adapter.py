@@ -70,9 +70,9 @@ def test_a_round_aggregates_good_updates_and_rejects_bad_ones_with_reasons() -> 
     for array in new:
         np.testing.assert_allclose(array, (1.0 * 10 + 4.0 * 30) / 40, rtol=1e-6)
     assert metrics["accepted"] == 2 and metrics["rejected"] == 2
-    rejected = adapter.history[-1]["rejected"]
-    assert "no idla client id" in rejected["999"]
-    assert "unreadable parameters" in rejected["103"]
+    record = adapter.history[-1]
+    assert "no idla client id" in record["unmapped"]["999"]
+    assert "unreadable parameters" in record["rejected"]["2"]  # node 103 is idla client 2
 
 
 def test_wrong_shape_nan_and_foreign_tensor_types_are_rejected_and_the_round_goes_on() -> None:
@@ -97,9 +97,9 @@ def test_wrong_shape_nan_and_foreign_tensor_types_are_rejected_and_the_round_goe
     rejected = adapter.history[0]["rejected"]
     assert "shape" in rejected["0"]
     assert "non-finite" in rejected["1"]
-    assert any("node 4 vanished" in reason for reason in rejected.values())
+    assert any("node 4 vanished" in reason for reason in adapter.history[0]["unmapped"].values())
     assert metrics["accepted"] == 1
-    assert "torch.Tensor" in adapter.history[1]["rejected"]["3"]
+    assert "torch.Tensor" in adapter.history[1]["rejected"]["2"]  # node 3 is idla client 2
     assert second is not None  # no usable update: the global weights stay
     np.testing.assert_allclose(parameters_to_ndarrays(second)[0], 2.0)
 

@@ -16,6 +16,8 @@ from safetensors.numpy import save
 from idla.errors import ConfigError
 from idla.fl.aggregate import (
     ServerOptState,
+    centered_clipping,
+    clipping_radius,
     coordinate_median,
     krum,
     server_opt_step,
@@ -142,7 +144,7 @@ def test_late_updates_are_dropped_and_the_round_lasts_until_the_deadline() -> No
     assert on_time.aggregate_round(1, _GLOBAL, early[:2], []).round_s == 1.5
 
 
-@pytest.mark.parametrize("aggregator", ["median", "trimmed", "krum", "multikrum"])
+@pytest.mark.parametrize("aggregator", ["median", "trimmed", "krum", "multikrum", "cclip"])
 def test_robust_aggregators_match_the_pure_functions(aggregator: str) -> None:
     config = StrategyConfig(aggregator=aggregator, clients_per_round=8, num_malicious=2)
     strategy = FedStrategy(config, _fleet())
@@ -154,6 +156,9 @@ def test_robust_aggregators_match_the_pure_functions(aggregator: str) -> None:
         "trimmed": lambda: trimmed_mean(arrays, 0.2),
         "krum": lambda: krum(arrays, 2)[0],
         "multikrum": lambda: krum(arrays, 2, 6, samples)[0],
+        "cclip": lambda: centered_clipping(
+            arrays, coordinate_median(arrays),
+            clipping_radius(arrays, coordinate_median(arrays)), 3),
     }[aggregator]()
 
     result = strategy.aggregate_round(1, _GLOBAL, updates, [])
@@ -185,6 +190,29 @@ def test_trust_aggregator_resists_a_sign_flip_attack_and_reports_trust() -> None
     )
     assert report["trust"]["0"] == 1.0
     assert report["participation"]["2"]["outlier"] == 3
+
+
+def test_trustclip_clips_the_updates_that_are_not_outliers_weighted_by_trust() -> None:
+    strategy = FedStrategy(StrategyConfig(aggregator="trustclip", clients_per_round=10), _fleet())
+    tasks = strategy.configure_round(1, _GLOBAL, 1000)
+    attackers = {1, 4, 8}
+    updates = [
+        ClientUpdate(u.client_id, u.num_samples, [-5.0 * a for a in u.arrays])
+        if u.client_id in attackers
+        else u
+        for u in _updates(tasks, seed=5)
+    ]
+    everyone = [u.arrays for u in updates]
+    honest = [u.arrays for u in updates if u.client_id not in attackers]
+    center = coordinate_median(everyone)
+    expected = centered_clipping(honest, center, clipping_radius(honest, center), 3)
+
+    result = strategy.aggregate_round(1, _GLOBAL, updates, [])
+
+    assert sorted(result.outliers) == sorted(attackers)
+    for ours, theirs in zip(result.arrays, expected, strict=True):
+        np.testing.assert_allclose(ours, theirs, atol=1e-6)
+    assert all(abs(float(a.mean()) - 1.0) < 0.1 for a in result.arrays)
 
 
 def test_fedavg_is_poisoned_by_the_same_attack() -> None:

@@ -11,7 +11,11 @@
 3. **Attacks**: 30% malicious clients, each attack, with every aggregator; ``clean`` is FedAvg
    without attackers. Krum assumes f = the expected malicious count per round, the trimmed mean
    cuts the malicious share at each end: the defender knows an upper bound on the attackers'
-   share, as these rules require.
+   share, as these rules require. Centered clipping (``cclip``, ``trustclip``) is told
+   nothing: its radius comes from each round's updates. The attackers act alone (signflip,
+   gaussian, scale, labelflip) or collude (alie, ipm, minmax: one update crafted from the
+   round's honest ones, ``idla.fl.collusion``); ``targets["defences"]`` gives each
+   aggregator's worst gap to clean FedAvg over the lone and over the colluding attacks.
 
 All idla runs share one worker pool (same partitions). Accuracies are on the digits test set
 after the last round; ``mean_round_s`` is the mean emulated round time (``idla.fl.simulate``).
@@ -34,8 +38,11 @@ from idla.fl.pool import ClientPool
 from idla.fl.simulate import SimulationConfig, make_population, pool_settings, run_simulation
 from idla.fl.summary import trust_split
 
-ATTACKS = ("signflip", "gaussian", "scale", "labelflip")
-AGGREGATORS = ("fedavg", "median", "trimmed", "krum", "multikrum", "trust")
+LONE_ATTACKS = ("signflip", "gaussian", "scale", "labelflip")
+COLLUDING_ATTACKS = ("alie", "ipm", "minmax")
+ATTACKS = LONE_ATTACKS + COLLUDING_ATTACKS
+AGGREGATORS = ("fedavg", "median", "trimmed", "krum", "multikrum", "trust", "cclip",
+               "trustclip")
 ROBUST = tuple(a for a in AGGREGATORS if a != "fedavg")
 
 
@@ -228,7 +235,25 @@ def check_targets(result: dict[str, Any], config: FlBenchConfig) -> dict[str, An
                 "fedavg_drop_pp": None if fedavg is None else 100 * (clean - fedavg),
             }
         targets["attacks"] = per_attack
+        targets["defences"] = defence_gaps(scenarios, config)
     return targets
+
+
+def defence_gaps(scenarios: dict[str, Any], config: FlBenchConfig) -> dict[str, Any]:
+    """Per aggregator: its worst gap (pp, negative = below clean FedAvg) over the lone and over
+    the colluding attacks that ran, and whether the colluding one is within 3 pp."""
+    clean = scenarios["clean"]["final_accuracy"]
+    gaps: dict[str, Any] = {}
+    for aggregator in config.aggregators:
+        row: dict[str, Any] = {}
+        for group, attacks in (("lone", LONE_ATTACKS), ("colluding", COLLUDING_ATTACKS)):
+            ran = [100 * (scenarios[f"{a}_{aggregator}"]["final_accuracy"] - clean)
+                   for a in attacks if a in config.attacks and f"{a}_{aggregator}" in scenarios]
+            row[f"worst_{group}_gap_pp"] = min(ran) if ran else None
+        colluding = row["worst_colluding_gap_pp"]
+        row["colluding_within_3pp"] = None if colluding is None else colluding >= -3.0
+        gaps[aggregator] = row
+    return gaps
 
 
 def _print_run(name: str, row: dict[str, Any]) -> None:

@@ -50,7 +50,8 @@ def add_commands(commands: Any, benches: Any) -> None:
         "fl", help="idla's FL simulation vs Flower's, stragglers and attacks",
         description="Flower's Ray simulation with FedAvg vs idla's simulation on the same "
         "partitions, model, local epochs and seed; then stragglers (uniform vs deadline "
-        "selection) and attacks (FedAvg, median, trimmed mean, Krum, trust).",
+        "selection) and lone and colluding attacks (FedAvg, median, trimmed mean, Krum, "
+        "trust, centered clipping).",
     )
     bench.defer(_bench_options)
     bench.set_defaults(bench_handler=_bench)

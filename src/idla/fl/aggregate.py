@@ -9,7 +9,8 @@ match Flower's ``flwr.server.strategy.aggregate`` functions (``aggregate``, ``ag
 against the real package.
 
 Costs, with K clients and P parameters in all: weighted mean O(K·P); coordinate median and
-trimmed mean O(K·P·log K) (a sort per coordinate); Krum O(K²·P) for the pairwise distances.
+trimmed mean O(K·P·log K) (a sort per coordinate); Krum O(K²·P) for the pairwise distances;
+centered clipping O(L·K·P) for L iterations.
 """
 
 from __future__ import annotations
@@ -169,6 +170,63 @@ def krum(
     chosen_weights = [1.0] * len(chosen) if weights is None else [weights[i] for i in chosen]
     aggregate = weighted_mean([updates[i] for i in chosen], chosen_weights)
     return aggregate, chosen
+
+
+def clipping_radius(updates: Sequence[Sequence[np.ndarray]], center: Sequence[np.ndarray]) -> float:
+    """τ for ``centered_clipping`` from the round itself: the median L2 distance of the updates
+    to ``center``. At least half of the updates reach the center unclipped whatever their
+    scale, and fewer than half (the attackers) cannot move the radius past the honest range.
+
+    Cost: O(K·P).
+    """
+    flat = _matrix(updates)
+    start = _matrix([center])[0]
+    return float(np.median(np.linalg.norm(flat - start, axis=1)))
+
+
+def centered_clipping(
+    updates: Sequence[Sequence[np.ndarray]],
+    center: Sequence[np.ndarray],
+    radius: float,
+    iterations: int = 3,
+    weights: Sequence[float] | None = None,
+) -> NDArrays:
+    """Centered clipping (Karimireddy, He & Jaggi 2021, "Learning from History for Byzantine
+    Robust Optimization", ICML): L times, v ← v + (1/K) Σ_k clip_τ(x_k − v) with
+    clip_τ(d) = d · min(1, τ / ‖d‖), starting from ``center``.
+
+    Every client moves v by at most τ/K per iteration however far it is, so f attackers move it
+    by at most f·τ/K; clients within τ of v count fully, so with a large radius this is the
+    plain mean. Clients count equally (a client's sample count is its own claim).
+
+    Args:
+        updates: One list of arrays per client.
+        center: Where v starts (a robust estimate, e.g. the coordinate median).
+        radius: τ ≥ 0 (see ``clipping_radius``); 0 returns ``center``.
+        iterations: L ≥ 1.
+
+    Cost: O(L·K·P) time, O(K·P) memory.
+    """
+    if not (np.isfinite(radius) and radius >= 0):
+        raise ValueError(f"radius must be finite and >= 0, got {radius}")
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    flat = _matrix(updates)
+    value = _matrix([center])[0]
+    if value.size != flat.shape[1]:
+        raise ValueError(f"center has {value.size} values, the updates {flat.shape[1]}")
+    share = np.full(len(updates), 1.0 / len(updates))
+    if weights is not None:
+        w = np.asarray(weights, dtype=np.float64)
+        if w.shape != share.shape or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+            raise ValueError("weights must be one finite, non-negative value per update, sum > 0")
+        share = w / w.sum()
+    for _ in range(iterations):
+        offsets = flat - value
+        norms = np.linalg.norm(offsets, axis=1)
+        scale = np.minimum(1.0, radius / np.maximum(norms, np.finfo(np.float64).tiny))
+        value = value + (share * scale) @ offsets
+    return _unflatten(value, updates[0])
 
 
 @dataclass

@@ -14,6 +14,11 @@ attacks act on its update Δ = w_k − w and return w + attacked(Δ):
 - ``labelflip``: done in the client's data, not its weights: label → (C − 1) − label, so an
   honest training run learns the wrong classes (Tolpegin et al. 2020).
 
+Each of these attackers acts alone. The colluding attacks ``alie``, ``ipm`` and ``minmax``
+(``COLLUDING``) craft one update for all attackers from the round's honest updates; they live in
+``idla.fl.collusion`` and run where the honest updates are known (the simulation's server side),
+so here they leave the honestly trained weights alone.
+
 Cost: O(P) per update for P parameters.
 """
 
@@ -38,6 +43,13 @@ class Attack(str, enum.Enum):
     GAUSSIAN = "gaussian"
     SCALE = "scale"
     LABELFLIP = "labelflip"
+    ALIE = "alie"
+    IPM = "ipm"
+    MINMAX = "minmax"
+
+
+COLLUDING = frozenset({Attack.ALIE, Attack.IPM, Attack.MINMAX})
+"""Attacks crafted together from the honest updates (``idla.fl.collusion``)."""
 
 
 def parse_attack(text: str) -> Attack:
@@ -123,8 +135,9 @@ def attack_update(
 ) -> list[np.ndarray]:
     """Apply a weight attack to a malicious client's new weights.
 
-    ``none`` and ``labelflip`` (which acts on the data, see ``flip_labels``) return the weights
-    unchanged.
+    ``none``, ``labelflip`` (which acts on the data, see ``flip_labels``) and the colluding
+    attacks (crafted later from every honest update, see ``idla.fl.collusion.collude``) return
+    the weights unchanged.
     """
     if attack is Attack.SIGNFLIP:
         return signflip(global_arrays, new_arrays)

@@ -17,13 +17,20 @@ server waits at most ``ServerConfig.round_timeout`` for the stragglers.
 
 Client identity. ``client_ids`` maps Flower node ids (``ClientProxy.cid``, a string) to idla
 client ids, e.g. from the public keys registered for node authentication; without it, nodes are
-numbered in the order they are first seen (sorted by node id within a round). Results from a node
-with no idla id, malformed ``Parameters`` (not ``numpy.ndarray`` tensors, unreadable bytes) or
-updates that ``FedStrategy`` rejects (wrong count, shape or dtype, NaN, not selected) are
-rejected with a reason in ``history`` and the round goes on.
+numbered in the order they are first seen (sorted by node id within a round).
 
-Arrays cross the wire as Flower ``Parameters`` made by Flower's own ``ndarrays_to_parameters`` /
-``parameters_to_ndarrays`` (``np.save`` / ``np.load(allow_pickle=False)``: no pickle).
+Hostile results. No client can make ``aggregate_fit`` raise: malformed ``Parameters`` (not
+``numpy.ndarray`` tensors; bytes that are not ``.npy``; a header declaring another dtype or shape
+than the model's, 10¹² elements, an object dtype (pickle); truncated or padded data) are refused
+by ``idla.fl.wire.arrays_from_npy`` *before* any array is allocated, and updates that
+``FedStrategy`` rejects (NaN, not selected, two updates) are rejected too, each with its reason in
+``history[round]["rejected"]`` (keyed by idla client id) and in the strategy's report, while the
+round goes on with the others. Results from nodes without an idla id, and exceptions Flower
+passes as failures, are listed in ``history[round]["unmapped"]`` (keyed by node id).
+
+Arrays go out as Flower ``Parameters`` made by Flower's own ``ndarrays_to_parameters``
+(``np.save(allow_pickle=False)``); the clients' come back through ``arrays_from_npy``, which
+reads the same format without ``np.load``.
 
 Security in deployment is Flower's, configured on its command line, not here:
 
@@ -56,6 +63,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from idla.fl.strategy import ClientUpdate, Failure, FedStrategy
+from idla.fl.wire import WireError, arrays_from_npy
 
 EvaluateFn = Callable[[int, list[np.ndarray]], tuple[float, dict[str, Scalar]]]
 _NUMPY_TENSOR_TYPE = "numpy.ndarray"
@@ -137,21 +145,25 @@ class FlowerStrategy(Strategy):
             instructions.append((proxy, FitIns(parameters, config)))
         return instructions
 
-    def _update(self, proxy: ClientProxy, res: FitRes) -> ClientUpdate | str:
+    def _update(self, client: int, res: FitRes) -> ClientUpdate | str:
         """The idla update in a Flower result, or why it cannot be one."""
-        client = self._ids.get(proxy.cid)
-        if client is None:
-            return f"node {proxy.cid} has no idla client id"
-        if res.parameters.tensor_type != _NUMPY_TENSOR_TYPE:
-            return f"tensor_type {res.parameters.tensor_type!r} is not {_NUMPY_TENSOR_TYPE!r}"
+        parameters = res.parameters
+        if not isinstance(parameters, Parameters):
+            return f"parameters are a {type(parameters).__name__}, not Flower Parameters"
+        if parameters.tensor_type != _NUMPY_TENSOR_TYPE:
+            return f"tensor_type {parameters.tensor_type!r} is not {_NUMPY_TENSOR_TYPE!r}"
         try:
-            arrays = parameters_to_ndarrays(res.parameters)
-        except (ValueError, TypeError, OSError, EOFError) as error:
+            arrays = arrays_from_npy(parameters.tensors, self._global)
+        except WireError as error:
             return f"unreadable parameters: {error}"
+        samples = res.num_examples
+        if isinstance(samples, bool) or not isinstance(samples, int):
+            return f"num_examples must be an integer, got {samples!r}"
         # Flower delivers only results that beat its round_timeout: without a report, on time.
-        finish = res.metrics.get("finish_s", 0.0)
+        metrics = res.metrics if isinstance(res.metrics, dict) else {}
+        finish = metrics.get("finish_s", 0.0)
         finish_s = float(finish) if isinstance(finish, (int, float)) else -1.0
-        return ClientUpdate(client, int(res.num_examples), arrays, finish_s)
+        return ClientUpdate(client, samples, arrays, finish_s)
 
     def aggregate_fit(
         self,
@@ -160,35 +172,42 @@ class FlowerStrategy(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         updates: list[ClientUpdate] = []
-        dropped: dict[str, str] = {}
+        refused: dict[int, str] = {}
+        unmapped: dict[str, str] = {}
         for proxy, res in results:
-            update = self._update(proxy, res)
+            client = self._ids.get(proxy.cid)
+            if client is None:
+                unmapped[proxy.cid] = f"node {proxy.cid} has no idla client id"
+                continue
+            update = self._update(client, res)
             if isinstance(update, str):
-                dropped[proxy.cid] = update
+                refused.setdefault(client, update)  # with another result: both rejected
             else:
                 updates.append(update)
         failed = list(self._missing)
         for failure in failures:
             if isinstance(failure, BaseException):
-                dropped[f"exception {len(dropped)}"] = f"{type(failure).__name__}: {failure}"
+                unmapped[f"exception {len(unmapped)}"] = f"{type(failure).__name__}: {failure}"
                 continue
             proxy, res = failure
             client = self._ids.get(proxy.cid)
             reason = f"status {res.status.code.name}: {res.status.message}"
             if client is None:
-                dropped[proxy.cid] = reason
+                unmapped[proxy.cid] = reason
             else:
                 failed.append(Failure(client, reason))
-        outcome = self.strategy.aggregate_round(server_round, self._global, updates, failed)
+        outcome = self.strategy.aggregate_round(
+            server_round, self._global, updates, failed, refused)
         self._global = outcome.arrays
         self.history.append({
             "round": server_round, "accepted": outcome.accepted,
-            "rejected": {str(c): r for c, r in outcome.rejected.items()} | dropped,
-            "late": outcome.late, "failed": {str(c): r for c, r in outcome.failed.items()},
+            "rejected": {str(c): r for c, r in outcome.rejected.items()},
+            "unmapped": unmapped, "late": outcome.late,
+            "failed": {str(c): r for c, r in outcome.failed.items()},
             "trust": {str(c): t for c, t in outcome.trust.items()}, "round_s": outcome.round_s,
         })
         metrics: dict[str, Scalar] = {
-            "accepted": len(outcome.accepted), "rejected": len(outcome.rejected) + len(dropped),
+            "accepted": len(outcome.accepted), "rejected": len(outcome.rejected) + len(unmapped),
             "late": len(outcome.late), "failed": len(outcome.failed),
         }
         return ndarrays_to_parameters(outcome.arrays), metrics

@@ -28,13 +28,14 @@ import numpy as np
 
 from idla.demo import load_digits_tensors
 from idla.errors import ConfigError, IdlaError
-from idla.fl.attacks import Attack, parse_attack
+from idla.fl.attacks import COLLUDING, Attack, parse_attack
 from idla.fl.client import (
     MODEL_KINDS,
     build_model,
     evaluate_arrays,
     model_arrays,
 )
+from idla.fl.collusion import collude
 from idla.fl.data import dirichlet_partition
 from idla.fl.pool import ClientPool, Job, PoolSettings
 from idla.fl.strategy import ClientUpdate, Failure, FedStrategy, StrategyConfig
@@ -61,7 +62,7 @@ class SimulationConfig:
     alpha: float = 0.5
     """Dirichlet α of the non-IID label skew, > 0 (small: very non-IID)."""
     aggregator: str = "fedavg"
-    """fedavg | median | trimmed | krum | multikrum | trust."""
+    """fedavg | median | trimmed | krum | multikrum | trust | cclip | trustclip."""
     server_optimizer: str = "none"
     """none | adam | yogi."""
     proximal_mu: float = field(default=0.0, metadata={"metavar": "MU"})
@@ -80,7 +81,8 @@ class SimulationConfig:
                                                              "metavar": "F"})
     """Share of malicious clients."""
     attack: str = "signflip"
-    """signflip | gaussian | scale | labelflip."""
+    """signflip | gaussian | scale | labelflip (each attacker alone) | alie | ipm | minmax
+    (colluding: one update crafted from the round's honest updates, ``idla.fl.collusion``)."""
     availability: float = field(default=1.0, metadata={"metavar": "P"})
     """Probability that a selected client answers in a round, in (0, 1]."""
     trim_fraction: float = field(default=0.2, metadata={"metavar": "F"})
@@ -215,6 +217,24 @@ def run_simulation(
             pool.close()
 
 
+def _collude(
+    attack: Attack,
+    global_arrays: list[np.ndarray],
+    updates: list[ClientUpdate],
+    malicious: frozenset[int],
+) -> list[ClientUpdate]:
+    """The round's updates with every colluder's replaced by the one they craft from the honest
+    ones (omniscient colluders; from their own honest updates when no honest client answered)."""
+    colluders = [u for u in updates if u.client_id in malicious]
+    if not colluders:
+        return updates
+    honest = [u.arrays for u in updates if u.client_id not in malicious]
+    crafted = collude(attack, global_arrays, honest or [u.arrays for u in colluders],
+                      len(updates), len(colluders))
+    return [ClientUpdate(u.client_id, u.num_samples, [a.copy() for a in crafted], u.finish_s)
+            if u.client_id in malicious else u for u in updates]
+
+
 def _run(
     config: SimulationConfig,
     pool: ClientPool,
@@ -262,7 +282,8 @@ def _run(
             if reachable.random() >= config.availability:
                 failures.append(Failure(task.client_id, "unreachable this round"))
                 continue
-            bad = attack.value if task.client_id in population.malicious else "none"
+            malicious = task.client_id in population.malicious and attack not in COLLUDING
+            bad = attack.value if malicious else "none"
             jobs.append(Job(task.client_id, task.local_epochs, task.proximal_mu,
                             task.work_fraction, bad))
         updates: list[ClientUpdate] = []
@@ -273,6 +294,8 @@ def _run(
             finish_s = result.compute_s * factor[result.client_id] + transfer_s
             updates.append(ClientUpdate(result.client_id, result.num_samples, result.arrays,
                                         finish_s))
+        if attack in COLLUDING:
+            updates = _collude(attack, global_arrays, updates, population.malicious)
         outcome = strategy.aggregate_round(round_index, global_arrays, updates, failures)
         global_arrays = outcome.arrays
         loss, accuracy = evaluate_arrays(model, global_arrays, *test)

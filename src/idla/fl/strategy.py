@@ -8,28 +8,23 @@ update per client) and a bad one is rejected with a reason while the round goes 
 deadline, updates that finish after it are **dropped** (listed in ``late``; they are not folded
 into the next round: a late update was trained from an older global model, and dropping keeps
 the round's aggregate a function of one global model; ``work_fraction`` in the task lets a slow
-client send a partial solution in time instead, as FedProx does) → the robust center and trust
-scores → the aggregator → the server optimizer (none: x + lr·Δ; FedAdam / FedYogi).
+client send a partial solution in time instead, as FedProx does) → the robust center, trust
+scores and the aggregator (``idla.fl.combine``) → the server optimizer (none: x + lr·Δ;
+FedAdam / FedYogi).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import numpy as np
 
 from idla.errors import ConfigError
-from idla.fl.aggregate import (
-    ServerOptState,
-    coordinate_median,
-    krum,
-    server_opt_step,
-    trimmed_mean,
-    weighted_mean,
-)
+from idla.fl.aggregate import ServerOptState, server_opt_step
+from idla.fl.combine import combine_updates
 from idla.fl.strategy_config import (
     AGGREGATORS,
     SELECTIONS,
@@ -37,7 +32,7 @@ from idla.fl.strategy_config import (
     StrategyConfig,
     check_profile,
 )
-from idla.fl.trust import TrustTracker, score_updates
+from idla.fl.trust import TrustTracker
 from idla.fl.wire import validate_update
 from idla.plan.selection import ClientProfile, select_clients, work_fraction
 
@@ -172,15 +167,20 @@ class FedStrategy:
         return tasks
 
     def _screen(
-        self, round_index: int, reference: list[np.ndarray], updates: Sequence[ClientUpdate]
+        self,
+        round_index: int,
+        reference: list[np.ndarray],
+        updates: Sequence[ClientUpdate],
+        refused: Mapping[int, str],
     ) -> tuple[list[ClientUpdate], dict[int, str], list[int]]:
         """Split the updates into usable, rejected (with reasons) and late. A client that sent
-        several updates has all of them rejected: nothing says which one is its own."""
-        counts: dict[int, int] = {}
+        several updates (the refused ones count) has all of them rejected: nothing says which
+        one is its own."""
+        counts: dict[int, int] = dict.fromkeys(refused, 1)
         for update in updates:
             counts[update.client_id] = counts.get(update.client_id, 0) + 1
         usable: list[ClientUpdate] = []
-        rejected: dict[int, str] = {}
+        rejected: dict[int, str] = {int(c): str(r) for c, r in refused.items()}
         late: list[int] = []
         for update in updates:
             client = update.client_id
@@ -223,12 +223,17 @@ class FedStrategy:
         global_arrays: list[np.ndarray],
         updates: Sequence[ClientUpdate],
         failures: Sequence[Failure],
+        refused: Mapping[int, str] | None = None,
     ) -> RoundResult:
         """Combine this round's updates into new global weights; bad updates are rejected with a
-        reason (never raised), late ones dropped. No usable update: the global weights stay."""
+        reason (never raised), late ones dropped. No usable update: the global weights stay.
+
+        ``refused``: client → reason for updates that the transport could not even decode
+        (``idla.fl.wire``); they are rejected and counted like the others.
+        """
         cfg = self.config
         reference = [np.asarray(a) for a in global_arrays]
-        usable, rejected, late = self._screen(round_index, reference, updates)
+        usable, rejected, late = self._screen(round_index, reference, updates, refused or {})
         failed = {f.client_id: str(f.reason) for f in failures}
         if late and cfg.deadline_s is not None:
             round_s = float(cfg.deadline_s)
@@ -249,34 +254,10 @@ class FedStrategy:
     def _combine(
         self, reference: list[np.ndarray], usable: list[ClientUpdate]
     ) -> tuple[list[np.ndarray], list[int]]:
-        cfg = self.config
-        arrays = [u.arrays for u in usable]
         ids = [u.client_id for u in usable]
-        scales = [self._tasks[c].weight_scale for c in ids]
-        samples = [float(u.num_samples) * s for u, s in zip(usable, scales, strict=True)]
-        center = coordinate_median(arrays)
-        scores = score_updates(arrays, center, reference)
-        flags = self._trust.update(ids, scores)
-        outliers = [c for c, flag in zip(ids, flags, strict=True) if flag]
-        count = len(arrays)
-        malicious = cfg.num_malicious or max(0, (count - 3) // 2)
-        if cfg.aggregator == "fedavg":
-            aggregate = weighted_mean(arrays, samples)
-        elif cfg.aggregator == "median":
-            aggregate = center
-        elif cfg.aggregator == "trimmed":
-            aggregate = trimmed_mean(arrays, cfg.trim_fraction)
-        elif cfg.aggregator == "krum":
-            aggregate, _ = krum(arrays, malicious)
-        elif cfg.aggregator == "multikrum":
-            selected = cfg.multikrum_selected or max(1, count - malicious)
-            aggregate, _ = krum(arrays, malicious, min(selected, count), samples)
-        else:
-            weights = [
-                n * self._trust.trust(c) * (0.0 if flag and cfg.trust_exclude_outliers else 1.0)
-                for n, c, flag in zip(samples, ids, flags, strict=True)
-            ]
-            aggregate = weighted_mean(arrays, weights) if sum(weights) > 0 else center
+        samples = [float(u.num_samples) * self._tasks[u.client_id].weight_scale for u in usable]
+        aggregate, outliers = combine_updates(
+            self.config, reference, [u.arrays for u in usable], ids, samples, self._trust)
         return self._server_step(reference, aggregate), outliers
 
     def _server_step(

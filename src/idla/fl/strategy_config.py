@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from idla.errors import ConfigError
 from idla.plan.selection import ClientProfile
 
-AGGREGATORS = ("fedavg", "median", "trimmed", "krum", "multikrum", "trust")
+AGGREGATORS = ("fedavg", "median", "trimmed", "krum", "multikrum", "trust", "cclip", "trustclip")
 SERVER_OPTIMIZERS = ("none", "adam", "yogi")
 SELECTIONS = ("uniform", "deadline")
 _DEFAULT_SERVER_LR = {"none": 1.0, "adam": 0.1, "yogi": 0.01}  # Flower's FedAdam / FedYogi eta
@@ -24,7 +24,9 @@ class StrategyConfig:
     """Settings of a federated strategy; invalid values raise ConfigError naming the field."""
 
     aggregator: str = "fedavg"
-    """fedavg | median | trimmed | krum | multikrum | trust."""
+    """fedavg | median | trimmed | krum | multikrum | trust | cclip (centered clipping) |
+    trustclip (centered clipping of the non-outliers, weighted by trust); see
+    ``idla.fl.combine``."""
     server_optimizer: str = "none"
     """none | adam | yogi (FedAdam / FedYogi, Reddi et al. 2021)."""
     server_lr: float | None = None
@@ -53,13 +55,17 @@ class StrategyConfig:
     """f for Krum; 0 derives the largest f Krum tolerates, ⌊(K − 3) / 2⌋."""
     multikrum_selected: int = 0
     """m for multi-Krum; 0 derives K − f."""
+    clip_iterations: int = 3
+    """L, the centered-clipping iterations of cclip and trustclip (their radius comes from the
+    round: the median distance of the updates to their coordinate median)."""
     trust_decay: float = 0.5
     trust_recovery: float = 0.1
     trust_outlier_distance: float = 3.0
     trust_min_cosine: float = 0.0
     trust_floor: float = 0.0
     trust_exclude_outliers: bool = True
-    """The trust aggregator gives this round's outliers weight 0 (not just their lower trust)."""
+    """The trust aggregator gives this round's outliers weight 0 (not just their lower trust);
+    trustclip always leaves them out."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -86,6 +92,7 @@ class StrategyConfig:
         _number("trim_fraction", self.trim_fraction, low=0.0, high=0.5, high_open=True)
         _integer("num_malicious", self.num_malicious, low=0)
         _integer("multikrum_selected", self.multikrum_selected, low=0)
+        _integer("clip_iterations", self.clip_iterations, low=1)
         _number("trust_decay", self.trust_decay, low=0.0, high=1.0)
         _number("trust_recovery", self.trust_recovery, low=0.0, high=1.0)
         _number("trust_outlier_distance", self.trust_outlier_distance, low=0.0, low_open=True)
