@@ -142,7 +142,8 @@ class ElasticReport:
     member: int
     world_size: int
     refused_store_entries: int = 0
-    """Store entries this worker ignored: unsigned, or signed with another secret."""
+    """Store entries and claims this worker ignored: unsigned, signed with another secret,
+    or malformed."""
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -300,7 +300,8 @@ class Rendezvous:
                 return self.current
             time.sleep(0.2)
         raise ExcludedError(f"member {self.member}: no generation took it in within "
-                            f"{10 * self.max_wait_s:.0f} s")
+                            f"{10 * self.max_wait_s:.0f} s (a job with a secret admits only "
+                            f"newcomers with the same {SECRET_ENV})")
 
     def next(self, step: int) -> tuple[Membership, list[int]]:
         """Agree on generation current+1; return it and the members declared dead.
