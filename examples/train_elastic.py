@@ -7,6 +7,7 @@
 
 Each survivor prints one JSON line: its member id, the world it finished in, the failures it saw.
 `IDLA_FAULTS=kill:2@5` makes member 2 kill itself (SIGKILL) before step 5, to try it out.
+Set `IDLA_JOB_SECRET` (the same on every host) so that only holders of it can join the job.
 """
 
 from __future__ import annotations

@@ -47,19 +47,22 @@ def test_survivors_of_a_kill_finish_with_at_most_one_step_lost() -> None:
     assert survivors[0]["test_accuracy"] > 0.8
 
 
-def test_a_newcomer_joins_a_running_job_and_adopts_its_state(tmp_path: Path) -> None:
+def test_a_newcomer_with_the_job_secret_joins_a_running_job_and_adopts_its_state(
+        tmp_path: Path) -> None:
+    secret = {"IDLA_JOB_SECRET": "the-job-secret-0123456789"}  # signs every store entry
     spec = f"file:{tmp_path / 'rendezvous'}"
     joined: list[Any] = []
 
     def newcomer() -> None:
-        time.sleep(3)  # after the job has started (and lost worker 2)
+        time.sleep(3)  # after the job has started
         joined.extend(launch_local(elastic_worker, (CONFIG,), 1, allow_lost=True, timeout_s=240,
-                                   env={"IDLA_RENDEZVOUS": spec, "IDLA_JOIN": "1"}))
+                                   env={"IDLA_RENDEZVOUS": spec, "IDLA_JOIN": "1", **secret}))
 
     thread = threading.Thread(target=newcomer)
     thread.start()
     results = launch_local(elastic_worker, (CONFIG,), CONFIG.workers, allow_lost=True,
-                           timeout_s=240, env={"IDLA_RENDEZVOUS": spec, "IDLA_FAULTS": "kill:2@5"})
+                           timeout_s=240, env={"IDLA_RENDEZVOUS": spec, "IDLA_FAULTS": "kill:2@5",
+                                               **secret})
     thread.join()
 
     survivors = [results[0], results[1], joined[0]]
@@ -67,8 +70,11 @@ def test_a_newcomer_joins_a_running_job_and_adopts_its_state(tmp_path: Path) -> 
     for report in survivors:
         assert report["world_size"] == 3
         assert report["committed"] == _all_batches(report)
-    join_event = results[0]["events"][-1]
+        assert report["refused_store_entries"] == 0
+    # The join may be answered before or after the kill at step 5.
+    (join_event,) = [e for e in results[0]["events"] if e["joined_members"]]
     assert join_event["joined_members"] == [3] and join_event["steps_lost"] == 0
+    assert join_event["refused_claims"] == []
     assert len({r["param_digest"] for r in survivors}) == 1
 
 

@@ -165,11 +165,13 @@ def test_a_failed_save_leaves_the_previous_checkpoint_and_no_temp_dirs(
     assert load_checkpoint(tmp_path).step == 3
 
 
-def test_resaving_a_step_replaces_it(tmp_path: Path) -> None:
+def test_resaving_a_step_replaces_it_under_a_fresh_name(tmp_path: Path) -> None:
     _save(tmp_path, step=3, extra_state={"v": 1})
-    _save(tmp_path, step=3, extra_state={"v": 2})
+    path = _save(tmp_path, step=3, extra_state={"v": 2})
 
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-3"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", path.name]
+    assert path.name.startswith("step-3.") and load_checkpoint(path).step == 3
+    assert (tmp_path / "latest").read_text().strip() == path.name
     assert load_checkpoint(tmp_path).extra_state == {"v": 2}
 
 

@@ -76,7 +76,10 @@ class Agent:
         global_batch_size: int | None = None,
         config: AgentConfig | None = None,
         group: Group | None = None,
+        initial_state_rank: int | None = 0,
     ) -> None:
+        """`initial_state_rank`: the rank whose parameters and buffers all replicas start from
+        (None: the caller makes them identical, as `run_elastic` does on the control plane)."""
         if config is None:
             if global_batch_size is None:
                 raise ConfigError("give global_batch_size (or a config)")
@@ -88,7 +91,7 @@ class Agent:
         self._loader = ShareLoader(dataset, config.global_batch_size, config.seed, self.rank)
         self.sampler = self._loader.sampler
         agree_on_job(job_description(config, self.model, self.sampler.dataset_size), self.group)
-        self._broadcast_initial_state()
+        self._broadcast_initial_state(initial_state_rank)
         limits = self._gather_rank_limits()
         self.sync = make_sync(config, list(self.model.parameters()), self.group, WIDTH)
         self._trainable = TrainableSet(self.model, self.sync.params)
@@ -161,13 +164,13 @@ class Agent:
         """The last `AgentConfig.history_steps` steps, one ring buffer per series."""
         return self._history.series
 
-    def _broadcast_initial_state(self) -> None:
-        """Every replica starts from rank 0's parameters and buffers."""
-        if self.group.world_size == 1:
+    def _broadcast_initial_state(self, src: int | None) -> None:
+        """Every replica starts from rank `src`'s parameters and buffers."""
+        if self.group.world_size == 1 or src is None:
             return
         with torch.no_grad():
             for tensor in [*self.model.parameters(), *self.model.buffers()]:
-                self.group.broadcast(tensor.data, src=0)
+                self.group.broadcast(tensor.data, src=src)
 
     def _gather_rank_limits(self) -> list[int | None]:
         """Every rank's `max_local_batch` (None where it has none); on the way, the job's plan

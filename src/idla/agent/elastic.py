@@ -13,14 +13,18 @@ every synchronous step, so the committed state *is* the model and optimizer in m
 collective fails (a peer died, its link is down, it stopped answering within the group
 timeout), no replica has applied a partial step: the exception comes before `optimizer.step`.
 The survivors meet in the store (`idla.elastic.rendezvous`), open a new gloo group, the one
-with the most committed steps broadcasts parameters, buffers, optimizer state and the data
-cursor, the agent re-plans shares for the new world, and the interrupted global batch is
-redone by the survivors. So no sample is skipped or repeated in a committed step, and the
-work lost per failure is the one step in flight. Why not torchft: see the README.
+with the most committed steps (among credible claims: a member of the last group, finite, within
+the store's signed records; `idla.elastic.adoption`) broadcasts parameters, buffers and
+optimizer state, the data cursor follows from the step, the agent re-plans shares for the new
+world, and the interrupted global batch is redone by the survivors. So no sample is skipped
+or repeated in a committed step, and the work lost per failure is the one step in flight. With
+a job secret (``IDLA_JOB_SECRET``) every store entry and claim is signed (`idla.elastic.auth`).
+Why not torchft: see the README.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -33,21 +37,30 @@ from torch import nn
 from idla.agent.agent import Agent
 from idla.agent.config import AgentConfig
 from idla.agent.lifecycle import mark_closed
+from idla.elastic.adoption import Adoption, Claim, choose_source
+from idla.elastic.auth import StoreAuth, job_secret_from_env
+from idla.elastic.cursor import CommitLog, advance_cursor
 from idla.elastic.faults import FaultInjector, injected_fault_time
 from idla.elastic.membership import (
     ElasticConfig,
     FailureEvent,
     env_int,
     is_peer_failure,
-    join_check,
+    membership_check,
     store_prefix,
 )
-from idla.elastic.rendezvous import Rendezvous, rendezvous_spec_from_env
-from idla.elastic.state_transfer import broadcast_module_, broadcast_optimizer_
+from idla.elastic.rendezvous import Membership, Rendezvous, rendezvous_spec_from_env
+from idla.elastic.state_transfer import (
+    broadcast_module_,
+    broadcast_optimizer_,
+    state_is_finite,
+)
 from idla.errors import IdlaError
 from idla.runtime.collectives import all_gather_json
 from idla.runtime.group import Group
 from idla.runtime.loader import Data
+
+_log = logging.getLogger("idla.elastic")
 
 
 @dataclass
@@ -61,8 +74,8 @@ class ElasticState:
     """Next global batch index within `epoch`."""
     started: int = 0
     """The step being computed (step + 1 while a batch is out, else step)."""
-    committed: list[tuple[int, int]] = field(default_factory=list)
-    """(epoch, batch) of every committed step this worker saw or adopted, in order."""
+    log: CommitLog = field(default_factory=CommitLog)
+    """The global batch of every committed step this worker saw or adopted, in order."""
     agent: Agent | None = None
     faults: FaultInjector | None = None
     membership_check: Callable[[int], None] | None = None
@@ -91,16 +104,30 @@ class ElasticState:
         """Record one finished optimizer step: the cursor moves past its global batch."""
         if self.agent is None or self.started != self.step + 1:
             raise RuntimeError("state.commit() must follow a batch from state.batches()")
-        self.committed.append((self.epoch, self.batch))
+        steps_per_epoch = self.agent.sampler.steps_per_epoch()
+        self.log.extend(self.epoch * steps_per_epoch + self.batch)
         self.step += 1
-        self.epoch, self.batch = self.next_cursor(self.epoch, self.batch)
+        self.epoch, self.batch = advance_cursor(self.epoch, self.batch, 1, steps_per_epoch)
 
-    def next_cursor(self, epoch: int, batch: int) -> tuple[int, int]:
-        """The (epoch, batch) after global batch `batch` of `epoch`."""
+    @property
+    def committed(self) -> list[tuple[int, int]]:
+        """(epoch, batch) of every committed step this worker saw or adopted, in order."""
+        if self.agent is None:
+            return []
+        return self.log.cursors(self.agent.sampler.steps_per_epoch())
+
+    def adopt(self, step: int) -> None:
+        """Continue from `step` committed steps (a source's): the steps this worker's log
+        lacks are the next global batches, those it has beyond are forgotten (a run starts at
+        step 0 on batch (0, 0), so step N trains global batch N). O(1) in `step`."""
         assert self.agent is not None
-        if batch + 1 >= len(self.agent.sampler.epoch(epoch)):
-            return epoch + 1, 0
-        return epoch, batch + 1
+        have = len(self.log)
+        if step < have:
+            self.log.truncate(step)
+        else:
+            self.log.extend(self.log.end, step - have)
+        self.step = self.started = step
+        self.epoch, self.batch = advance_cursor(0, 0, step, self.agent.sampler.steps_per_epoch())
 
     def as_dict(self) -> dict[str, int]:
         return {"step": self.step, "epoch": self.epoch, "batch": self.batch,
@@ -114,10 +141,14 @@ class ElasticReport:
     agent_report: dict[str, Any]
     member: int
     world_size: int
+    refused_store_entries: int = 0
+    """Store entries and claims this worker ignored: unsigned, signed with another secret,
+    or malformed."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "member": self.member, "world_size": self.world_size, **self.state.as_dict(),
+            "refused_store_entries": self.refused_store_entries,
             "steps_per_epoch": self.state.agent.sampler.steps_per_epoch()
             if self.state.agent else 0,
             "steps_lost": sum(e.steps_lost for e in self.events),
@@ -127,28 +158,26 @@ class ElasticReport:
         }
 
 
-def _adopt_most_advanced(
+def _choose_source(
     state: ElasticState, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-    group: Group,
-) -> int:
-    """Every rank takes the state of the rank with the most committed steps (on the control
-    plane); return the number of started-but-uncommitted steps this re-form throws away."""
-    rows = all_gather_json(state.as_dict(), group=group.control)
-    best = max(row["step"] for row in rows)
-    src = next(rank for rank, row in enumerate(rows) if row["step"] == best)
-    lost = max(0, max(row["started"] for row in rows) - best)
-    if len(rows) > 1:
-        broadcast_module_(model, src, group)
-        if optimizer is not None:
-            broadcast_optimizer_(optimizer, src, group)
-    missing = best - state.step
-    cursor = (state.epoch, state.batch)
-    for _ in range(missing):  # adopted steps: their cursors follow ours in order
-        state.committed.append(cursor)
-        cursor = state.next_cursor(*cursor)
-    state.step, state.epoch, state.batch = best, rows[src]["epoch"], rows[src]["batch"]
-    state.started = state.step
-    return lost
+    group: Group, membership: Membership, auth: StoreAuth, label: str,
+) -> Adoption:
+    """Which rank's state every rank takes: each signs its claim (under `label`) and
+    all-gathers it on the control plane, and all choose alike (`choose_source`). Cost: one
+    all-gather of ~200 bytes a rank and a finiteness pass over the local state; O(1) in the
+    steps claimed."""
+    mine = Claim(membership.member, state.step, state.started,
+                 state_is_finite(model, optimizer))
+    rows = all_gather_json(
+        {"claim": auth.seal(label, membership.member, membership.generation, mine.as_json())},
+        group=group.control)
+    claims: list[Claim | None] = []
+    for member, row in zip(membership.members, rows, strict=True):
+        sealed = row.get("claim") if isinstance(row, dict) else None
+        entry = auth.unseal(label, sealed, member) if isinstance(sealed, str) else None
+        claims.append(Claim.from_json(entry.value) if entry is not None else None)
+    return choose_source(claims, membership.members, membership.sources,
+                         membership.step_limit)
 
 
 def run_elastic(
@@ -168,34 +197,49 @@ def run_elastic(
     os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")  # a lost NCCL peer raises here
     world, member = env_int("WORLD_SIZE", 1), env_int("RANK", 0)
     joining = os.environ.get("IDLA_JOIN") == "1"
+    secret = job_secret_from_env()
     rdzv = (Rendezvous(rendezvous_spec_from_env(), member, world, prefix=store_prefix(),
                        heartbeat_s=elastic.heartbeat_s, dead_after_s=elastic.dead_after_s,
-                       joining=joining)
+                       joining=joining, secret=secret,
+                       record_every_steps=elastic.record_every_steps)
             if world > 1 or joining else None)
-    membership = (rdzv.join() if joining else rdzv.current) if rdzv else None
+    membership = ((rdzv.join() if joining else rdzv.current) if rdzv
+                  else Membership(0, (0,), 0, (0,), 0))
+    auth = rdzv.auth if rdzv else StoreAuth(secret)
     state = ElasticState(faults=FaultInjector.from_env(rdzv.member if rdzv else member, rdzv))
     events: list[FailureEvent] = []
     try:
         while True:
             group = Group(
                 elastic.collective_timeout_s,
-                store=rdzv.pg_store(membership) if rdzv and membership else None,
-                rank=membership.rank if membership else 0,
-                world_size=membership.world_size if membership else 1,
+                store=rdzv.pg_store(membership) if rdzv else None,
+                rank=membership.rank, world_size=membership.world_size,
             )
-            state.membership_check = join_check(rdzv, group, elastic.join_check_every_steps)
+            state.membership_check = membership_check(rdzv, group, elastic)
             try:
-                agent = Agent(model, optimizer, dataset, config=config, group=group)
+                label = rdzv.key(f"g{membership.generation}/claim") if rdzv else "claim"
+                adoption = _choose_source(state, model, optimizer, group, membership, auth,
+                                          label)
+                # Not the agent's broadcast from rank 0: the source's state, on the control plane.
+                agent = Agent(model, optimizer, dataset, config=config, group=group,
+                              initial_state_rank=None)
                 state.agent = agent
-                lost = _adopt_most_advanced(state, model, optimizer, group)
+                if group.world_size > 1:
+                    broadcast_module_(model, adoption.source, group)
+                    if optimizer is not None:
+                        broadcast_optimizer_(optimizer, adoption.source, group)
+                state.adopt(adoption.step)
+                if adoption.refused and group.rank == 0:
+                    _log.warning("idla: not adopted: %s", "; ".join(adoption.refused))
                 if events:
-                    events[-1].steps_lost = lost
+                    events[-1].steps_lost = adoption.lost_steps
+                    events[-1].refused_claims = list(adoption.refused)
                 train_fn(agent, state)
                 agent.close()
-                return ElasticReport(state, events, agent.report(),
-                                     rdzv.member if rdzv else member, group.world_size)
+                return ElasticReport(state, events, agent.report(), membership.member,
+                                     group.world_size, len(auth.refused))
             except RuntimeError as error:
-                if rdzv is None or membership is None or not is_peer_failure(error):
+                if rdzv is None or not is_peer_failure(error):
                     raise
                 if state.agent is not None:
                     mark_closed(state.agent)  # its group is gone; the next generation takes over

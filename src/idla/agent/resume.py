@@ -17,6 +17,7 @@ from torch import Tensor
 
 from idla.errors import ConfigError
 from idla.runtime.checkpoint import Checkpoint, restore_rng, save_checkpoint
+from idla.runtime.collectives import all_gather_json
 from idla.runtime.digest import bytes_digest
 
 if TYPE_CHECKING:
@@ -46,11 +47,12 @@ def save_agent(
 
     Collective: every rank calls it. Each rank's compression state and torch RNG state are
     gathered (they differ per rank: residuals hold what that rank's codec dropped); rank 0
-    writes; the others wait for its outcome. Cost: one all-gather of the per-rank state.
+    writes; the others wait for its outcome and return the directory it wrote (a re-save of a
+    step has a fresh name). Cost: one all-gather of the per-rank state.
 
     Raises:
-        ConfigError: On every rank, if rank 0 could not write the checkpoint, or if the step
-            is open (micro-batches under ``no_sync`` not exchanged yet).
+        ConfigError: On every rank, with rank 0's reason, if rank 0 could not write the
+            checkpoint, or if the step is open (micro-batches under ``no_sync`` not exchanged).
     """
     if agent.accumulating:
         raise ConfigError("cannot checkpoint in the middle of a step: micro-batches under "
@@ -59,19 +61,19 @@ def save_agent(
                                    "rng.cuda": cuda_rng_state(agent.group.device)}
     per_rank.update({f"sync.{k}": v for k, v in agent.sync.state_dict().items()})
     gathered = _gather_per_rank(agent, per_rank)
-    path, failure = Path(directory) / f"step-{agent.step}", ""
+    outcome = {"path": "", "failure": ""}
     if agent.rank == 0:
         try:
-            path = save_checkpoint(
+            outcome["path"] = str(save_checkpoint(
                 directory, model=agent.model, optimizer=agent.optimizer, step=agent.step,
                 epoch=epoch, batch_in_epoch=batch_in_epoch, shares=list(agent.shares),
-                extra_tensors=gathered)
+                extra_tensors=gathered))
         except (ConfigError, OSError) as error:
-            failure = str(error)
-    ok = torch.tensor([0 if failure else 1], dtype=torch.int64)
-    if not all(int(t.item()) for t in agent.group.control_all_gather(ok)):  # doubles as the barrier
-        raise ConfigError(failure or "rank 0 could not write the checkpoint")
-    return path
+            outcome["failure"] = str(error) or type(error).__name__
+    written = all_gather_json(outcome, group=agent.group.control)[0]  # doubles as the barrier
+    if written["failure"] or not written["path"]:
+        raise ConfigError(written["failure"] or "rank 0 could not write the checkpoint")
+    return Path(written["path"])
 
 
 def restore_agent(agent: Agent, checkpoint: Checkpoint) -> tuple[int, int]:
@@ -85,9 +87,7 @@ def restore_agent(agent: Agent, checkpoint: Checkpoint) -> tuple[int, int]:
         ConfigError: The checkpoint does not fit this model or job.
     """
     where = f"checkpoint {checkpoint.path}"
-    if len(checkpoint.shares) != agent.world_size:
-        raise ConfigError(f"{where} was taken with {len(checkpoint.shares)} ranks, this job "
-                          f"has {agent.world_size}")
+    check_shares(checkpoint.shares, agent.world_size, agent.config.global_batch_size, where)
     prefix = f"rank{agent.rank}."
     own = {k[len(prefix):]: v for k, v in checkpoint.extra_tensors.items()
            if k.startswith(prefix)}
@@ -100,9 +100,10 @@ def restore_agent(agent: Agent, checkpoint: Checkpoint) -> tuple[int, int]:
             agent.optimizer.load_state_dict(checkpoint.optimizer_state)
         if sync_state:
             agent.sync.load_state_dict(sync_state)
-    except (RuntimeError, ValueError, KeyError) as error:
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ConfigError(f"{where} does not fit this job: {first_line}") from None
+        raise ConfigError(f"{where} does not fit this job: {first_line or type(error).__name__}"
+                          ) from None
     agent.step = checkpoint.step
     agent.shares = list(checkpoint.shares)
     restore_rng(checkpoint)
@@ -111,6 +112,22 @@ def restore_agent(agent: Agent, checkpoint: Checkpoint) -> tuple[int, int]:
     if "rng.cuda" in own:
         set_cuda_rng_state(own["rng.cuda"], agent.group.device)
     return checkpoint.epoch, checkpoint.batch_in_epoch
+
+
+def check_shares(shares: list[int], world_size: int, global_batch_size: int, where: str) -> None:
+    """A checkpoint's shares fit this job: one integer ≥ 0 per rank, summing to the global batch.
+
+    Raises:
+        ConfigError: One line starting with `where` saying which condition fails.
+    """
+    if len(shares) != world_size:
+        raise ConfigError(f"{where} was taken with {len(shares)} ranks, this job has "
+                          f"{world_size}")
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shares):
+        raise ConfigError(f"{where} holds shares {shares}; each must be an integer ≥ 0")
+    if sum(shares) != global_batch_size:
+        raise ConfigError(f"{where} holds shares {shares} summing to {sum(shares)}, this job's "
+                          f"global batch is {global_batch_size}")
 
 
 CUDA_RNG_BYTES = 64

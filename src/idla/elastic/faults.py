@@ -69,10 +69,9 @@ def parse_faults(text: str) -> list[Fault]:
 
 def injected_fault_time(rdzv: Rendezvous) -> float | None:
     """When a `kill` fault struck (its victim wrote the time just before dying), else None."""
-    key = rdzv.key(FAULT_TIME_KEY)
-    if not rdzv.store.check([key]):
-        return None
-    return float(rdzv.store.get(key).decode())
+    entry = rdzv.read_entry(FAULT_TIME_KEY)
+    value = entry.value if entry is not None else None
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def own_cpu_cgroup() -> Path | None:
@@ -114,7 +113,7 @@ class FaultInjector:
         for fault in self.faults:
             if fault.kind == "kill" and step == fault.step:
                 if self.rdzv is not None:  # tells the benchmark when the fault struck
-                    self.rdzv.store.set(self.rdzv.key(FAULT_TIME_KEY), repr(time.time()))
+                    self.rdzv.write_entry(FAULT_TIME_KEY, step, time.time())
                 os.kill(os.getpid(), signal.SIGKILL)
             elif fault.kind == "slow" and step == fault.step:
                 self._slow_down(fault.factor)

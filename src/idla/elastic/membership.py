@@ -2,14 +2,15 @@
 events. The run loop that uses it is `idla.agent.elastic.run_elastic`.
 
 The survivors meet in the store (`idla.elastic.rendezvous`), open a new gloo group and adopt the
-most advanced replica's state (`idla.elastic.state_transfer`). Why not torchft: see the README.
+most advanced credible replica's state (`idla.elastic.adoption`, `idla.elastic.state_transfer`).
+Why not torchft: see the README.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -57,6 +58,9 @@ class ElasticConfig:
     """Stop with an error when fewer workers than this survive."""
     join_check_every_steps: int = 5
     """Rank 0 looks for newcomers asking to join every this many steps (0: never)."""
+    record_every_steps: int = 5
+    """Every worker records its committed step in the store every this many steps; a re-form
+    refuses to adopt a claim beyond the latest record plus this many steps."""
 
     def __post_init__(self) -> None:
         if self.collective_timeout_s <= 0:
@@ -67,6 +71,8 @@ class ElasticConfig:
             raise ConfigError("min_workers must be at least 1")
         if self.join_check_every_steps < 0:
             raise ConfigError("join_check_every_steps must be 0 or more")
+        if self.record_every_steps < 1:
+            raise ConfigError("record_every_steps must be at least 1")
 
 
 @dataclass
@@ -87,6 +93,9 @@ class FailureEvent:
     """time.time() when an injected fault struck (fault-injection runs only)."""
     steps_lost: int = 0
     """Steps whose computation was thrown away (started by some survivor, committed by none)."""
+    refused_claims: list[str] = field(default_factory=list)
+    """Claims not adopted at this re-form (a newcomer's progress, a non-finite state, more
+    steps than the store's records allow), one line each."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -94,7 +103,7 @@ class FailureEvent:
             "joined_members": self.joined_members, "members": self.members,
             "error": self.error, "failed_at": self.failed_at,
             "declared_at": self.declared_at, "fault_at": self.fault_at,
-            "steps_lost": self.steps_lost,
+            "steps_lost": self.steps_lost, "refused_claims": self.refused_claims,
         }
 
 
@@ -112,19 +121,26 @@ def store_prefix() -> str:
 
 
 
-def join_check(
-    rdzv: Rendezvous | None, group: Group, every_steps: int
+def membership_check(
+    rdzv: Rendezvous | None, group: Group, config: ElasticConfig
 ) -> Callable[[int], None] | None:
-    """Every `every_steps` committed steps, rank 0 looks for join requests and tells the others
-    (one 1-element broadcast), so that all ranks re-form at the same step boundary."""
-    if rdzv is None or every_steps == 0:
+    """The check before each step of a generation: at its first step and every
+    `record_every_steps` steps this worker records its committed step in the store; every
+    `join_check_every_steps` steps rank 0 looks for join requests and tells the others (one
+    1-element broadcast), so that all ranks re-form at the same step boundary."""
+    if rdzv is None:
         return None
-    checked: set[int] = set()
+    every_steps = config.join_check_every_steps
+    last_checked: list[int] = []  # the step checked last in this generation
 
     def check(step: int) -> None:
-        if step == 0 or step % every_steps or step in checked:
+        if last_checked and last_checked[0] == step:
             return
-        checked.add(step)
+        if not last_checked or step % config.record_every_steps == 0:
+            rdzv.record_commit(step)
+        last_checked[:] = [step]
+        if every_steps == 0 or step == 0 or step % every_steps:
+            return
         flag = torch.tensor([1 if group.rank == 0 and rdzv.join_pending() else 0])
         group.control_broadcast(flag, src=0)
         if int(flag.item()):

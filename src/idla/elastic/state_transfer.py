@@ -32,6 +32,22 @@ def broadcast_module_(model: nn.Module, src: int, group: Group) -> None:
                 tensor.data.copy_(host)
 
 
+def state_is_finite(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> bool:
+    """True when every floating-point parameter, buffer and optimizer-state tensor is finite.
+
+    Cost: one pass over the state on its devices and one host sync per device.
+    """
+    tensors = [*model.parameters(), *model.buffers()]
+    if optimizer is not None:
+        tensors += [v for state in optimizer.state.values() for v in state.values()
+                    if isinstance(v, torch.Tensor)]
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        if tensor.is_floating_point() or tensor.is_complex():
+            flags.setdefault(tensor.device, []).append(torch.isfinite(tensor.detach()).all())
+    return all(bool(torch.stack(group).all()) for group in flags.values())
+
+
 def split_state(value: Any, tensors: list[torch.Tensor]) -> Any:
     """A JSON-safe copy of `value` with each tensor replaced by a placeholder (appended to
     `tensors`, in walk order). Dict keys become strings; their type is kept in the marker."""

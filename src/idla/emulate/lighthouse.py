@@ -5,17 +5,32 @@ namespaces the store must be reachable over the network only, so that a worker w
 also loses the store (as it would across real hosts) instead of looking alive through the shared
 file system. The lighthouse (torchft's name for its coordinator) is a process that enters one
 host's namespace and serves a c10d TCPStore there; it holds keys and counters, no model state.
+
+A TCPStore server given an address still listens on every interface (torch binds the wildcard
+address); the lighthouse binds the socket itself and hands it to the store
+(``master_listen_fd``, libuv backend), so a store on 127.0.0.1 is reachable from this host only.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
 from idla.errors import EmulationError
+
+
+def bind_listen_socket(address: str, port: int) -> socket.socket:
+    """A TCP socket listening on exactly `address`:`port` (not on every interface)."""
+    family, kind, proto, _, where = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(where)
+    sock.listen(128)
+    return sock
 
 
 def _serve(namespace: str | None, address: str, port: int, ready: Any, stop: Any) -> None:
@@ -25,11 +40,13 @@ def _serve(namespace: str | None, address: str, port: int, ready: Any, stop: Any
         from idla.emulate.netns import enter_netns
 
         enter_netns(namespace)
-    store = dist.TCPStore(address, port, is_master=True, wait_for_workers=False,
-                          timeout=timedelta(seconds=60))
-    ready.set()
-    stop.wait()
-    del store
+    with bind_listen_socket(address, port) as sock:
+        store = dist.TCPStore(address, port, is_master=True, wait_for_workers=False,
+                              timeout=timedelta(seconds=60), master_listen_fd=sock.fileno(),
+                              use_libuv=True)
+        ready.set()
+        stop.wait()
+        del store
 
 
 @contextmanager

@@ -5,12 +5,15 @@ One checkpoint is a directory ``<directory>/step-<step>/`` holding ``model.safet
 ``extra.safetensors`` (e.g. compression residuals), ``state.json`` (counters, shares, the
 optimizer's non-tensor parts, Python and NumPy RNG states, the caller's extra state) and
 ``manifest.json`` (every file's size and sha256). ``<directory>/latest`` names the step
-directory saved last. Nothing is ever unpickled: a checkpoint from an untrusted source can at
-worst be refused, never run code.
+directory saved last (a re-save of a step gets a fresh name: `idla.runtime.checkpoint_dirs`).
+Nothing is ever unpickled: a checkpoint from an untrusted source can at worst be refused,
+never run code.
 
-A save is atomic: the files are built in a temporary directory next to the target and renamed
-into place, so a crash leaves the previous checkpoint as it was. A load checks every file
-against the manifest before parsing any of them, and reports damage as one `ConfigError` line.
+A save is atomic: the files are built in a temporary directory next to the target, renamed to
+an unused name, and `latest` is swapped to it before anything superseded is removed, so a crash
+at any point leaves `latest` naming a complete checkpoint. A load checks every file against the
+manifest before parsing any of them, then every field of ``state.json``, and reports damage or
+a crafted value as one `ConfigError` line naming the file.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import os
 import random
 import shutil
 import tempfile
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +35,17 @@ from safetensors import SafetensorError
 from torch import Tensor
 
 from idla.errors import ConfigError
+from idla.runtime.checkpoint_dirs import (
+    fsync_path,
+    latest_name,
+    point_latest,
+    resolve,
+    tidy,
+    unused_step_dir,
+)
 
 FORMAT = "idla-checkpoint/1"
 MANIFEST = "manifest.json"
-LATEST = "latest"
 _TENSOR_FILES = ("model", "optimizer", "rng", "extra")
 _REQUIRED = (*(f"{name}.safetensors" for name in _TENSOR_FILES), "state.json")
 # JSON cannot tell a tuple from a list or an int key from a str one, and holds no tensors:
@@ -143,17 +152,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_text(path: Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")
-    _fsync(path)
+    fsync_path(path)
 
 
 def save_checkpoint(
@@ -172,22 +173,29 @@ def save_checkpoint(
 
     Call it on rank 0 only (replicas are identical; state that differs per rank, such as
     error-feedback residuals, must be gathered into `extra_tensors` first, as `save_agent`
-    does). (`epoch`, `batch_in_epoch`) is where training continues. An existing checkpoint of
-    the same step is replaced atomically. Cost: one CPU copy of the model and optimizer state
-    in memory, writing it once, and reading it back once to hash it; files are fsynced.
+    does). (`epoch`, `batch_in_epoch`) is where training continues. A re-save of a step goes
+    to ``step-<step>.<8 hex>/`` and `latest` moves to it before the old one is removed; the
+    save also removes what crashed saves left (``.tmp-*``). Cost: one CPU copy of the model
+    and optimizer state in memory, writing it once, and reading it back once to hash it;
+    files are fsynced.
 
     Raises:
-        ConfigError: A counter is negative, or a value cannot be stored without pickling.
+        ConfigError: A counter is negative, a share is not a non-negative integer, or a value
+            cannot be stored without pickling.
     """
-    if min(step, epoch, batch_in_epoch) < 0:
-        raise ConfigError(f"step {step}, epoch {epoch} and batch_in_epoch {batch_in_epoch} "
-                          "must be 0 or more")
-    if not all(isinstance(s, int) and s >= 0 for s in shares):
-        raise ConfigError(f"shares {shares} must be non-negative integers")
+    for name, value in (("step", step), ("epoch", epoch), ("batch_in_epoch", batch_in_epoch)):
+        if not _is_count(value):
+            raise ConfigError(f"{name} {value!r} must be an integer, 0 or more")
+    if not shares or not all(_is_count(s) for s in shares):
+        raise ConfigError(f"shares {list(shares)} must be non-negative integers, one per rank")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"step-{step}"
-    temp = Path(tempfile.mkdtemp(dir=directory, prefix=f".tmp-{final.name}-"))
+    try:
+        previous = latest_name(directory)
+    except ConfigError:  # a damaged pointer: this save replaces it
+        previous = None
+    temp = Path(tempfile.mkdtemp(dir=directory, prefix=f".tmp-step-{step}-"))
+    started_s = temp.stat().st_mtime  # the file system's clock, as the leftovers' mtimes
     try:
         optimizer_tensors: dict[str, Tensor] = {}
         optimizer_json = (None if optimizer is None
@@ -206,62 +214,24 @@ def save_checkpoint(
         }
         for name, tensors in contents.items():
             safetensors.torch.save_file(tensors, str(temp / f"{name}.safetensors"))
-            _fsync(temp / f"{name}.safetensors")
+            fsync_path(temp / f"{name}.safetensors")
         _write_text(temp / "state.json", json.dumps(state, indent=1) + "\n")
         files = {name: {"bytes": (temp / name).stat().st_size, "sha256": _sha256(temp / name)}
                  for name in _REQUIRED}
         _write_text(temp / MANIFEST, json.dumps({"format": FORMAT, "files": files}, indent=1))
-        _fsync(temp)
-        _install(temp, final)
-        _point_latest(directory, final.name)
+        fsync_path(temp)
+        final = unused_step_dir(directory, step)
+        os.replace(temp, final)  # onto a name nothing uses: `latest` still names the old one
+        fsync_path(directory)
+        point_latest(directory, final.name)
+        tidy(directory, final.name, previous, started_s)
     finally:
         shutil.rmtree(temp, ignore_errors=True)  # gone already unless something failed
     return final
 
 
-def _install(temp: Path, final: Path) -> None:
-    """Rename `temp` to `final`; an existing `final` is moved aside first (a directory cannot
-    be renamed onto a non-empty one) and put back if the rename fails."""
-    if not final.exists():
-        os.replace(temp, final)
-        return
-    aside = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}")
-    os.replace(final, aside)
-    try:
-        os.replace(temp, final)
-    except BaseException:
-        os.replace(aside, final)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def _point_latest(directory: Path, name: str) -> None:
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=".tmp-latest-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(name + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, directory / LATEST)
-        _fsync(directory)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
-
-
-def _resolve(path: Path) -> Path:
-    """A step directory: `path` itself, or the one its ``latest`` file names."""
-    if not path.is_dir():
-        raise ConfigError(f"checkpoint {path} does not exist")
-    latest = path / LATEST
-    if not latest.is_file():
-        return path
-    name = latest.read_text(encoding="utf-8").strip()
-    if not name or os.sep in name or name in (".", ".."):
-        raise ConfigError(f"checkpoint {path} is damaged: {LATEST} holds {name!r}")
-    if not (path / name).is_dir():
-        raise ConfigError(f"checkpoint {path}: {LATEST} names {name}, which does not exist")
-    return path / name
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _verify(path: Path) -> None:
@@ -302,10 +272,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     comes from the page cache) and holds one CPU copy of the state.
 
     Raises:
-        ConfigError: One line naming the file that is missing, truncated or corrupt.
+        ConfigError: One line naming the file that is missing, truncated, corrupt, or holds a
+            value of the wrong type (a crafted ``state.json``: a negative share, a missing key).
     """
-    step_dir = _resolve(Path(path))
+    step_dir = resolve(Path(path))
     _verify(step_dir)
+    where = f"checkpoint {step_dir} is damaged"
     name = "state.json"
     try:
         state = json.loads((step_dir / name).read_text(encoding="utf-8"))
@@ -314,25 +286,87 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             name = f"{kind}.safetensors"
             tensors[kind] = safetensors.torch.load_file(str(step_dir / name), device="cpu")
         name = "state.json"
-        rng = dict(_decode(state["rng"], {}))
-        rng["torch"] = tensors["rng"]["torch"]
-        rng["cuda"] = [tensors["rng"][f"cuda.{i}"]
-                       for i in range(sum(k.startswith("cuda.") for k in tensors["rng"]))]
-        return Checkpoint(
-            path=step_dir,
-            model_state=tensors["model"],
-            optimizer_state=_decode(state["optimizer"], tensors["optimizer"]),
-            step=int(state["step"]),
-            epoch=int(state["epoch"]),
-            batch_in_epoch=int(state["batch_in_epoch"]),
-            shares=[int(s) for s in state["shares"]],
-            rng=rng,
-            extra_tensors=tensors["extra"],
-            extra_state=_decode(state["extra_state"], {}),
-        )
-    except (SafetensorError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ConfigError(f"checkpoint {step_dir} is damaged: {name} cannot be read "
-                          f"({type(error).__name__})") from None
+        step, epoch, batch_in_epoch, shares = parse_state(state, f"{where}: {name}")
+        optimizer_state = _decode(state["optimizer"], tensors["optimizer"])
+        extra_state = _decode(state["extra_state"], {})
+        rng = _parse_rng(_decode(state["rng"], {}), tensors["rng"], where)
+    except ConfigError:
+        raise
+    except _READ_ERRORS as error:
+        raise ConfigError(f"{where}: {name} cannot be read ({type(error).__name__})") from None
+    if not (isinstance(optimizer_state, dict) or optimizer_state is None) or not isinstance(
+            extra_state, dict):
+        raise ConfigError(f"{where}: state.json: optimizer or extra_state is not an object")
+    return Checkpoint(path=step_dir, model_state=tensors["model"],
+                      optimizer_state=optimizer_state or {}, step=step, epoch=epoch,
+                      batch_in_epoch=batch_in_epoch, shares=shares, rng=rng,
+                      extra_tensors=tensors["extra"], extra_state=extra_state)
+
+
+_READ_ERRORS = (SafetensorError, ValueError, KeyError, TypeError, AttributeError, IndexError,
+                RecursionError, OverflowError)
+_STATE_KEYS = ("format", "step", "epoch", "batch_in_epoch", "shares", "optimizer", "rng",
+               "extra_state")
+
+
+def parse_state(state: Any, where: str) -> tuple[int, int, int, list[int]]:
+    """(step, epoch, batch_in_epoch, shares) from a parsed ``state.json``, every field checked.
+
+    Raises:
+        ConfigError: One line starting with `where`: not an object, a key missing, another
+            format, a counter that is not an integer ≥ 0, shares that are not a non-empty list
+            of integers ≥ 0.
+    """
+    if not isinstance(state, dict):
+        raise ConfigError(f"{where} is not a JSON object")
+    for key in _STATE_KEYS:
+        if key not in state:
+            raise ConfigError(f"{where} has no {key!r}")
+    if state["format"] != FORMAT:
+        raise ConfigError(f"{where} has format {state['format']!r:.60}, this version reads "
+                          f"{FORMAT!r}")
+    counters = []
+    for key in ("step", "epoch", "batch_in_epoch"):
+        if not _is_count(state[key]):
+            raise ConfigError(f"{where}: {key} {state[key]!r:.60} is not an integer ≥ 0")
+        counters.append(int(state[key]))
+    shares = state["shares"]
+    if not (isinstance(shares, list) and shares and all(_is_count(s) for s in shares)):
+        raise ConfigError(f"{where}: shares {shares!r:.80} are not a list of integers ≥ 0, "
+                          "one per rank")
+    step, epoch, batch_in_epoch = counters
+    return step, epoch, batch_in_epoch, [int(s) for s in shares]
+
+
+def _parse_rng(value: Any, tensors: dict[str, Tensor], where: str) -> dict[str, Any]:
+    """The RNG states, each tried on a scratch generator, so that `restore_rng` cannot fail."""
+    if not isinstance(value, dict) or "python" not in value:
+        raise ConfigError(f"{where}: state.json: rng is not an object with a 'python' state")
+    try:
+        random.Random().setstate(value["python"])
+    except (TypeError, ValueError, OverflowError, IndexError):
+        raise ConfigError(f"{where}: state.json: rng.python is not a generator state") from None
+    numpy_state = value.get("numpy")
+    if numpy_state is not None:
+        try:
+            import numpy as np
+
+            name, keys, pos, has_gauss, cached = numpy_state
+            np.random.RandomState().set_state(
+                (name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        except ImportError:
+            pass
+        except (TypeError, ValueError, OverflowError, IndexError):
+            raise ConfigError(f"{where}: state.json: rng.numpy is not a generator "
+                              "state") from None
+    cuda = [tensors.get(f"cuda.{i}") for i in range(sum(k.startswith("cuda.") for k in tensors))]
+    try:
+        torch.Generator().set_state(tensors["torch"])
+    except (KeyError, RuntimeError, TypeError):
+        raise ConfigError(f"{where}: rng.safetensors holds no torch generator state") from None
+    if not all(t is not None and t.dtype == torch.uint8 and t.dim() == 1 for t in cuda):
+        raise ConfigError(f"{where}: rng.safetensors: a CUDA generator state is not bytes")
+    return {**value, "torch": tensors["torch"], "cuda": cuda}
 
 
 def restore_rng(checkpoint: Checkpoint) -> None:

@@ -134,8 +134,9 @@ def save_model(
     """Write ``directory/model.safetensors`` and ``directory/model.json``, each atomically.
 
     The model must be an instance of ``ARCHITECTURES[architecture](**kwargs)`` (checked by
-    tensor names and shapes) and accept a batch of ``input_shape`` samples (one forward pass).
-    Cost: one CPU copy of the weights, written and hashed once.
+    tensor names and shapes), accept a batch of ``input_shape`` samples (one forward pass) and
+    hold finite weights only (`load_model` refuses others). Cost: one CPU copy of the weights,
+    written and hashed once.
     """
     shape = tuple(int(d) for d in input_shape)
     if not shape or min(shape) < 1:
@@ -151,6 +152,11 @@ def save_model(
     import safetensors.torch
 
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    nonfinite = [k for k, v in state.items()
+                 if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise ModelFormatError(f"model for {architecture!r} holds NaN or infinite weights (in "
+                               f"{nonfinite[:3]}); load_model would refuse them, so none is saved")
     reference = _build(architecture, dict(kwargs))
     _check_matches(state, reference, f"model for {architecture!r}")
     reference.load_state_dict(state)
