@@ -48,7 +48,7 @@ from idla.agent.exchange import make_sync
 from idla.agent.history import StepHistory, agent_report, stragglers
 from idla.agent.lifecycle import mark_closed, warn_unless_closed
 from idla.agent.replicas import check_replicas, replica_report
-from idla.agent.window import StepWindow, read_step, refuse_open_steps
+from idla.agent.window import StepWindow, check_backward, read_step, refuse_open_steps
 from idla.errors import ConfigError
 from idla.plan.job_planner import JobPlanner, memory_caps
 from idla.plan.observer import JobObserver
@@ -166,11 +166,10 @@ class Agent:
 
     def _broadcast_initial_state(self, src: int | None) -> None:
         """Every replica starts from rank `src`'s parameters and buffers."""
-        if self.group.world_size == 1 or src is None:
-            return
-        with torch.no_grad():
-            for tensor in [*self.model.parameters(), *self.model.buffers()]:
-                self.group.broadcast(tensor.data, src=src)
+        if self.group.world_size > 1 and src is not None:
+            with torch.no_grad():
+                for tensor in [*self.model.parameters(), *self.model.buffers()]:
+                    self.group.broadcast(tensor.data, src=src)
 
     def _gather_rank_limits(self) -> list[int | None]:
         """Every rank's `max_local_batch` (None where it has none); on the way, the job's plan
@@ -273,12 +272,9 @@ class Agent:
         Raises:
             ConfigError: `reduction` is neither "mean" nor "sum".
         """
-        if reduction not in REDUCTIONS:
-            raise ConfigError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        if not self._awaiting_backward or self._batch is None:
-            raise RuntimeError("agent.backward() must follow a batch from agent.batches()")
-        if loss.numel() != 1:
-            raise ConfigError(f"agent.backward needs a scalar loss, got shape {tuple(loss.shape)}")
+        check_backward(loss, reduction, REDUCTIONS,
+                       self._awaiting_backward and self._batch is not None)
+        assert self._batch is not None
         final = not self._no_sync
         self.sync.begin_backward(final)
         local, window = self._batch_shares[self.rank], self._window

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from idla.errors import GradientError
+from idla.errors import ConfigError, GradientError
 from idla.profile.clock import StepClock
 
 _STEP_HOOKS: weakref.WeakKeyDictionary[torch.optim.Optimizer, RemovableHandle] = (
@@ -55,6 +55,23 @@ class StepWindow:
         scalar on the device; a non-finite one stays non-finite in the sum)."""
         self.local += local
         self.loss_sum = loss_sum if self.loss_sum is None else self.loss_sum + loss_sum
+
+
+def check_backward(
+    loss: torch.Tensor, reduction: str, reductions: Sequence[str], after_batch: bool
+) -> None:
+    """Refuse an `Agent.backward` call that cannot be exact.
+
+    Raises:
+        ConfigError: `reduction` is not one of `reductions`, or `loss` is not a scalar.
+        RuntimeError: No batch from `Agent.batches` awaits its backward (`after_batch`).
+    """
+    if reduction not in reductions:
+        raise ConfigError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if not after_batch:
+        raise RuntimeError("agent.backward() must follow a batch from agent.batches()")
+    if loss.numel() != 1:
+        raise ConfigError(f"agent.backward needs a scalar loss, got shape {tuple(loss.shape)}")
 
 
 def read_step(
