@@ -35,10 +35,11 @@ BAD_FRAMES = (
 OVERSIZE_HEADER_BYTES = 10 << 20  # over the 1 MB header limit, small enough to be skipped
 
 
-def is_closed(sock: socket.socket) -> bool:
-    """Whether the peer has closed ``sock`` (reading, without waiting, whatever it sent)."""
+def is_closed(sock: socket.socket, wait_s: float = 0.0) -> bool:
+    """Whether the peer has closed ``sock``, or does within ``wait_s`` (reading whatever it
+    sent)."""
     while True:
-        ready, _, _ = select.select([sock], [], [], 0)
+        ready, _, _ = select.select([sock], [], [], wait_s)
         if not ready:
             return False
         try:
@@ -89,7 +90,7 @@ def open_strangers(addresses: Sequence[Address]) -> tuple[list[socket.socket], d
     http.sendall(b"GET / HTTP/1.1\r\nHost: worker\r\n\r\n" + b"\x00" * 4096)
     answers = {"wrong_mac": _refusal(wrong), "no_handshake": _refusal(rude),
                "http_garbage": _refusal(http)}
-    closed = {name: is_closed(sock) for name, sock in
+    closed = {name: is_closed(sock, SOCKET_TIMEOUT_S) for name, sock in
               (("wrong_mac", wrong), ("no_handshake", rude), ("http_garbage", http))}
     for sock in (wrong, rude, http):
         sock.close()
@@ -113,7 +114,7 @@ def bad_frames(address: Address, secret: bytes) -> dict[str, Any]:
         pong = wire.recv_frame(sock, SOCKET_TIMEOUT_S)
         sock.sendall(b"\xff" * 8)  # lengths of 4 GB
         garbage = wire.recv_frame(sock, SOCKET_TIMEOUT_S)
-        closed = is_closed(sock) or wire.recv_frame(sock, SOCKET_TIMEOUT_S) is None
+        closed = is_closed(sock, SOCKET_TIMEOUT_S)
     finally:
         sock.close()
     return {"frames": len(replies),
