@@ -23,14 +23,15 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import httpx
+import numpy as np
+
 CLIENT_TIMEOUT_S = 30.0
 MAX_DURATION_S = 600.0  # a load whose parent never says stop ends by itself
 
 
-async def _one(client: Any, raw: bytes, shape: str, scheduled_s: float, start_s: float,
-               records: list[dict[str, Any]]) -> None:
-    import httpx
-
+async def _one(client: httpx.AsyncClient, raw: bytes, shape: str, scheduled_s: float,
+               start_s: float, records: list[dict[str, Any]]) -> None:
     record: dict[str, Any] = {"t": scheduled_s, "status": 0, "version": None, "worker": None}
     try:
         answer = await client.post("/v1/predict", content=raw, headers={
@@ -44,9 +45,6 @@ async def _one(client: Any, raw: bytes, shape: str, scheduled_s: float, start_s:
 
 
 async def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    import httpx
-    import numpy as np
-
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
