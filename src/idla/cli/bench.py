@@ -20,6 +20,8 @@ COMM_OPTIONS = ("hosts", "bandwidth", "steps", "target_accuracy", "repeats", "co
 SYNC_OPTIONS = ("speeds", "period_steps", "staleness_bound", "delay_compensation", "budget_s",
                 "target_accuracy", "repeats")
 FAULT_OPTIONS = ("kills", "kinds", "epochs", "seed")
+SERVE_FAULT_OPTIONS = ("workers", "clients", "rate_rps", "trial_s", "load_timeout_s",
+                       "slow_clients", "trials")
 
 
 def _config(module: str, name: str) -> type:
@@ -33,6 +35,7 @@ _HETERO = ("idla.bench.hetero", "HeteroConfig")
 _COMM = ("idla.bench.comm", "CommConfig")
 _SYNC = ("idla.bench.sync_setup", "SyncBenchConfig")
 _FAULTS = ("idla.bench.faults", "FaultBenchConfig")
+_SERVE_FAULTS = ("idla.bench.serve_faults", "ServeFaultsConfig")
 
 
 def add_commands(commands: Any, benches: Any) -> None:
@@ -82,12 +85,18 @@ def add_commands(commands: Any, benches: Any) -> None:
     _add_json(data)
     data.set_defaults(bench_handler=_data)
     faults = benches.add_parser(
-        "faults", help="fault injection: kill -9, cut link, 10× slower, NaN in elastic training",
+        "faults", help="fault injection: kill -9, cut link, 10× slower, NaN in elastic training "
+        "(--serving: faults and abuse against idla serve)",
         description="Train elastically on 4 local workers and inject one fault per trial at a "
         "random (seeded) step; report finished, steps lost, samples skipped/repeated, detection "
-        "time and final accuracy beside a clean run.",
+        "time and final accuracy beside a clean run. With --serving: under steady load on a "
+        "pool of serving workers, kill -9 a worker, roll out a model that raises and one that "
+        "hangs, send strangers, malformed frames, slow clients and malformed bodies; report "
+        "requests finished/failed/refused, admin answers, recovery times, whether the old model "
+        "kept serving and the service stayed up.",
     )
     _defer(faults, _FAULTS, FAULT_OPTIONS, _faults)
+    faults.defer(_add_serving_fault_options)
 
 
 def _defer(parser: Any, config: tuple[str, str], names: tuple[str, ...], handler: Any) -> None:
@@ -97,6 +106,12 @@ def _defer(parser: Any, config: tuple[str, str], names: tuple[str, ...], handler
 
     parser.defer(add)
     parser.set_defaults(bench_handler=handler)
+
+
+def _add_serving_fault_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--serving", action="store_true",
+                        help="run the serving fault suite instead of elastic training")
+    fields.add_options(parser, _config(*_SERVE_FAULTS), SERVE_FAULT_OPTIONS)
 
 
 def _add_json(parser: argparse.ArgumentParser) -> None:
@@ -129,12 +144,28 @@ def _sync(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _faults(args: argparse.Namespace) -> dict[str, Any]:
+    if args.serving:
+        return _serve_faults(args)
     from idla.bench.faults import print_fault_bench, run_fault_bench
 
     config = fields.build(_config(*_FAULTS), args, FAULT_OPTIONS)
     result = run_fault_bench(config, on_trial=_print_trial)
     print_fault_bench(result)
     return result
+
+
+def _serve_faults(args: argparse.Namespace) -> dict[str, Any]:
+    from idla.bench.serve_faults import print_serve_fault_bench, run_serve_fault_bench
+
+    config = fields.build(_config(*_SERVE_FAULTS), args, SERVE_FAULT_OPTIONS, seed=args.seed)
+    result = run_serve_fault_bench(config, on_trial=_print_serve_fault_trial)
+    print_serve_fault_bench(result)
+    return result
+
+
+def _print_serve_fault_trial(trial: dict[str, Any]) -> None:
+    print(f"  trial {trial['name']}: {trial['finished']} finished, {trial['failed']} failed, "
+          f"{trial['refused']} refused, up after: {trial['up_after']}", flush=True)
 
 
 def _plan(args: argparse.Namespace) -> dict[str, Any]:
