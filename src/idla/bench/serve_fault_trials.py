@@ -193,20 +193,27 @@ def malformed_frames(trial: Trial) -> dict[str, Any]:
             "workers_alive": all(w.process.poll() is None for w in trial.pool.workers)}
 
 
+HEAD_TIMEOUT_S = 3.0
+"""The trials' server gives a request line and headers this long (`ServeOptions.head_timeout_s`,
+10 s by default), so the slow-clients trial stays short."""
+
+
 def slow_clients(trial: Trial) -> dict[str, Any]:
-    """Half-open HTTP connections, held past the server's keep-alive timeout + 1 s."""
+    """Half-open HTTP connections, held past the server's keep-alive and head timeouts + 1 s."""
     keep_alive_s = float(trial.serving.running.server.config.timeout_keep_alive)
+    held_s = max(keep_alive_s, HEAD_TIMEOUT_S) + 1
     with _counting_exceptions() as exceptions:
         clients = open_slow_clients(trial.address, trial.slow_clients, trial.token)
-        time.sleep(keep_alive_s + 1)
+        time.sleep(held_s)
         states = slow_client_states(clients)
         for _, sock in clients:
             sock.close()
         time.sleep(SETTLE_S)  # the server sees them hang up
     stalled = [kind for kind in SLOW_KINDS if kind != "idle_after_answer"]
     return {"fault": f"{len(clients)} slow HTTP clients ({', '.join(SLOW_KINDS)}) held "
-                     f"{keep_alive_s + 1:g} s",
-            "keep_alive_timeout_s": keep_alive_s, "slow_clients": states,
+                     f"{held_s:g} s",
+            "keep_alive_timeout_s": keep_alive_s, "head_timeout_s": HEAD_TIMEOUT_S,
+            "slow_clients": states,
             "stalled_still_open": sum(states.get(k, {}).get("open", 0) for k in stalled),
             "stalled": sum(states.get(k, {}).get("clients", 0) for k in stalled),
             "unhandled_exceptions": exceptions.count}

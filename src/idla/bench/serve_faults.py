@@ -133,13 +133,20 @@ def _run_trial(config: ServeFaultsConfig, pool: Any, name: str, index: int, toke
     import httpx
 
     from idla.bench.serve_fault_load import SteadyLoad, count_answers
-    from idla.bench.serve_fault_trials import FAULTS, Trial, worker_versions, workers_up
+    from idla.bench.serve_fault_trials import (
+        FAULTS,
+        HEAD_TIMEOUT_S,
+        Trial,
+        worker_versions,
+        workers_up,
+    )
     from idla.serve.router import RouterConfig
     from idla.serve.server import ServeOptions, ServingThread
 
     # The raising rollout must fail at build, not on the timeout, after the injected sleep.
     load_timeout_s = hang_s + 30 if name == "rollout_raises" else config.load_timeout_s
-    options = ServeOptions(token=token, port=0, router=RouterConfig(load_timeout_s=load_timeout_s))
+    options = ServeOptions(token=token, port=0, router=RouterConfig(load_timeout_s=load_timeout_s),
+                           head_timeout_s=HEAD_TIMEOUT_S)
     row = [[0.25] * MODEL["in_features"]]
     with ServingThread(pool, options) as serving, httpx.Client(
             base_url=serving.url, headers={"Authorization": f"Bearer {token}"},
