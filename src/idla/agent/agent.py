@@ -395,5 +395,5 @@ class Agent:
         self.sync.close()
         if self.config.check_every_steps and self.step:
             self.check_replicas()
-        self.group.close()
+        self.group.close(together=True)
 

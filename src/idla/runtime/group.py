@@ -254,8 +254,14 @@ class Group:
         assert work is not None
         return work
 
-    def close(self) -> None:
+    def close(self, together: bool = False) -> None:
+        """Release the process group (when this Group created it). `together`: first wait
+        for every rank on the control plane, so none tears down its connections while a peer
+        is still finishing a collective with it (only where every rank is known to be alive
+        and closing, as at the end of `Agent.close`)."""
         if self._owns_init and dist.is_initialized():
+            if together and self.control is not None:
+                dist.barrier(group=self.control)
             _PLANES.pop(id(dist.group.WORLD), None)
             dist.destroy_process_group()
             self._owns_init = False
