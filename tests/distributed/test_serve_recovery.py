@@ -10,7 +10,6 @@ the worker's test-only hook, so that a rollout can be made to time out).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -26,7 +25,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from idla.demo import DigitsCNN
+from idla.bench.serve_fault_probes import BAD_FRAMES, save_unbuildable_model
 from idla.serve import auth, wire
 from idla.serve.model_io import MLP, save_model
 from idla.serve.model_server import MAX_CONNECTIONS
@@ -52,12 +51,7 @@ def _save(directory: Path, seed: int, version: str) -> Path:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
-    broken = root / "broken"  # valid files whose kwargs make torch raise at build
-    save_model(broken, DigitsCNN(), "digits_cnn", {"hidden": 128, "classes": 10}, (1, 8, 8),
-               "broken")
-    meta = json.loads((broken / "model.json").read_text())
-    meta["kwargs"]["hidden"] = -5
-    (broken / "model.json").write_text(json.dumps(meta))
+    broken = save_unbuildable_model(root / "broken")
     return {"v1": _save(root / "v1", 1, "v1"), "v2": _save(root / "v2", 2, "v2"),
             "broken": broken}
 
@@ -282,15 +276,6 @@ def _raw_frame(header: bytes, payload: bytes = b"") -> bytes:
     return struct.pack(">II", len(header), len(payload)) + header + payload
 
 
-BAD_FRAMES = [
-    b'{"op": "ping", "id": NaN}', b'{"op": "ping", "id": Infinity}', b'{"op": "ping", "id": 1e400}',
-    b'{"op": "ping", "id": 12345678901234567890}', b'{"op": "ping", "id": -1}',
-    b'{"op": "ping", "id": 1.5}', b'{"op": "ping", "id": true}', b'{"op": "ping", "id": [1]}',
-    b'{"op": "ping"}', b'{"op": 5, "id": 1}', b'[1, 2, 3]', b'"ping"', b'\xff\xfe\x00garbage',
-    b"[" * 100_000, b'{"op": "launch", "id": 2}', b'{"op": "batch", "id": 3, "shape": "x"}',
-    b'{"op": "batch", "id": 4, "shape": [1, 64]}', b'{"op": "prepare", "id": 5, "path": 7}',
-    b'{"op": "commit", "id": 6, "prepare": "x"}', b'{"op": "commit", "id": 7, "prepare": 99}',
-]
 
 
 def test_malformed_frames_get_an_error_reply_and_the_worker_stays_up(pool: WorkerPool) -> None:

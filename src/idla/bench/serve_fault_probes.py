@@ -8,11 +8,13 @@ an answer is right (`idla.bench.serve_faults` reports, the tests judge).
 
 from __future__ import annotations
 
+import json
 import select
 import socket
 import struct
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from idla.serve import auth, wire
@@ -21,8 +23,8 @@ from idla.serve.model_server import MAX_CONNECTIONS
 Address = tuple[str, int]
 SOCKET_TIMEOUT_S = 10.0
 
-# Headers that break the worker protocol, each in a well-formed frame (as in
-# tests/distributed/test_serve_recovery.py).
+# Headers that break the worker protocol, each in a well-formed frame (the bench and
+# tests/distributed/test_serve_recovery.py send these).
 BAD_FRAMES = (
     b'{"op": "ping", "id": NaN}', b'{"op": "ping", "id": Infinity}', b'{"op": "ping", "id": 1e400}',
     b'{"op": "ping", "id": 12345678901234567890}', b'{"op": "ping", "id": -1}',
@@ -33,6 +35,20 @@ BAD_FRAMES = (
     b'{"op": "commit", "id": 6, "prepare": "x"}', b'{"op": "commit", "id": 7, "prepare": 99}',
 )
 OVERSIZE_HEADER_BYTES = 10 << 20  # over the 1 MB header limit, small enough to be skipped
+
+
+def save_unbuildable_model(directory: Path) -> Path:
+    """A model directory whose files are valid but whose kwargs make torch raise at build (a
+    negative layer size): the rollout that must be refused with the old model kept."""
+    from idla.demo import DigitsCNN
+    from idla.serve.model_io import save_model
+
+    save_model(directory, DigitsCNN(), "digits_cnn", {"hidden": 128, "classes": 10}, (1, 8, 8),
+               "broken")
+    meta = json.loads((directory / "model.json").read_text())
+    meta["kwargs"]["hidden"] = -5
+    (directory / "model.json").write_text(json.dumps(meta))
+    return directory
 
 
 def is_closed(sock: socket.socket, wait_s: float = 0.0) -> bool:

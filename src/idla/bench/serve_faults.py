@@ -33,7 +33,6 @@ predict requests all answered 200).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import tempfile
@@ -110,7 +109,7 @@ def _environment(name: str, value: str) -> Iterator[None]:
 def _save_models(root: Path, seed: int) -> dict[str, str]:
     import torch
 
-    from idla.demo import DigitsCNN
+    from idla.bench.serve_fault_probes import save_unbuildable_model
     from idla.serve.model_io import MLP, save_model
 
     paths = {}
@@ -118,13 +117,7 @@ def _save_models(root: Path, seed: int) -> dict[str, str]:
         torch.manual_seed(seed + offset)
         save_model(root / version, MLP(**MODEL), "mlp", MODEL, (MODEL["in_features"],), version)
         paths[version] = str(root / version)
-    broken = root / "broken"  # valid files whose kwargs make torch raise at build
-    save_model(broken, DigitsCNN(), "digits_cnn", {"hidden": 128, "classes": 10}, (1, 8, 8),
-               "broken")
-    meta = json.loads((broken / "model.json").read_text())
-    meta["kwargs"]["hidden"] = -5
-    (broken / "model.json").write_text(json.dumps(meta))
-    paths["broken"] = str(broken)
+    paths["broken"] = str(save_unbuildable_model(root / "broken"))
     return paths
 
 

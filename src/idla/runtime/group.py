@@ -104,8 +104,7 @@ class Group:
             self.device = torch.device(self.fleet[self.rank].device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self._staging = HostStaging(self.device, self.timeout,
-                                    enabled=self._stages() or os.environ.get(STAGE_ENV) == "1")
+        self._staging = HostStaging(enabled=self._stages() or os.environ.get(STAGE_ENV) == "1")
         self._subgroups: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
 
     def _init_planes(self, store: dist.Store | None, timeout_s: float) -> None:

@@ -66,9 +66,7 @@ class StagedWork:
 class HostStaging:
     """Runs data-plane operations either on the tensor itself or on a host copy."""
 
-    def __init__(self, device: torch.device, timeout: timedelta, *, enabled: bool) -> None:
-        self.device = device
-        self.timeout = timeout
+    def __init__(self, *, enabled: bool) -> None:
         self.enabled = enabled
         self.staged_ops = 0  # operations run on a host copy so far
 
