@@ -12,8 +12,8 @@ best kind). Maximising Σ pᵢ·rateᵢ/workᵢ is Smith's weighted-shortest-pro
 priority-weighted completion time on one machine; rates that grow less than linearly with
 devices make Uᵢ concave. A serving job's utility is the fraction of its offered load it carries
 within its latency target, min(1, capacity / offered), i.e. the fraction of time the target
-holds when capacity is steady. ``Utility.LOG_SPEEDUP`` (log(1 + rate/rate on one best device),
-proportional fairness without knowledge of the work left) drives the Pollux-style baseline.
+holds when capacity is steady, times ``serve_weight`` (targets first).
+``Utility.LOG_SPEEDUP`` (log(1 + rate/rate on one best device), proportional fairness without knowledge of the work left) drives the Pollux-style baseline.
 
 The search is greedy on marginal utility with a heap (lazy re-evaluation): a queued job's first
 step is a bundle of ``min_workers`` devices of one kind, then one device at a time of whichever
@@ -60,6 +60,10 @@ class PolicyConfig:
     report its remaining work."""
     utility: Utility = Utility.WORK_FRACTION
     """The utility of a job (module docstring)."""
+    serve_weight: float = 1000.0
+    """Utility of a serving job that meets its latency target, in units of a training job
+    doing all its remaining work within the horizon: large, so that latency targets are met
+    before any training job is sped up (a target is a promise, not a trade-off)."""
     one_kind_per_job: bool = False
     """Keep each job on one device kind (as Pollux, Sia and Gavel do); idla need not."""
 
@@ -99,7 +103,7 @@ class _Scorer:
         rate = self._models.rate_per_s(job_id, devices) * self._scale[job_id]
         job = self._jobs[job_id]
         if job.kind is JobKind.SERVE and job.offered_requests_per_s > 0:
-            return min(1.0, rate)
+            return min(1.0, rate) * self._config.serve_weight
         if self._config.utility is Utility.LOG_SPEEDUP:
             return math.log1p(rate)
         return rate * self._config.horizon_s

@@ -136,6 +136,8 @@ class GavelMaxMin:
                 kind = by_id[job.devices[0]].kind
                 self._service[job.name] = self._service.get(job.name, 0.0) + (
                     self.round_s * normalised[job.name][kind])
+        # How much all jobs want each kind: on a tie a job takes the kind the others want less.
+        demand = {k: sum(n[k] for n in normalised.values()) for k in kinds}
         replan = self._rounds % self.lease_rounds == 0
         self._rounds += 1
         result = {} if replan else {job.name: job.devices for job in jobs if job.devices}
@@ -151,7 +153,8 @@ class GavelMaxMin:
             if not fits:
                 continue
             current = by_id[job.devices[0]].kind if job.devices else None
-            kind = max(fits, key=lambda k: (normalised[job.name][k], k == current))
+            kind = max(fits, key=lambda k: (round(normalised[job.name][k], 1),
+                                            -demand[k], k == current))
             if job.devices and kind == current and _claim(free, job.devices):
                 result[job.name] = job.devices
             else:
