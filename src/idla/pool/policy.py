@@ -13,7 +13,8 @@ priority-weighted completion time on one machine; rates that grow less than line
 devices make Uᵢ concave. A serving job's utility is the fraction of its offered load it carries
 within its latency target, min(1, capacity / offered), i.e. the fraction of time the target
 holds when capacity is steady, times ``serve_weight`` (targets first).
-``Utility.LOG_SPEEDUP`` (log(1 + rate/rate on one best device), proportional fairness without knowledge of the work left) drives the Pollux-style baseline.
+``Utility.LOG_SPEEDUP`` (log(1 + rate/rate on one best device), proportional fairness without
+knowledge of the work left) drives the Pollux-style baseline.
 
 The search is greedy on marginal utility with a heap (lazy re-evaluation): a queued job's first
 step is a bundle of ``min_workers`` devices of one kind, then one device at a time of whichever
