@@ -1,0 +1,132 @@
+"""The simulator and its baselines on hand-made workloads whose schedules are computed by hand.
+
+Toy application: one iteration takes 1 s on kind "g" (0.25 s on "fast" for "skewed"), at any
+batch; no gradient noise (gain 1), no calibration slowdown and no restart time, so a job runs at
+exactly 1 progress unit per second of GPU kind "g" and its JCT is its target plus its wait.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from idla.cli.pool_sim import add_simulate
+from idla.errors import ConfigError
+from idla.pool.model import Device
+from idla.pool.sim.baselines import Fifo, GavelMaxMin, Idla, PolluxLike, Tiresias
+from idla.pool.sim.simulator import SimConfig, assign_priorities, simulate
+from idla.pool.sim.traces import AppTrace, KindTrace, StepTable, TraceJob
+
+_TRACES = Path(__file__).resolve().parents[3] / "shared" / "traces"
+
+
+def _kind(step_s: float) -> KindTrace:
+    table = StepTable(np.array([1.0, 1e6]), np.array([step_s, step_s]), np.zeros(2))
+    return KindTrace({(1, n): table for n in (1, 2, 3, 4)}, 10**6, 0.0, step_s)
+
+
+def _app(name: str, target: float, kinds: dict[str, float]) -> AppTrace:
+    return AppTrace(name=name, kinds={k: _kind(s) for k, s in kinds.items()}, init_batch=1,
+                    max_batch=1, epoch_progress=np.array([target]), grad_sqr=np.ones(1),
+                    grad_var=np.zeros(1), target_progress=target, restart_s=0.0,
+                    calibration=1.0)
+
+
+def _gpus(kind: str, count: int) -> list[Device]:
+    return [Device(f"{kind}{i}", kind, "node", 2**30) for i in range(count)]
+
+
+def test_fifo_runs_in_arrival_order_without_backfill() -> None:
+    apps = {"long": _app("long", 120, {"g": 1.0}), "short": _app("short", 60, {"g": 1.0})}
+    workload = [TraceJob("a", 0, "long", 2, 1), TraceJob("b", 0, "short", 1, 1),
+                TraceJob("c", 0, "short", 1, 1)]
+    result = simulate(workload, apps, _gpus("g", 2), Fifo(), {})
+    assert result.jct_s == {"a": 120.0, "b": 180.0, "c": 180.0}
+    assert result.makespan_s == 180.0
+
+
+def test_tiresias_preempts_a_job_past_its_service_threshold() -> None:
+    apps = {"long": _app("long", 240, {"g": 1.0}), "short": _app("short", 60, {"g": 1.0})}
+    workload = [TraceJob("a", 0, "long", 2, 1), TraceJob("b", 60, "short", 1, 1)]
+    las = simulate(workload, apps, _gpus("g", 2), Tiresias(threshold_gpu_s=60.0), {})
+    # a runs one round (120 GPU-s, queue 2), b (queue 1) takes a GPU for a round, a resumes.
+    assert las.jct_s == {"a": 300.0, "b": 60.0}
+    assert las.resizes["a"] == 1  # one change of a running job: its preemption
+    fifo = simulate(workload, apps, _gpus("g", 2), Fifo(), {})
+    assert fifo.jct_s == {"a": 240.0, "b": 240.0}
+
+
+def test_gavel_puts_the_job_that_gains_most_on_the_fast_kind() -> None:
+    apps = {"even": _app("even", 120, {"g": 1.0, "fast": 1.0}),
+            "skewed": _app("skewed", 120, {"g": 1.0, "fast": 0.25})}
+    workload = [TraceJob("e", 0, "even", 1, 1), TraceJob("s", 0, "skewed", 1, 1)]
+    devices = _gpus("g", 1) + _gpus("fast", 1)
+    result = simulate(workload, apps, devices, GavelMaxMin(), {})
+    assert result.jct_s == {"e": 120.0, "s": 30.0}
+
+
+def test_pollux_keeps_one_kind_per_job_and_idla_mixes() -> None:
+    apps = {"mix": _app("mix", 600, {"g": 1.0, "fast": 1.0})}
+    devices = _gpus("g", 2) + _gpus("fast", 2)
+    workload = [TraceJob("m", 0, "mix", 1, 1)]
+    pollux, idla = PolluxLike(), Idla()
+    seen: dict[str, set[str]] = {"pollux": set(), "idla": set()}
+    for name, policy in (("pollux", pollux), ("idla", idla)):
+        plan = policy.plan
+        def spy(*args: object, _plan=plan, _name=name) -> dict[str, tuple[str, ...]]:
+            allocation = _plan(*args)  # type: ignore[arg-type]
+            seen[_name] |= {d.rstrip("0123456789") for d in allocation.get("m", ())}
+            return allocation
+        policy.plan = spy  # type: ignore[method-assign]
+        simulate(workload, apps, devices, policy, {})
+    assert len(seen["pollux"]) == 1
+    assert seen["idla"] == {"g", "fast"}
+
+
+def test_idla_serves_the_high_priority_job_first() -> None:
+    apps = {"long": _app("long", 600, {"g": 1.0})}
+    workload = [TraceJob("low", 0, "long", 1, 1), TraceJob("high", 60, "long", 1, 1)]
+    result = simulate(workload, apps, _gpus("g", 1), Idla(), {"low": 1.0, "high": 4.0})
+    assert result.jct_s["high"] == pytest.approx(600.0, abs=1.0)
+    assert result.jct_s["low"] > 1100.0
+
+
+def test_priorities_follow_the_mix_and_the_seed() -> None:
+    names = [f"j{i}" for i in range(100)]
+    first = assign_priorities(names, SimConfig(seed=3))
+    assert sorted(first.values()).count(4.0) == 20
+    assert sorted(first.values()).count(2.0) == 30
+    assert first == assign_priorities(names, SimConfig(seed=3))
+    assert first != assign_priorities(names, SimConfig(seed=4))
+
+
+def test_pool_simulate_command_on_a_real_workload(capsys: pytest.CaptureFixture[str]) -> None:
+    if not (_TRACES / "workloads").is_dir():
+        pytest.skip(f"no traces at {_TRACES}")
+    parser = argparse.ArgumentParser()
+    add_simulate(parser.add_subparsers(dest="pool"))
+    args = parser.parse_args(["simulate", "--workload", "philly/workload-1", "--jobs-limit",
+                              "8", "--policy", "fifo,idla", "--traces", str(_TRACES), "--json"])
+    assert args.handler(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    figures = result["simulate"]["philly/workload-1"]
+    assert set(figures) == {"fifo", "idla"}
+    assert figures["idla"]["avg_jct_s"] > 0
+    assert "p4_alone_ratio_max" in figures["idla"]
+    with pytest.raises(ConfigError, match="unknown policy"):
+        parser.parse_args(["simulate", "--policy", "lottery", "--traces", str(_TRACES)]).handler(
+            parser.parse_args(["simulate", "--policy", "lottery", "--traces", str(_TRACES)]))
+
+
+def test_bench_pool_bad_workload_is_one_line_error() -> None:
+    run = subprocess.run([sys.executable, "-m", "idla.cli", "bench", "pool", "--simulate-only",
+                          "--workloads", "nope/workload-9", "--traces", str(_TRACES)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert run.stderr.count("\n") == 1 and "idla: error:" in run.stderr
