@@ -29,10 +29,10 @@ def worker_command(spec: JobSpec, python: str, world: int, run_dir: Path) -> lis
         return [python, spec.script, *spec.args]
     assert spec.model is not None
     if spec.kind is JobKind.SERVE:
-        return [python, "-m", "idla", "serve", "--model", spec.model, "--workers", str(world),
+        return [python, "-m", "idla.cli", "serve", "--model", spec.model, "--workers", str(world),
                 "--port", "0", "--token-file", str(_token_file(run_dir))]
     assert spec.input is not None and spec.output is not None
-    return [python, "-m", "idla", "infer", "--model", spec.model, "--input", spec.input,
+    return [python, "-m", "idla.cli", "infer", "--model", spec.model, "--input", spec.input,
             "--output", spec.output, "--workers", str(world)]
 
 
