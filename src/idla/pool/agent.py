@@ -62,6 +62,9 @@ class PoolConfig:
     """Seconds between two plans when nothing happened (measured speeds change)."""
     resize_hold_s: float = 6.0
     """A job is not resized again within this many seconds of a start or resize."""
+    start_hold_s: float = 20.0
+    """A new job is not resized within this many seconds of its start: its workers must import
+    and form their first group (a worker stopped before that fails the others' start)."""
     finish_grace_s: float = 15.0
     """Once a worker of a job finished (exit 0), the others get this long to finish too."""
     python: str = sys.executable
@@ -77,10 +80,13 @@ class _Run:
     run_dir: Path
     secret: str
     workers: dict[str, WorkerHandle] = field(default_factory=dict)
-    stopped: set[int] = field(default_factory=set)
-    """ids of the handles the agent stopped (their exit is no failure)."""
+    leaving: list[WorkerHandle] = field(default_factory=list)
+    """Workers the agent stopped that have not exited yet (their exit is no failure)."""
+    failed_last: bool = False
+    """The last worker left by failing (not stopped, not finished)."""
     next_member: int = 0
     changed_s: float = 0.0
+    started_s: float = 0.0
     finished_s: float | None = None
     failures: list[str] = field(default_factory=list)
     resizes: int = 0
@@ -103,7 +109,7 @@ class PoolAgent:
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._dirty = True
-        self._planned_s = 0.0
+        self._next_plan_s = 0.0
         self.started_s = time.time()
         for job_id in store.requeue_running():
             store.add_event(job_id, "resume", {"how": "requeued; restarts from its run dir"})
@@ -165,9 +171,9 @@ class PoolAgent:
             if callable(reap):
                 reap()
             self._observe(now)
-            if self._dirty or now - self._planned_s > self.config.replan_s:
+            if self._dirty or now >= self._next_plan_s:
                 self._dirty = False
-                self._planned_s = now
+                self._next_plan_s = now + self.config.replan_s
                 self._plan(now)
             self.store.record_allocation(self.allocation())
 
@@ -175,30 +181,29 @@ class PoolAgent:
         alive = {d.device_id for d in self.backend.devices()}
         for job_id, run in list(self._runs.items()):
             record = self.store.job(job_id)
-            if record is not None and record.state == "cancelled":
-                for handle in run.workers.values():
-                    self._stop(run, handle, graceful=False)
+            cancelled = record is not None and record.state == "cancelled"
+            grace_over = (run.finished_s is not None
+                          and now - run.finished_s > self.config.finish_grace_s)
             for device_id, handle in list(run.workers.items()):
-                if device_id not in alive and id(handle) not in run.stopped:
+                if device_id not in alive:
                     run.failures.append(f"device {device_id} lost")
-                    self._stop(run, handle, graceful=False)
+                if cancelled or grace_over or device_id not in alive:
+                    self._stop(run, device_id, graceful=False)
+                    continue
                 code = handle.poll()
                 if code is None:
                     continue
                 del run.workers[device_id]
                 self._dirty = True
-                if id(handle) in run.stopped:
-                    continue
                 if code == 0:
                     run.finished_s = run.finished_s or now
                 else:
                     run.failures.append(f"worker on {device_id} exited with code {code}")
+                    run.failed_last = not run.workers
                     self.store.add_event(job_id, "worker_failed",
                                          {"device": device_id, "code": code})
-            if run.finished_s is not None and now - run.finished_s > self.config.finish_grace_s:
-                for handle in run.workers.values():
-                    self._stop(run, handle, graceful=False)
-            if not run.workers:
+            run.leaving = [h for h in run.leaving if h.poll() is None]
+            if not run.workers and not run.leaving:
                 self._end(job_id, run, record)
 
     def _end(self, job_id: str, run: _Run, record: JobRecord | None) -> None:
@@ -207,12 +212,12 @@ class PoolAgent:
             return
         if run.finished_s is not None:
             self.store.set_state(job_id, "done")
-        elif run.failures:
+        elif run.failed_last:
             log_tail = _tail(run.run_dir / "worker-0.log")
             self.store.set_state(job_id, "failed",
                                  message="; ".join(run.failures[-3:]) + log_tail)
         else:
-            self.store.set_state(job_id, "queued")  # preempted: every worker was stopped
+            self.store.set_state(job_id, "queued")  # preempted: the agent stopped every worker
 
     def _plan(self, now: float) -> None:
         records = {r.job_id: r for r in self.store.jobs(("queued", "running"))}
@@ -221,8 +226,13 @@ class PoolAgent:
         held = {j for j, r in self._runs.items()
                 if j in records and (not records[j].spec.view(j, 0.0).resizable
                                      or now - r.changed_s < self.config.resize_hold_s
+                                     or now - r.started_s < self.config.start_hold_s
                                      or r.finished_s is not None)}
         views = [self._view(r, current, held) for r in records.values()]
+        holds_end = [max(r.changed_s + self.config.resize_hold_s,
+                         r.started_s + self.config.start_hold_s)
+                     for j, r in self._runs.items() if j in held and r.finished_s is None]
+        self._next_plan_s = min([self._next_plan_s, *[t for t in holds_end if t > now]])
         target = {j: tuple(d) for j, d in self.policy(views, devices, self.models,
                                                        current).items()}
         target = _respect(target, current, held, {v.job_id: v for v in views})
@@ -248,12 +258,14 @@ class PoolAgent:
             if target:
                 self._start(record, [by_id[d] for d in target], now)
             return
+        if not run.workers:
+            return  # it is draining (preempted or cancelled); it may start again once ended
         have = set(run.workers)
         gone, new = have - set(target), set(target) - have
         if not gone and not new:
             return
         for device_id in sorted(gone):
-            self._stop(run, run.workers[device_id], graceful=True)
+            self._stop(run, device_id, graceful=True)
         if target and new:
             for device_id in sorted(new):
                 self._launch(run, by_id[device_id], rank=0, world=1, joining=True)
@@ -268,7 +280,7 @@ class PoolAgent:
         run_dir = self.config.run_root / record.job_id
         (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
         run = _Run(record=record, attempt=record.starts + 1, run_dir=run_dir,
-                   secret=secrets.token_hex(16), changed_s=now)
+                   secret=secrets.token_hex(16), changed_s=now, started_s=now)
         self.store.set_state(record.job_id, "running")
         self._runs[record.job_id] = run
         if not processes_per_device(record.spec):
@@ -304,9 +316,16 @@ class PoolAgent:
         run.workers[device.device_id] = handle
         return handle
 
-    def _stop(self, run: _Run, handle: WorkerHandle, graceful: bool) -> None:
-        run.stopped.add(id(handle))
-        self.backend.stop(handle, graceful=graceful)
+    def _stop(self, run: _Run, device_id: str, graceful: bool) -> None:
+        """Take the worker off ``device_id`` (one process holding several devices stops with
+        the first of them)."""
+        handle = run.workers.pop(device_id)
+        for other in [d for d, h in run.workers.items() if h is handle]:
+            del run.workers[other]
+        if not any(h is handle for h in run.leaving):
+            run.leaving.append(handle)
+            self.backend.stop(handle, graceful=graceful)
+        self._dirty = True
 
 
 def _fields(view: JobView) -> dict[str, Any]:
