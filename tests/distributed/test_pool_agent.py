@@ -75,7 +75,7 @@ def test_a_priority_arrival_shrinks_a_running_job_which_grows_back_after(tmp_pat
         _wait(lambda: _state(agent, low) == "done", 90, "low did not finish")
         history = [(job, len(devices)) for _, job, devices in agent.store.allocations()]
 
-    assert history[:3] == [(low, 3), (high, 2), (low, 1)]
+    assert history[0] == (low, 3) and set(history[1:3]) == {(high, 2), (low, 1)}
     assert (low, 3) in history[3:]
     finishers = _reports(tmp_path, low)
     everything = [[e, b] for e in range(60) for b in range(STEPS_PER_EPOCH)]
@@ -107,7 +107,7 @@ def test_a_killed_worker_is_replaced_and_a_restarted_agent_resumes_then_cancels(
         workers = list(agent._runs[job].workers.values())
 
         agent.cancel(job)
-        _wait(lambda: job not in agent.allocation(), 15, "cancel did not stop the job")
+        _wait(lambda: job not in agent._runs, 15, "cancel did not stop the job")
         assert _state(agent, job) == "cancelled"
         assert all(w.poll() is not None for w in workers)
         assert "requeued" in [e["kind"] for e in agent.store.events(job)]

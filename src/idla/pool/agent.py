@@ -220,7 +220,9 @@ class PoolAgent:
             self.store.set_state(job_id, "queued")  # preempted: the agent stopped every worker
 
     def _plan(self, now: float) -> None:
-        records = {r.job_id: r for r in self.store.jobs(("queued", "running"))}
+        draining = {j for j, r in self._runs.items() if not r.workers}
+        records = {r.job_id: r for r in self.store.jobs(("queued", "running"))
+                   if r.job_id not in draining}
         devices = list(self.backend.devices())
         current = self.allocation()
         held = {j for j, r in self._runs.items()
