@@ -20,7 +20,7 @@ from idla.errors import ConfigError, IdlaError
 # Options built from config dataclasses are added with `parser.defer(...)`, and heavy imports
 # stay inside the handlers, so that `idla --help` is fast.
 COMMAND_MODULES = ("idla.cli.train", "idla.cli.bench", "idla.cli.fl", "idla.cli.serve",
-                   "idla.cli.infer", "idla.cli.pool_sim")
+                   "idla.cli.infer", "idla.cli.pool", "idla.cli.pool_sim")
 
 
 class _Benches:

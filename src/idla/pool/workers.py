@@ -1,0 +1,45 @@
+"""The command line each kind of job runs on its devices.
+
+- train: the user's script with its arguments, one process per device (``RANK``,
+  ``WORLD_SIZE`` and the rendezvous come in the environment, as under torchrun);
+- serve: one `idla serve` router process with ``--workers n`` for the job's n devices, on a free
+  port (printed in the job's log), its bearer token in ``token`` under the run dir (mode 600);
+- infer: one `idla infer` process with ``--workers n``.
+A serve or infer job is one process holding all its devices: it is placed rigidly.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from idla.pool.model import JobKind
+from idla.pool.spec import JobSpec
+
+
+def processes_per_device(spec: JobSpec) -> bool:
+    """True when the job runs one process per device (training); else one for all."""
+    return spec.kind is JobKind.TRAIN
+
+
+def worker_command(spec: JobSpec, python: str, world: int, run_dir: Path) -> list[str]:
+    if spec.kind is JobKind.TRAIN:
+        assert spec.script is not None
+        return [python, spec.script, *spec.args]
+    assert spec.model is not None
+    if spec.kind is JobKind.SERVE:
+        return [python, "-m", "idla.cli", "serve", "--model", spec.model, "--workers", str(world),
+                "--port", "0", "--token-file", str(_token_file(run_dir))]
+    assert spec.input is not None and spec.output is not None
+    return [python, "-m", "idla.cli", "infer", "--model", spec.model, "--input", spec.input,
+            "--output", spec.output, "--workers", str(world)]
+
+
+def _token_file(run_dir: Path) -> Path:
+    path = run_dir / "token"
+    if not path.exists():
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(secrets.token_urlsafe(24) + "\n")
+    return path
