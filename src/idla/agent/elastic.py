@@ -19,13 +19,22 @@ optimizer state, the data cursor follows from the step, the agent re-plans share
 world, and the interrupted global batch is redone by the survivors. So no sample is skipped
 or repeated in a committed step, and the work lost per failure is the one step in flight. With
 a job secret (``IDLA_JOB_SECRET``) every store entry and claim is signed (`idla.elastic.auth`).
-Why not torchft: see the README.
+
+A worker that gets SIGTERM (a scheduler shrinking the job) leaves gracefully: it finishes the
+step it is in and commits it; at the next membership check (every
+`ElasticConfig.join_check_every_steps` steps) every rank learns who leaves, after the same
+commit; the leaver's `run_elastic` returns (``report.left``) and the others re-form without it
+and go on from that committed step: no step lost, no sample skipped or repeated. A second
+SIGTERM stops the worker at once. Why not torchft: see the README.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -44,6 +53,8 @@ from idla.elastic.faults import FaultInjector, injected_fault_time
 from idla.elastic.membership import (
     ElasticConfig,
     FailureEvent,
+    LeftGroup,
+    MembershipChange,
     env_int,
     is_peer_failure,
     membership_check,
@@ -79,7 +90,11 @@ class ElasticState:
     agent: Agent | None = None
     faults: FaultInjector | None = None
     membership_check: Callable[[int], None] | None = None
-    """Called with the committed step before each batch; raises MembershipChange to re-form."""
+    """Called with the committed step before each batch; raises MembershipChange to re-form,
+    LeftGroup to leave."""
+    leaving: bool = False
+    """This worker was asked to leave (SIGTERM): it goes at the next agreed step boundary, after
+    a commit. A loop may read it (e.g. to skip work that only the last step needs)."""
 
     def batches(self, epochs: int) -> Iterator[Any]:
         """This rank's part of every remaining global batch, from the cursor to `epochs`."""
@@ -144,11 +159,13 @@ class ElasticReport:
     refused_store_entries: int = 0
     """Store entries and claims this worker ignored: unsigned, signed with another secret,
     or malformed."""
+    left: bool = False
+    """This worker left the job gracefully (it was asked to, by SIGTERM) before the end."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "member": self.member, "world_size": self.world_size, **self.state.as_dict(),
-            "refused_store_entries": self.refused_store_entries,
+            "refused_store_entries": self.refused_store_entries, "left": self.left,
             "steps_per_epoch": self.state.agent.sampler.steps_per_epoch()
             if self.state.agent else 0,
             "steps_lost": sum(e.steps_lost for e in self.events),
@@ -180,6 +197,28 @@ def _choose_source(
                          membership.step_limit)
 
 
+@contextlib.contextmanager
+def _leave_on_sigterm(state: ElasticState, enabled: bool) -> Iterator[None]:
+    """While inside: SIGTERM sets `state.leaving` (a second one stops the process at once).
+    Only the main thread may install a handler; elsewhere, and when not `enabled`, SIGTERM
+    keeps its handler."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        if state.leaving:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        state.leaving = True
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_elastic(
     train_fn: Callable[[Agent, ElasticState], None],
     model: nn.Module,
@@ -208,6 +247,19 @@ def run_elastic(
     auth = rdzv.auth if rdzv else StoreAuth(secret)
     state = ElasticState(faults=FaultInjector.from_env(rdzv.member if rdzv else member, rdzv))
     events: list[FailureEvent] = []
+    with _leave_on_sigterm(state, elastic.join_check_every_steps > 0):
+        return _generations(train_fn, model, optimizer, dataset, config, elastic, on_event,
+                            rdzv, membership, auth, state, events)
+
+
+def _generations(
+    train_fn: Callable[[Agent, ElasticState], None], model: nn.Module,
+    optimizer: torch.optim.Optimizer | None, dataset: Data, config: AgentConfig,
+    elastic: ElasticConfig, on_event: Callable[[FailureEvent], None] | None,
+    rdzv: Rendezvous | None, membership: Membership, auth: StoreAuth, state: ElasticState,
+    events: list[FailureEvent],
+) -> ElasticReport:
+    """One group after another, until `train_fn` returns or this worker leaves."""
     try:
         while True:
             group = Group(
@@ -215,7 +267,8 @@ def run_elastic(
                 store=rdzv.pg_store(membership) if rdzv else None,
                 rank=membership.rank, world_size=membership.world_size,
             )
-            state.membership_check = membership_check(rdzv, group, elastic)
+            state.membership_check = membership_check(rdzv, group, elastic,
+                                                      lambda: state.leaving)
             try:
                 label = rdzv.key(f"g{membership.generation}/claim") if rdzv else "claim"
                 adoption = _choose_source(state, model, optimizer, group, membership, auth,
@@ -238,6 +291,12 @@ def run_elastic(
                 agent.close()
                 return ElasticReport(state, events, agent.report(), membership.member,
                                      group.world_size, len(auth.refused))
+            except LeftGroup:
+                assert state.agent is not None  # only a step boundary raises it
+                mark_closed(state.agent)  # the others re-form without it; nothing in flight
+                group.close()
+                return ElasticReport(state, events, state.agent.report(), membership.member,
+                                     group.world_size, len(auth.refused), left=True)
             except RuntimeError as error:
                 if rdzv is None or not is_peer_failure(error):
                     raise
@@ -246,7 +305,8 @@ def run_elastic(
                 failed_at = time.time()
                 group.close()
                 before = set(membership.members)
-                membership, lost_members = rdzv.next(state.step)
+                leaving = error.leaving if isinstance(error, MembershipChange) else ()
+                membership, lost_members = rdzv.next(state.step, leaving)
                 event = FailureEvent(
                     generation=membership.generation, lost_members=lost_members,
                     members=list(membership.members),
@@ -254,6 +314,7 @@ def run_elastic(
                     joined_members=sorted(set(membership.members) - before),
                     failed_at=failed_at, declared_at=time.time(),
                     fault_at=injected_fault_time(rdzv) if lost_members else None,
+                    left_members=list(leaving),
                 )
                 events.append(event)
                 if on_event is not None:

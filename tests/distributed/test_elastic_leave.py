@@ -1,0 +1,92 @@
+"""Graceful leave with real processes over gloo: a worker stopped with SIGTERM leaves at a step
+boundary after its commit, exits 0, and the others go on with no step lost and every sample
+trained on exactly once per epoch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import idla
+from tests.distributed.leave_worker import GLOBAL_BATCH, SAMPLES
+
+WORKER = Path(__file__).with_name("leave_worker.py")
+EPOCHS = 3
+STEPS = EPOCHS * -(-SAMPLES // GLOBAL_BATCH)
+
+
+def _start(tmp_path: Path, name: str, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    src = str(Path(idla.__file__).parents[1])
+    full_env = {**os.environ, "PYTHONPATH": src, "GLOO_SOCKET_IFNAME": "lo",
+                "IDLA_DEVICE": "cpu", "IDLA_RENDEZVOUS": f"file:{tmp_path / 'rendezvous'}",
+                "IDLA_JOB_SECRET": "the-job-secret-0123456789", "LEAVE_EPOCHS": str(EPOCHS),
+                **env}
+    log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
+    return subprocess.Popen([sys.executable, str(WORKER), str(tmp_path / f"{name}.json")],
+                            env=full_env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _finish(tmp_path: Path, procs: dict[str, subprocess.Popen[bytes]]) -> dict[str, Any]:
+    codes = {name: proc.wait(timeout=120) for name, proc in procs.items()}
+    logs = {name: (tmp_path / f"{name}.log").read_text()[-2000:] for name in procs}
+    assert codes == dict.fromkeys(procs, 0), logs  # the leaver too exits 0
+    return {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in procs}
+
+
+def _check_every_sample_once_per_epoch(reports: list[dict[str, Any]]) -> None:
+    """Union of what all workers trained on, per committed step: exactly the global batches."""
+    per_step: dict[int, list[int]] = {}
+    for report in reports:
+        for step, *indices in report["trained"]:
+            per_step.setdefault(step, []).extend(indices)
+    assert sorted(per_step) == list(range(STEPS))
+    steps_per_epoch = STEPS // EPOCHS
+    for epoch in range(EPOCHS):
+        seen = [i for s in range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch)
+                for i in per_step[s]]
+        assert sorted(seen) == list(range(SAMPLES))  # none skipped, none repeated
+
+
+def test_a_worker_stopped_with_sigterm_leaves_and_the_others_lose_no_step(
+        tmp_path: Path) -> None:
+    procs = {f"w{rank}": _start(tmp_path, f"w{rank}", {
+        "RANK": str(rank), "WORLD_SIZE": "3", "IDLA_FAULTS": "term:1@6"}) for rank in range(3)}
+
+    reports = _finish(tmp_path, procs)
+
+    leaver, survivors = reports["w1"], [reports["w0"], reports["w2"]]
+    assert leaver["left"] and not any(r["left"] for r in survivors)
+    assert 6 < leaver["step"] < STEPS  # it finished the step it was in, then went
+    for report in survivors:
+        assert report["step"] == STEPS and report["world_size"] == 2
+        (event,) = report["events"]
+        assert event["left_members"] == [1] and event["lost_members"] == []
+        assert event["steps_lost"] == 0 and report["steps_lost"] == 0
+        assert event["members"] == [0, 2]
+    assert survivors[0]["param_digest"] == survivors[1]["param_digest"]
+    _check_every_sample_once_per_epoch(list(reports.values()))
+
+
+def test_a_newcomer_joins_then_leaves_in_one_run(tmp_path: Path) -> None:
+    founders = {f"w{rank}": _start(tmp_path, f"w{rank}", {
+        "RANK": str(rank), "WORLD_SIZE": "2", "LEAVE_AWAIT_JOIN": "3"}) for rank in range(2)}
+    newcomer = _start(tmp_path, "w2", {"IDLA_JOIN": "1", "IDLA_FAULTS": "term:2@12"})
+
+    reports = _finish(tmp_path, {**founders, "w2": newcomer})
+
+    joined = reports["w2"]
+    assert joined["member"] == 2 and joined["left"] and joined["world_size"] == 3
+    for name in ("w0", "w1"):
+        report = reports[name]
+        assert report["step"] == STEPS and report["world_size"] == 2 and not report["left"]
+        grow, shrink = report["events"]
+        assert grow["joined_members"] == [2] and grow["members"] == [0, 1, 2]
+        assert shrink["left_members"] == [2] and shrink["members"] == [0, 1]
+        assert report["steps_lost"] == 0
+    assert reports["w0"]["param_digest"] == reports["w1"]["param_digest"]
+    _check_every_sample_once_per_epoch(list(reports.values()))
