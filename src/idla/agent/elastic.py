@@ -48,7 +48,7 @@ from idla.agent.config import AgentConfig
 from idla.agent.lifecycle import mark_closed
 from idla.elastic.adoption import Adoption, Claim, choose_source
 from idla.elastic.auth import StoreAuth, job_secret_from_env
-from idla.elastic.cursor import CommitLog, advance_cursor
+from idla.elastic.cursor import CommitLog, advance_cursor, samples_before
 from idla.elastic.faults import FaultInjector, injected_fault_time
 from idla.elastic.membership import (
     ElasticConfig,
@@ -282,6 +282,10 @@ def _generations(
                     if optimizer is not None:
                         broadcast_optimizer_(optimizer, adoption.source, group)
                 state.adopt(adoption.step)
+                if agent.pool_metrics is not None:
+                    agent.pool_metrics.start_at(membership.member, state.step, samples_before(
+                        state.epoch, state.batch, agent.sampler.dataset_size,
+                        config.global_batch_size))
                 if adoption.refused and group.rank == 0:
                     _log.warning("idla: not adopted: %s", "; ".join(adoption.refused))
                 if events:
@@ -289,12 +293,16 @@ def _generations(
                     events[-1].refused_claims = list(adoption.refused)
                 train_fn(agent, state)
                 agent.close()
+                if agent.pool_metrics is not None:
+                    agent.pool_metrics.write(agent, "done")
                 return ElasticReport(state, events, agent.report(), membership.member,
                                      group.world_size, len(auth.refused))
             except LeftGroup:
                 assert state.agent is not None  # only a step boundary raises it
                 mark_closed(state.agent)  # the others re-form without it; nothing in flight
                 group.close()
+                if state.agent.pool_metrics is not None:
+                    state.agent.pool_metrics.write(state.agent, "left")
                 return ElasticReport(state, events, state.agent.report(), membership.member,
                                      group.world_size, len(auth.refused), left=True)
             except RuntimeError as error:
