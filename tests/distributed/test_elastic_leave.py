@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import idla
+from idla.agent.pool_metrics import METRICS_DIR_ENV, read_job_metrics
 from tests.distributed.leave_worker import GLOBAL_BATCH, SAMPLES
 
 WORKER = Path(__file__).with_name("leave_worker.py")
@@ -54,8 +55,10 @@ def _check_every_sample_once_per_epoch(reports: list[dict[str, Any]]) -> None:
 
 def test_a_worker_stopped_with_sigterm_leaves_and_the_others_lose_no_step(
         tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics"
     procs = {f"w{rank}": _start(tmp_path, f"w{rank}", {
-        "RANK": str(rank), "WORLD_SIZE": "3", "IDLA_FAULTS": "term:1@6"}) for rank in range(3)}
+        "RANK": str(rank), "WORLD_SIZE": "3", "IDLA_FAULTS": "term:1@6",
+        METRICS_DIR_ENV: str(metrics)}) for rank in range(3)}
 
     reports = _finish(tmp_path, procs)
 
@@ -70,6 +73,16 @@ def test_a_worker_stopped_with_sigterm_leaves_and_the_others_lose_no_step(
         assert event["members"] == [0, 2]
     assert survivors[0]["param_digest"] == survivors[1]["param_digest"]
     _check_every_sample_once_per_epoch(list(reports.values()))
+    # What the pool reads: each worker's last word, with the job's counts
+    rows = {row["member"]: row for row in read_job_metrics(metrics)}
+    assert sorted(rows) == [0, 1, 2]
+    assert rows[1]["status"] == "left" and rows[1]["job_step"] == leaver["step"]
+    assert rows[1]["world_size"] == 3
+    for member in (0, 2):
+        assert rows[member]["status"] == "done" and rows[member]["job_step"] == STEPS
+        assert rows[member]["samples_done"] == EPOCHS * SAMPLES
+        assert rows[member]["world_size"] == 2 and rows[member]["device_kind"] == "cpu"
+        assert rows[member]["local_batch"] + rows[2 - member]["local_batch"] == GLOBAL_BATCH
 
 
 def test_a_newcomer_joins_then_leaves_in_one_run(tmp_path: Path) -> None:
