@@ -38,6 +38,21 @@ def dataset() -> list[torch.Tensor]:
     return [torch.cat([x, index], dim=1), y]
 
 
+def check_every_sample_once_per_epoch(reports: list[dict[str, Any]], epochs: int) -> None:
+    """Union of what all workers trained on, per committed step: exactly the global batches,
+    so every sample once per epoch (none skipped, none repeated)."""
+    per_step: dict[int, list[int]] = {}
+    for report in reports:
+        for step, *indices in report["trained"]:
+            per_step.setdefault(step, []).extend(indices)
+    steps_per_epoch = -(-SAMPLES // GLOBAL_BATCH)
+    assert sorted(per_step) == list(range(epochs * steps_per_epoch))
+    for epoch in range(epochs):
+        seen = [i for s in range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch)
+                for i in per_step[s]]
+        assert sorted(seen) == list(range(SAMPLES))
+
+
 def _await_join(deadline_s: float = 60.0) -> None:
     store = open_store(os.environ["IDLA_RENDEZVOUS"], deadline_s)
     key = f"{store_prefix()}/join/count"

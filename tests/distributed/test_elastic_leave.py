@@ -14,7 +14,11 @@ from typing import Any
 
 import idla
 from idla.agent.pool_metrics import METRICS_DIR_ENV, read_job_metrics
-from tests.distributed.leave_worker import GLOBAL_BATCH, SAMPLES
+from tests.distributed.leave_worker import (
+    GLOBAL_BATCH,
+    SAMPLES,
+    check_every_sample_once_per_epoch,
+)
 
 WORKER = Path(__file__).with_name("leave_worker.py")
 EPOCHS = 3
@@ -39,20 +43,6 @@ def _finish(tmp_path: Path, procs: dict[str, subprocess.Popen[bytes]]) -> dict[s
     return {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in procs}
 
 
-def _check_every_sample_once_per_epoch(reports: list[dict[str, Any]]) -> None:
-    """Union of what all workers trained on, per committed step: exactly the global batches."""
-    per_step: dict[int, list[int]] = {}
-    for report in reports:
-        for step, *indices in report["trained"]:
-            per_step.setdefault(step, []).extend(indices)
-    assert sorted(per_step) == list(range(STEPS))
-    steps_per_epoch = STEPS // EPOCHS
-    for epoch in range(EPOCHS):
-        seen = [i for s in range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch)
-                for i in per_step[s]]
-        assert sorted(seen) == list(range(SAMPLES))  # none skipped, none repeated
-
-
 def test_a_worker_stopped_with_sigterm_leaves_and_the_others_lose_no_step(
         tmp_path: Path) -> None:
     metrics = tmp_path / "metrics"
@@ -72,7 +62,7 @@ def test_a_worker_stopped_with_sigterm_leaves_and_the_others_lose_no_step(
         assert event["steps_lost"] == 0 and report["steps_lost"] == 0
         assert event["members"] == [0, 2]
     assert survivors[0]["param_digest"] == survivors[1]["param_digest"]
-    _check_every_sample_once_per_epoch(list(reports.values()))
+    check_every_sample_once_per_epoch(list(reports.values()), EPOCHS)
     # What the pool reads: each worker's last word, with the job's counts
     rows = {row["member"]: row for row in read_job_metrics(metrics)}
     assert sorted(rows) == [0, 1, 2]
@@ -102,4 +92,4 @@ def test_a_newcomer_joins_then_leaves_in_one_run(tmp_path: Path) -> None:
         assert shrink["left_members"] == [2] and shrink["members"] == [0, 1]
         assert report["steps_lost"] == 0
     assert reports["w0"]["param_digest"] == reports["w1"]["param_digest"]
-    _check_every_sample_once_per_epoch(list(reports.values()))
+    check_every_sample_once_per_epoch(list(reports.values()), EPOCHS)
