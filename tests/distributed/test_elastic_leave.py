@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+
 import idla
+from idla.agent import Agent, AgentConfig
+from idla.agent.elastic import ElasticState, run_elastic
 from idla.agent.pool_metrics import METRICS_DIR_ENV, read_job_metrics
 from tests.distributed.leave_worker import (
     GLOBAL_BATCH,
@@ -93,3 +99,26 @@ def test_a_newcomer_joins_then_leaves_in_one_run(tmp_path: Path) -> None:
         assert report["steps_lost"] == 0
     assert reports["w0"]["param_digest"] == reports["w1"]["param_digest"]
     check_every_sample_once_per_epoch(list(reports.values()), EPOCHS)
+
+
+def test_one_process_asked_to_leave_stops_after_its_commit_and_restores_sigterm() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = [torch.randn(64, 4), torch.randint(0, 2, (64,))]
+    before = signal.getsignal(signal.SIGTERM)
+
+    def train(agent: Agent, state: ElasticState) -> None:
+        for x, y in state.batches(epochs=2):
+            agent.backward(F.cross_entropy(model(x), y))
+            if state.step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-step
+                assert state.leaving
+            optimizer.step()
+            state.commit()
+
+    report = run_elastic(train, model, optimizer, data, AgentConfig(global_batch_size=16))
+
+    assert report.left and report.state.step == 3  # the step it was in was finished
+    assert report.state.committed == [(0, 0), (0, 1), (0, 2)]
+    assert signal.getsignal(signal.SIGTERM) is before
