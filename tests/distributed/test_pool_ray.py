@@ -14,7 +14,9 @@ import pytest
 
 import idla
 from idla.agent.pool_metrics import METRICS_DIR_ENV, read_job_metrics
+from idla.errors import ConfigError, IdlaError
 from idla.pool.backend import WorkerLaunch
+from idla.runtime.launch import free_port
 from tests.distributed.leave_worker import SAMPLES, check_every_sample_once_per_epoch
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'idla[flower]')")
@@ -23,6 +25,7 @@ from idla.pool.ray_backend import (  # noqa: E402 (after the skip: this module i
     RayBackend,
     RayConfig,
     RayWorker,
+    check_reachable,
     node_devices,
 )
 
@@ -108,3 +111,12 @@ def test_a_hard_stop_kills_the_worker(backend: RayBackend) -> None:
 
     _wait(lambda: handle.poll() is not None, 30, "the killed worker")
     assert handle.poll() == LOST_EXIT_CODE  # -SIGKILL, as Popen reports it
+
+
+def test_an_unreachable_cluster_is_one_clear_error() -> None:
+    port = free_port()  # nothing listens there
+
+    with pytest.raises(IdlaError, match="cannot reach the Ray cluster"):
+        check_reachable(f"127.0.0.1:{port}", timeout_s=2.0)
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        check_reachable("no-port-here")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -78,6 +79,26 @@ def node_devices(node: dict[str, Any], config: RayConfig) -> list[Device]:
           for i in range(gpus)),
         *(Device(f"{label}/cpu{i}", "cpu", node_id, memory_bytes) for i in range(cpu_slots)),
     ]
+
+
+def check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+    """Fail fast when `address` names a HOST:PORT (or ray://HOST:PORT) nobody answers on:
+    ``ray.init`` would retry for minutes.
+
+    Raises:
+        IdlaError: Nothing accepts a TCP connection there within `timeout_s`.
+    """
+    if not address or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--ray {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as error:
+        raise IdlaError(f"cannot reach the Ray cluster at {address}: "
+                        f"{error.strerror or type(error).__name__}") from None
 
 
 class _WorkerProcess:
@@ -149,6 +170,7 @@ class RayBackend:
         self.config = config or RayConfig()
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
+            check_reachable(self.config.address)
             try:
                 ray.init(address=self.config.address, include_dashboard=False,
                          log_to_driver=False)
