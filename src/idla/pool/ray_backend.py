@@ -11,12 +11,16 @@ Devices: every alive node gives one ``"cpu"`` device per `RayConfig.cpus_per_wor
 has (minus those its GPUs' workers take) and one device per GPU, whose kind is the node's
 ``accelerator_type`` resource in lower case (``"a100"``), or ``"gpu"`` without one. Ray chooses
 which physical GPU of the node an actor gets (it sets CUDA_VISIBLE_DEVICES), so the GPUs of one
-node are interchangeable slots. Cost: `devices` is one ``ray.nodes()`` call; `start` one actor
-creation and one remote call (milliseconds on a warm cluster); `poll` one remote call.
+node are interchangeable slots. The worker process is a child of its actor: `stop` and `close`
+end it; an actor whose own process dies alone (its node still up) leaves the child running, and
+its peers go on without the actor answering. Cost: `devices` is one ``ray.nodes()`` call;
+`start` one actor creation and one remote call (milliseconds on a warm cluster); `poll` one
+remote call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -142,13 +146,17 @@ class RayWorker:
     _exit_code: int | None = field(default=None, repr=False)
 
     def poll(self) -> int | None:
-        """Its exit code, or None while it runs; `LOST_EXIT_CODE` when the actor is gone. The
-        actor (and the Ray resources it holds) is released once the process has ended."""
+        """Its exit code, or None while it runs (or its actor did not answer within
+        `timeout_s`: busy is not lost); `LOST_EXIT_CODE` once the actor is gone (its node was
+        lost, or it was killed). The actor, and the Ray resources it holds, is released once
+        the process has ended."""
         if self._exit_code is not None:
             return self._exit_code
         try:
             code = ray.get(self.actor.poll.remote(), timeout=self.timeout_s)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        except ray.exceptions.GetTimeoutError:
+            return None
+        except ray.exceptions.RayActorError:
             code = LOST_EXIT_CODE
         if code is not None:
             self._exit_code = int(code)
@@ -156,11 +164,20 @@ class RayWorker:
         return self._exit_code
 
     def send(self, signum: int) -> None:
-        if self._exit_code is None:
-            try:
-                ray.get(self.actor.signal.remote(signum), timeout=self.timeout_s)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                self._exit_code = LOST_EXIT_CODE
+        """Send `signum` to the worker process (nothing once it has ended).
+
+        Raises:
+            IdlaError: Its actor did not answer within `timeout_s`.
+        """
+        if self._exit_code is not None:
+            return
+        try:
+            ray.get(self.actor.signal.remote(signum), timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise IdlaError(f"job {self.launch.job_id} member {self.launch.member}: its Ray "
+                            f"actor did not answer within {self.timeout_s:.0f} s") from None
+        except ray.exceptions.RayActorError:
+            self._exit_code = LOST_EXIT_CODE
 
 
 class RayBackend:
@@ -222,7 +239,8 @@ class RayBackend:
         """Kill every worker still running, release the actors; shut down a Ray it started."""
         for worker in self._workers:
             if worker.poll() is None:
-                worker.send(signal.SIGKILL)
+                with contextlib.suppress(IdlaError):
+                    worker.send(signal.SIGKILL)
             ray.kill(worker.actor)
         self._workers.clear()
         if self._owns_ray:
