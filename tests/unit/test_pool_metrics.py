@@ -12,7 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from idla.agent import Agent
-from idla.agent.pool_metrics import METRICS_DIR_ENV, PoolMetrics, read_job_metrics, write_metrics
+from idla.agent.pool_metrics import (
+    METRICS_DIR_ENV,
+    WORKER_ENV,
+    PoolMetrics,
+    read_job_metrics,
+    write_metrics,
+)
 from idla.elastic.cursor import samples_before
 from idla.errors import ConfigError
 from idla.runtime.stats import WIDTH, Stat
@@ -56,11 +62,13 @@ def test_an_agent_writes_its_file_as_it_trains(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(METRICS_DIR_ENV, str(tmp_path / "metrics"))
     monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv(WORKER_ENV, "job-a/w7")
 
     agent = _train(3)
 
     (row,) = read_job_metrics(tmp_path / "metrics")
     assert row["member"] == 0 and row["world_size"] == 1 and row["device_kind"] == "cpu"
+    assert row["worker"] == "job-a/w7"
     assert 1 <= row["job_step"] <= 3 and row["samples_done"] == 8 * row["job_step"]
     assert row["local_batch"] == 8 and row["global_batch"] == 8
     assert agent.pool_metrics is not None

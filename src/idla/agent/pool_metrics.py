@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 METRICS_DIR_ENV = "IDLA_POOL_METRICS_DIR"
 JOB_ID_ENV = "IDLA_POOL_JOB_ID"
+WORKER_ENV = "IDLA_POOL_WORKER"
+"""The pool's own name for the worker, copied into its row (a newcomer's member id is given by
+the rendezvous, so the pool may not know it in advance)."""
 MAX_FILE_BYTES = 64 * 1024
 """A metrics file larger than this is not read (a worker writes ~0.5 kB)."""
 
@@ -46,7 +49,8 @@ def metrics_row(agent: Agent, *, member: int, job_step: int, samples_done: int,
     mine = meters[agent.rank]
     rates = [m["samples_per_s"] for m in meters]
     return {
-        "job_id": os.environ.get(JOB_ID_ENV), "member": member, "rank": agent.rank,
+        "job_id": os.environ.get(JOB_ID_ENV), "worker": os.environ.get(WORKER_ENV),
+        "member": member, "rank": agent.rank,
         "world_size": agent.world_size, "status": status, "pid": os.getpid(),
         "job_step": job_step, "samples_done": samples_done,
         "samples_per_s": _finite_or_none(mine["samples_per_s"]),
