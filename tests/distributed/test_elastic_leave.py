@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -81,23 +82,30 @@ def test_a_worker_stopped_with_sigterm_leaves_and_the_others_lose_no_step(
         assert rows[member]["local_batch"] + rows[2 - member]["local_batch"] == GLOBAL_BATCH
 
 
-def test_a_newcomer_joins_then_leaves_in_one_run(tmp_path: Path) -> None:
-    founders = {f"w{rank}": _start(tmp_path, f"w{rank}", {
-        "RANK": str(rank), "WORLD_SIZE": "2", "LEAVE_AWAIT_JOIN": "3"}) for rank in range(2)}
-    newcomer = _start(tmp_path, "w2", {"IDLA_JOIN": "1", "IDLA_FAULTS": "term:2@12"})
+@pytest.mark.parametrize("founders", [1, 2])
+def test_a_newcomer_joins_then_leaves_in_one_run(tmp_path: Path, founders: int) -> None:
+    procs = {f"w{rank}": _start(tmp_path, f"w{rank}", {
+        "RANK": str(rank), "WORLD_SIZE": str(founders), "LEAVE_AWAIT_JOIN": "3"})
+        for rank in range(founders)}
+    newcomer = f"w{founders}"  # it gets the next free member id
+    procs[newcomer] = _start(tmp_path, newcomer, {"IDLA_JOIN": "1",
+                                                  "IDLA_FAULTS": f"term:{founders}@12"})
 
-    reports = _finish(tmp_path, {**founders, "w2": newcomer})
+    reports = _finish(tmp_path, procs)
 
-    joined = reports["w2"]
-    assert joined["member"] == 2 and joined["left"] and joined["world_size"] == 3
-    for name in ("w0", "w1"):
-        report = reports[name]
-        assert report["step"] == STEPS and report["world_size"] == 2 and not report["left"]
+    joined = reports[newcomer]
+    assert joined["member"] == founders and joined["left"]
+    assert joined["world_size"] == founders + 1
+    stayers = [reports[f"w{rank}"] for rank in range(founders)]
+    for report in stayers:
+        assert report["step"] == STEPS and report["world_size"] == founders
+        assert not report["left"] and report["steps_lost"] == 0
         grow, shrink = report["events"]
-        assert grow["joined_members"] == [2] and grow["members"] == [0, 1, 2]
-        assert shrink["left_members"] == [2] and shrink["members"] == [0, 1]
-        assert report["steps_lost"] == 0
-    assert reports["w0"]["param_digest"] == reports["w1"]["param_digest"]
+        assert grow["joined_members"] == [founders]
+        assert grow["members"] == list(range(founders + 1))
+        assert shrink["left_members"] == [founders]
+        assert shrink["members"] == list(range(founders))
+    assert len({r["param_digest"] for r in stayers}) == 1
     check_every_sample_once_per_epoch(list(reports.values()), EPOCHS)
 
 

@@ -230,7 +230,8 @@ def run_elastic(
 ) -> ElasticReport:
     """Run `train_fn(agent, state)` until it returns, re-forming the group after failures.
 
-    Start every worker the usual way (torchrun, or idla's launcher); one process works too.
+    Start every worker the usual way (torchrun, or idla's launcher); one process works too,
+    and can grow when it is given a store to be found in (``IDLA_RENDEZVOUS``, as a pool does).
     """
     elastic = elastic or ElasticConfig()
     os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")  # a lost NCCL peer raises here
@@ -241,7 +242,7 @@ def run_elastic(
                        heartbeat_s=elastic.heartbeat_s, dead_after_s=elastic.dead_after_s,
                        joining=joining, secret=secret,
                        record_every_steps=elastic.record_every_steps)
-            if world > 1 or joining else None)
+            if world > 1 or joining or os.environ.get("IDLA_RENDEZVOUS") else None)
     membership = ((rdzv.join() if joining else rdzv.current) if rdzv
                   else Membership(0, (0,), 0, (0,), 0))
     auth = rdzv.auth if rdzv else StoreAuth(secret)
