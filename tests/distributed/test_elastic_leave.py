@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ import idla
 from idla.agent import Agent, AgentConfig
 from idla.agent.elastic import ElasticState, run_elastic
 from idla.agent.pool_metrics import METRICS_DIR_ENV, read_job_metrics
+from idla.elastic.membership import store_prefix
+from idla.elastic.rendezvous import open_store
 from tests.distributed.leave_worker import (
     GLOBAL_BATCH,
     SAMPLES,
@@ -82,14 +85,27 @@ def test_a_worker_stopped_with_sigterm_leaves_and_the_others_lose_no_step(
         assert rows[member]["local_batch"] + rows[2 - member]["local_batch"] == GLOBAL_BATCH
 
 
-@pytest.mark.parametrize("founders", [1, 2])
-def test_a_newcomer_joins_then_leaves_in_one_run(tmp_path: Path, founders: int) -> None:
+def _await_join_request(tmp_path: Path) -> None:
+    store = open_store(f"file:{tmp_path / 'rendezvous'}", 60.0)
+    deadline = time.monotonic() + 60.0
+    while int(store.add(f"{store_prefix()}/join/count", 0)) == 0:
+        assert time.monotonic() < deadline, "no join request"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("founders, stopped", [(1, "while it waits to join"),
+                                               (2, "at step 12")])
+def test_a_newcomer_joins_then_leaves_in_one_run(tmp_path: Path, founders: int,
+                                                 stopped: str) -> None:
     procs = {f"w{rank}": _start(tmp_path, f"w{rank}", {
         "RANK": str(rank), "WORLD_SIZE": str(founders), "LEAVE_AWAIT_JOIN": "3"})
         for rank in range(founders)}
     newcomer = f"w{founders}"  # it gets the next free member id
-    procs[newcomer] = _start(tmp_path, newcomer, {"IDLA_JOIN": "1",
-                                                  "IDLA_FAULTS": f"term:{founders}@12"})
+    term = {} if stopped.startswith("while") else {"IDLA_FAULTS": f"term:{founders}@12"}
+    procs[newcomer] = _start(tmp_path, newcomer, {"IDLA_JOIN": "1", **term})
+    if not term:
+        _await_join_request(tmp_path)
+        procs[newcomer].send_signal(signal.SIGTERM)
 
     reports = _finish(tmp_path, procs)
 

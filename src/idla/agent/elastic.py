@@ -243,14 +243,19 @@ def run_elastic(
                        joining=joining, secret=secret,
                        record_every_steps=elastic.record_every_steps)
             if world > 1 or joining or os.environ.get("IDLA_RENDEZVOUS") else None)
-    membership = ((rdzv.join() if joining else rdzv.current) if rdzv
-                  else Membership(0, (0,), 0, (0,), 0))
     auth = rdzv.auth if rdzv else StoreAuth(secret)
     state = ElasticState(faults=FaultInjector.from_env(rdzv.member if rdzv else member, rdzv))
-    events: list[FailureEvent] = []
-    with _leave_on_sigterm(state, elastic.join_check_every_steps > 0):
-        return _generations(train_fn, model, optimizer, dataset, config, elastic, on_event,
-                            rdzv, membership, auth, state, events)
+    try:
+        # A newcomer asked to leave while it waits is taken in first (its request may be
+        # answered already), then leaves at its first boundary: it never vanishes mid-protocol.
+        with _leave_on_sigterm(state, elastic.join_check_every_steps > 0):
+            membership = ((rdzv.join() if joining else rdzv.current) if rdzv
+                          else Membership(0, (0,), 0, (0,), 0))
+            return _generations(train_fn, model, optimizer, dataset, config, elastic,
+                                on_event, rdzv, membership, auth, state)
+    finally:
+        if rdzv is not None:
+            rdzv.close()
 
 
 def _generations(
@@ -258,82 +263,78 @@ def _generations(
     optimizer: torch.optim.Optimizer | None, dataset: Data, config: AgentConfig,
     elastic: ElasticConfig, on_event: Callable[[FailureEvent], None] | None,
     rdzv: Rendezvous | None, membership: Membership, auth: StoreAuth, state: ElasticState,
-    events: list[FailureEvent],
 ) -> ElasticReport:
     """One group after another, until `train_fn` returns or this worker leaves."""
-    try:
-        while True:
-            group = Group(
-                elastic.collective_timeout_s,
-                store=rdzv.pg_store(membership) if rdzv else None,
-                rank=membership.rank, world_size=membership.world_size,
+    events: list[FailureEvent] = []
+    while True:
+        group = Group(
+            elastic.collective_timeout_s,
+            store=rdzv.pg_store(membership) if rdzv else None,
+            rank=membership.rank, world_size=membership.world_size,
+        )
+        state.membership_check = membership_check(rdzv, group, elastic,
+                                                  lambda: state.leaving)
+        try:
+            label = rdzv.key(f"g{membership.generation}/claim") if rdzv else "claim"
+            adoption = _choose_source(state, model, optimizer, group, membership, auth,
+                                      label)
+            # Not the agent's broadcast from rank 0: the source's state, on the control plane.
+            agent = Agent(model, optimizer, dataset, config=config, group=group,
+                          initial_state_rank=None)
+            state.agent = agent
+            if group.world_size > 1:
+                broadcast_module_(model, adoption.source, group)
+                if optimizer is not None:
+                    broadcast_optimizer_(optimizer, adoption.source, group)
+            state.adopt(adoption.step)
+            if agent.pool_metrics is not None:
+                agent.pool_metrics.start_at(membership.member, state.step, samples_before(
+                    state.epoch, state.batch, agent.sampler.dataset_size,
+                    config.global_batch_size))
+            if adoption.refused and group.rank == 0:
+                _log.warning("idla: not adopted: %s", "; ".join(adoption.refused))
+            if events:
+                events[-1].steps_lost = adoption.lost_steps
+                events[-1].refused_claims = list(adoption.refused)
+            train_fn(agent, state)
+            agent.close()
+            if agent.pool_metrics is not None:
+                agent.pool_metrics.write(agent, "done")
+            return ElasticReport(state, events, agent.report(), membership.member,
+                                 group.world_size, len(auth.refused))
+        except LeftGroup:
+            assert state.agent is not None  # only a step boundary raises it
+            mark_closed(state.agent)  # the others re-form without it; nothing in flight
+            group.close()
+            if state.agent.pool_metrics is not None:
+                state.agent.pool_metrics.write(state.agent, "left")
+            return ElasticReport(state, events, state.agent.report(), membership.member,
+                                 group.world_size, len(auth.refused), left=True)
+        except RuntimeError as error:
+            if rdzv is None or not is_peer_failure(error):
+                raise
+            if state.agent is not None:
+                mark_closed(state.agent)  # its group is gone; the next generation takes over
+            failed_at = time.time()
+            group.close()
+            before = set(membership.members)
+            leaving = error.leaving if isinstance(error, MembershipChange) else ()
+            membership, lost_members = rdzv.next(state.step, leaving)
+            event = FailureEvent(
+                generation=membership.generation, lost_members=lost_members,
+                members=list(membership.members),
+                error=f"{type(error).__name__}: {str(error)[:200]}",
+                joined_members=sorted(set(membership.members) - before),
+                failed_at=failed_at, declared_at=time.time(),
+                fault_at=injected_fault_time(rdzv) if lost_members else None,
+                left_members=list(leaving),
             )
-            state.membership_check = membership_check(rdzv, group, elastic,
-                                                      lambda: state.leaving)
-            try:
-                label = rdzv.key(f"g{membership.generation}/claim") if rdzv else "claim"
-                adoption = _choose_source(state, model, optimizer, group, membership, auth,
-                                          label)
-                # Not the agent's broadcast from rank 0: the source's state, on the control plane.
-                agent = Agent(model, optimizer, dataset, config=config, group=group,
-                              initial_state_rank=None)
-                state.agent = agent
-                if group.world_size > 1:
-                    broadcast_module_(model, adoption.source, group)
-                    if optimizer is not None:
-                        broadcast_optimizer_(optimizer, adoption.source, group)
-                state.adopt(adoption.step)
-                if agent.pool_metrics is not None:
-                    agent.pool_metrics.start_at(membership.member, state.step, samples_before(
-                        state.epoch, state.batch, agent.sampler.dataset_size,
-                        config.global_batch_size))
-                if adoption.refused and group.rank == 0:
-                    _log.warning("idla: not adopted: %s", "; ".join(adoption.refused))
-                if events:
-                    events[-1].steps_lost = adoption.lost_steps
-                    events[-1].refused_claims = list(adoption.refused)
-                train_fn(agent, state)
-                agent.close()
-                if agent.pool_metrics is not None:
-                    agent.pool_metrics.write(agent, "done")
-                return ElasticReport(state, events, agent.report(), membership.member,
-                                     group.world_size, len(auth.refused))
-            except LeftGroup:
-                assert state.agent is not None  # only a step boundary raises it
-                mark_closed(state.agent)  # the others re-form without it; nothing in flight
-                group.close()
-                if state.agent.pool_metrics is not None:
-                    state.agent.pool_metrics.write(state.agent, "left")
-                return ElasticReport(state, events, state.agent.report(), membership.member,
-                                     group.world_size, len(auth.refused), left=True)
-            except RuntimeError as error:
-                if rdzv is None or not is_peer_failure(error):
-                    raise
-                if state.agent is not None:
-                    mark_closed(state.agent)  # its group is gone; the next generation takes over
-                failed_at = time.time()
-                group.close()
-                before = set(membership.members)
-                leaving = error.leaving if isinstance(error, MembershipChange) else ()
-                membership, lost_members = rdzv.next(state.step, leaving)
-                event = FailureEvent(
-                    generation=membership.generation, lost_members=lost_members,
-                    members=list(membership.members),
-                    error=f"{type(error).__name__}: {str(error)[:200]}",
-                    joined_members=sorted(set(membership.members) - before),
-                    failed_at=failed_at, declared_at=time.time(),
-                    fault_at=injected_fault_time(rdzv) if lost_members else None,
-                    left_members=list(leaving),
-                )
-                events.append(event)
-                if on_event is not None:
-                    on_event(event)
-                if membership.world_size < elastic.min_workers:
-                    raise IdlaError(
-                        f"only {membership.world_size} workers left (members "
-                        f"{list(membership.members)}), fewer than min_workers "
-                        f"{elastic.min_workers}"
-                    ) from None
-    finally:
-        if rdzv is not None:
-            rdzv.close()
+            events.append(event)
+            if on_event is not None:
+                on_event(event)
+            if membership.world_size < elastic.min_workers:
+                raise IdlaError(
+                    f"only {membership.world_size} workers left (members "
+                    f"{list(membership.members)}), fewer than min_workers "
+                    f"{elastic.min_workers}"
+                ) from None
