@@ -47,6 +47,7 @@ from idla.agent.coverage import TrainableSet, rebuild_exchange, settle_step
 from idla.agent.exchange import make_sync
 from idla.agent.history import StepHistory, agent_report, stragglers
 from idla.agent.lifecycle import mark_closed, warn_unless_closed
+from idla.agent.pool_metrics import PoolMetrics
 from idla.agent.replicas import check_replicas, replica_report
 from idla.agent.window import StepWindow, check_backward, read_step, refuse_open_steps
 from idla.errors import ConfigError
@@ -120,6 +121,7 @@ class Agent:
         self._prev_comm_cpu_s = 0.0
         self._prev_other_s = 0.0
         self._last_size = 0  # global samples of the last step
+        self.pool_metrics = PoolMetrics.from_env()  # None unless a pool asks for metrics
         self._step_hook = (None if optimizer is None
                            else refuse_open_steps(optimizer, lambda: self.accumulating))
         warn_unless_closed(self, self.rank)
@@ -359,6 +361,8 @@ class Agent:
         self._history.record_step(
             self.step, shares, sum(r[Stat.LOSS_SUM] for r in stats) / max(total, 1),
             [r[Stat.COMPUTE_S] for r in stats], topology)
+        if self.pool_metrics is not None:
+            self.pool_metrics.after_step(self, stats)
 
     def set_topology(self, topology: Topology) -> None:
         """Fix the reduction topology (all ranks, at the same step, between steps)."""

@@ -19,13 +19,22 @@ optimizer state, the data cursor follows from the step, the agent re-plans share
 world, and the interrupted global batch is redone by the survivors. So no sample is skipped
 or repeated in a committed step, and the work lost per failure is the one step in flight. With
 a job secret (``IDLA_JOB_SECRET``) every store entry and claim is signed (`idla.elastic.auth`).
-Why not torchft: see the README.
+
+A worker that gets SIGTERM (a scheduler shrinking the job) leaves gracefully: it finishes the
+step it is in and commits it; at the next membership check (every
+`ElasticConfig.join_check_every_steps` steps) every rank learns who leaves, after the same
+commit; the leaver's `run_elastic` returns (``report.left``) and the others re-form without it
+and go on from that committed step: no step lost, no sample skipped or repeated. A second
+SIGTERM stops the worker at once. Why not torchft: see the README.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -39,11 +48,13 @@ from idla.agent.config import AgentConfig
 from idla.agent.lifecycle import mark_closed
 from idla.elastic.adoption import Adoption, Claim, choose_source
 from idla.elastic.auth import StoreAuth, job_secret_from_env
-from idla.elastic.cursor import CommitLog, advance_cursor
+from idla.elastic.cursor import CommitLog, advance_cursor, samples_before
 from idla.elastic.faults import FaultInjector, injected_fault_time
 from idla.elastic.membership import (
     ElasticConfig,
     FailureEvent,
+    LeftGroup,
+    MembershipChange,
     env_int,
     is_peer_failure,
     membership_check,
@@ -79,7 +90,11 @@ class ElasticState:
     agent: Agent | None = None
     faults: FaultInjector | None = None
     membership_check: Callable[[int], None] | None = None
-    """Called with the committed step before each batch; raises MembershipChange to re-form."""
+    """Called with the committed step before each batch; raises MembershipChange to re-form,
+    LeftGroup to leave."""
+    leaving: bool = False
+    """This worker was asked to leave (SIGTERM): it goes at the next agreed step boundary, after
+    a commit. A loop may read it (e.g. to skip work that only the last step needs)."""
 
     def batches(self, epochs: int) -> Iterator[Any]:
         """This rank's part of every remaining global batch, from the cursor to `epochs`."""
@@ -144,11 +159,13 @@ class ElasticReport:
     refused_store_entries: int = 0
     """Store entries and claims this worker ignored: unsigned, signed with another secret,
     or malformed."""
+    left: bool = False
+    """This worker left the job gracefully (it was asked to, by SIGTERM) before the end."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "member": self.member, "world_size": self.world_size, **self.state.as_dict(),
-            "refused_store_entries": self.refused_store_entries,
+            "refused_store_entries": self.refused_store_entries, "left": self.left,
             "steps_per_epoch": self.state.agent.sampler.steps_per_epoch()
             if self.state.agent else 0,
             "steps_lost": sum(e.steps_lost for e in self.events),
@@ -180,6 +197,28 @@ def _choose_source(
                          membership.step_limit)
 
 
+@contextlib.contextmanager
+def _leave_on_sigterm(state: ElasticState, enabled: bool) -> Iterator[None]:
+    """While inside: SIGTERM sets `state.leaving` (a second one stops the process at once).
+    Only the main thread may install a handler; elsewhere, and when not `enabled`, SIGTERM
+    keeps its handler."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        if state.leaving:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        state.leaving = True
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_elastic(
     train_fn: Callable[[Agent, ElasticState], None],
     model: nn.Module,
@@ -191,7 +230,8 @@ def run_elastic(
 ) -> ElasticReport:
     """Run `train_fn(agent, state)` until it returns, re-forming the group after failures.
 
-    Start every worker the usual way (torchrun, or idla's launcher); one process works too.
+    Start every worker the usual way (torchrun, or idla's launcher); one process works too,
+    and can grow when it is given a store to be found in (``IDLA_RENDEZVOUS``, as a pool does).
     """
     elastic = elastic or ElasticConfig()
     os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")  # a lost NCCL peer raises here
@@ -202,68 +242,99 @@ def run_elastic(
                        heartbeat_s=elastic.heartbeat_s, dead_after_s=elastic.dead_after_s,
                        joining=joining, secret=secret,
                        record_every_steps=elastic.record_every_steps)
-            if world > 1 or joining else None)
-    membership = ((rdzv.join() if joining else rdzv.current) if rdzv
-                  else Membership(0, (0,), 0, (0,), 0))
+            if world > 1 or joining or os.environ.get("IDLA_RENDEZVOUS") else None)
     auth = rdzv.auth if rdzv else StoreAuth(secret)
     state = ElasticState(faults=FaultInjector.from_env(rdzv.member if rdzv else member, rdzv))
-    events: list[FailureEvent] = []
     try:
-        while True:
-            group = Group(
-                elastic.collective_timeout_s,
-                store=rdzv.pg_store(membership) if rdzv else None,
-                rank=membership.rank, world_size=membership.world_size,
-            )
-            state.membership_check = membership_check(rdzv, group, elastic)
-            try:
-                label = rdzv.key(f"g{membership.generation}/claim") if rdzv else "claim"
-                adoption = _choose_source(state, model, optimizer, group, membership, auth,
-                                          label)
-                # Not the agent's broadcast from rank 0: the source's state, on the control plane.
-                agent = Agent(model, optimizer, dataset, config=config, group=group,
-                              initial_state_rank=None)
-                state.agent = agent
-                if group.world_size > 1:
-                    broadcast_module_(model, adoption.source, group)
-                    if optimizer is not None:
-                        broadcast_optimizer_(optimizer, adoption.source, group)
-                state.adopt(adoption.step)
-                if adoption.refused and group.rank == 0:
-                    _log.warning("idla: not adopted: %s", "; ".join(adoption.refused))
-                if events:
-                    events[-1].steps_lost = adoption.lost_steps
-                    events[-1].refused_claims = list(adoption.refused)
-                train_fn(agent, state)
-                agent.close()
-                return ElasticReport(state, events, agent.report(), membership.member,
-                                     group.world_size, len(auth.refused))
-            except RuntimeError as error:
-                if rdzv is None or not is_peer_failure(error):
-                    raise
-                if state.agent is not None:
-                    mark_closed(state.agent)  # its group is gone; the next generation takes over
-                failed_at = time.time()
-                group.close()
-                before = set(membership.members)
-                membership, lost_members = rdzv.next(state.step)
-                event = FailureEvent(
-                    generation=membership.generation, lost_members=lost_members,
-                    members=list(membership.members),
-                    error=f"{type(error).__name__}: {str(error)[:200]}",
-                    joined_members=sorted(set(membership.members) - before),
-                    failed_at=failed_at, declared_at=time.time(),
-                    fault_at=injected_fault_time(rdzv) if lost_members else None,
-                )
-                events.append(event)
-                if on_event is not None:
-                    on_event(event)
-                if membership.world_size < elastic.min_workers:
-                    raise IdlaError(
-                        f"only {membership.world_size} workers left (members "
-                        f"{list(membership.members)}), fewer than min_workers "
-                        f"{elastic.min_workers}"
-                    ) from None
+        # A newcomer asked to leave while it waits is taken in first (its request may be
+        # answered already), then leaves at its first boundary: it never vanishes mid-protocol.
+        with _leave_on_sigterm(state, elastic.join_check_every_steps > 0):
+            membership = ((rdzv.join() if joining else rdzv.current) if rdzv
+                          else Membership(0, (0,), 0, (0,), 0))
+            return _generations(train_fn, model, optimizer, dataset, config, elastic,
+                                on_event, rdzv, membership, auth, state)
     finally:
         if rdzv is not None:
             rdzv.close()
+
+
+def _generations(
+    train_fn: Callable[[Agent, ElasticState], None], model: nn.Module,
+    optimizer: torch.optim.Optimizer | None, dataset: Data, config: AgentConfig,
+    elastic: ElasticConfig, on_event: Callable[[FailureEvent], None] | None,
+    rdzv: Rendezvous | None, membership: Membership, auth: StoreAuth, state: ElasticState,
+) -> ElasticReport:
+    """One group after another, until `train_fn` returns or this worker leaves."""
+    events: list[FailureEvent] = []
+    while True:
+        group = Group(
+            elastic.collective_timeout_s,
+            store=rdzv.pg_store(membership) if rdzv else None,
+            rank=membership.rank, world_size=membership.world_size,
+        )
+        state.membership_check = membership_check(rdzv, group, elastic,
+                                                  lambda: state.leaving)
+        try:
+            label = rdzv.key(f"g{membership.generation}/claim") if rdzv else "claim"
+            adoption = _choose_source(state, model, optimizer, group, membership, auth,
+                                      label)
+            # Not the agent's broadcast from rank 0: the source's state, on the control plane.
+            agent = Agent(model, optimizer, dataset, config=config, group=group,
+                          initial_state_rank=None)
+            state.agent = agent
+            if group.world_size > 1:
+                broadcast_module_(model, adoption.source, group)
+                if optimizer is not None:
+                    broadcast_optimizer_(optimizer, adoption.source, group)
+            state.adopt(adoption.step)
+            if agent.pool_metrics is not None:
+                agent.pool_metrics.start_at(membership.member, state.step, samples_before(
+                    state.epoch, state.batch, agent.sampler.dataset_size,
+                    config.global_batch_size))
+            if adoption.refused and group.rank == 0:
+                _log.warning("idla: not adopted: %s", "; ".join(adoption.refused))
+            if events:
+                events[-1].steps_lost = adoption.lost_steps
+                events[-1].refused_claims = list(adoption.refused)
+            train_fn(agent, state)
+            agent.close()
+            if agent.pool_metrics is not None:
+                agent.pool_metrics.write(agent, "done")
+            return ElasticReport(state, events, agent.report(), membership.member,
+                                 group.world_size, len(auth.refused))
+        except LeftGroup:
+            assert state.agent is not None  # only a step boundary raises it
+            mark_closed(state.agent)  # the others re-form without it; nothing in flight
+            group.close()
+            if state.agent.pool_metrics is not None:
+                state.agent.pool_metrics.write(state.agent, "left")
+            return ElasticReport(state, events, state.agent.report(), membership.member,
+                                 group.world_size, len(auth.refused), left=True)
+        except RuntimeError as error:
+            if rdzv is None or not is_peer_failure(error):
+                raise
+            if state.agent is not None:
+                mark_closed(state.agent)  # its group is gone; the next generation takes over
+            failed_at = time.time()
+            group.close()
+            before = set(membership.members)
+            leaving = error.leaving if isinstance(error, MembershipChange) else ()
+            membership, lost_members = rdzv.next(state.step, leaving)
+            event = FailureEvent(
+                generation=membership.generation, lost_members=lost_members,
+                members=list(membership.members),
+                error=f"{type(error).__name__}: {str(error)[:200]}",
+                joined_members=sorted(set(membership.members) - before),
+                failed_at=failed_at, declared_at=time.time(),
+                fault_at=injected_fault_time(rdzv) if lost_members else None,
+                left_members=list(leaving),
+            )
+            events.append(event)
+            if on_event is not None:
+                on_event(event)
+            if membership.world_size < elastic.min_workers:
+                raise IdlaError(
+                    f"only {membership.world_size} workers left (members "
+                    f"{list(membership.members)}), fewer than min_workers "
+                    f"{elastic.min_workers}"
+                ) from None

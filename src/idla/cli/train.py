@@ -51,7 +51,8 @@ def _train_options(train: argparse.ArgumentParser) -> None:
     train.add_argument("--elastic", action="store_true",
                        help="Survive lost workers: the others re-form the group and go on")
     train.add_argument("--faults", default="", metavar="LIST",
-                       help="With --elastic, inject faults: kill:2@30, nan:1@20+5, slow:3@10x10")
+                       help="With --elastic, inject faults: kill:2@30, term:2@30, nan:1@20+5, "
+                            "slow:3@10x10")
     train.add_argument("--quiet", action="store_true", help="No progress bar")
 
 

@@ -26,6 +26,12 @@ def advance_cursor(epoch: int, batch: int, steps: int, steps_per_epoch: int) -> 
     return epoch_after, batch_after
 
 
+def samples_before(epoch: int, batch: int, dataset_size: int, global_batch_size: int) -> int:
+    """Samples trained before cursor (epoch, batch): every epoch holds the whole dataset and
+    every batch of an epoch but its last is full. O(1)."""
+    return epoch * dataset_size + min(batch * global_batch_size, dataset_size)
+
+
 @dataclass
 class CommitLog:
     """The global batches of every committed step, in order, as runs of consecutive ones.

@@ -2,6 +2,8 @@
 
 `IDLA_FAULTS` lists them, comma-separated, as `KIND:MEMBER@STEP`:
 - `kill:2@30`: member 2 sends itself SIGKILL before computing step 30 (it cannot clean up);
+- `term:2@30`: member 2 sends itself SIGTERM before computing step 30, or before its first step
+  after that when it joins later (a graceful stop: it leaves at the next agreed boundary);
 - `nan:1@20+5`: member 1's inputs are NaN for steps 20..24 (a corrupt batch: its loss and
   gradients are not finite);
 - `slow:3@10x10`: member 3 runs 10× slower from step 10 on: its cgroup's CPU quota is divided
@@ -28,14 +30,14 @@ from idla.runtime.tree import map_tensors
 if TYPE_CHECKING:
     from idla.elastic.rendezvous import Rendezvous
 
-_FAULT = re.compile(r"^(kill|nan|slow):(\d+|\*)@(\d+)(?:\+(\d+))?(?:x(\d+(?:\.\d+)?))?$")
+_FAULT = re.compile(r"^(kill|term|nan|slow):(\d+|\*)@(\d+)(?:\+(\d+))?(?:x(\d+(?:\.\d+)?))?$")
 FAULT_TIME_KEY = "fault/time"
 
 
 @dataclass(frozen=True)
 class Fault:
     kind: str
-    """"kill", "nan" or "slow"."""
+    """"kill", "term", "nan" or "slow"."""
     member: int
     """The member (original rank) it strikes; -1 for every process that reads the spec."""
     step: int
@@ -55,8 +57,8 @@ def parse_faults(text: str) -> list[Fault]:
         match = _FAULT.match(item)
         if match is None:
             raise ConfigError(
-                f"IDLA_FAULTS: {item!r} is not KIND:MEMBER@STEP (kill:2@30, nan:1@20+5, "
-                "slow:3@10x10)"
+                f"IDLA_FAULTS: {item!r} is not KIND:MEMBER@STEP (kill:2@30, term:2@30, "
+                "nan:1@20+5, slow:3@10x10)"
             )
         kind, member, step, count, factor = match.groups()
         fault = Fault(kind, -1 if member == "*" else int(member), int(step), int(count or 1),
@@ -99,6 +101,7 @@ class FaultInjector:
         self.rdzv = rdzv
         self.slow_factor = 1.0
         self._last_start: float | None = None
+        self._termed = False
 
     @classmethod
     def from_env(cls, member: int, rdzv: Rendezvous | None) -> FaultInjector | None:
@@ -115,6 +118,9 @@ class FaultInjector:
                 if self.rdzv is not None:  # tells the benchmark when the fault struck
                     self.rdzv.write_entry(FAULT_TIME_KEY, step, time.time())
                 os.kill(os.getpid(), signal.SIGKILL)
+            elif fault.kind == "term" and step >= fault.step and not self._termed:
+                self._termed = True
+                os.kill(os.getpid(), signal.SIGTERM)
             elif fault.kind == "slow" and step == fault.step:
                 self._slow_down(fault.factor)
             elif fault.kind == "nan" and fault.step <= step < fault.step + fault.steps:

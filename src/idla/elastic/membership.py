@@ -29,7 +29,19 @@ _PEER_FAILURE_MARKS = (
 
 
 class MembershipChange(RuntimeError):
-    """Raised at a step boundary on every rank when a newcomer asks to join."""
+    """Raised at a step boundary on every rank that stays when a newcomer asks to join or a
+    member asks to leave."""
+
+    def __init__(self, message: str, leaving: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.leaving = leaving
+        """Members that leave at this boundary (they do not come to the re-form)."""
+
+
+class LeftGroup(Exception):
+    """Raised at the agreed step boundary on a member that asked to leave (SIGTERM); caught by
+    `run_elastic`, which returns its report with ``left=True``. Not a RuntimeError, so that a
+    training loop's ``except RuntimeError`` does not swallow it."""
 
 
 def is_peer_failure(error: BaseException) -> bool:
@@ -57,7 +69,9 @@ class ElasticConfig:
     min_workers: int = 1
     """Stop with an error when fewer workers than this survive."""
     join_check_every_steps: int = 5
-    """Rank 0 looks for newcomers asking to join every this many steps (0: never)."""
+    """Every this many steps the ranks agree on membership changes: rank 0 looks for newcomers
+    asking to join, and members asked to leave (SIGTERM) say so; 0: never (SIGTERM is then not
+    caught, and a stopped worker is a lost one)."""
     record_every_steps: int = 5
     """Every worker records its committed step in the store every this many steps; a re-form
     refuses to adopt a claim beyond the latest record plus this many steps."""
@@ -96,6 +110,8 @@ class FailureEvent:
     refused_claims: list[str] = field(default_factory=list)
     """Claims not adopted at this re-form (a newcomer's progress, a non-finite state, more
     steps than the store's records allow), one line each."""
+    left_members: list[int] = field(default_factory=list)
+    """Members that left gracefully at this re-form (asked to, at an agreed step boundary)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -104,6 +120,7 @@ class FailureEvent:
             "error": self.error, "failed_at": self.failed_at,
             "declared_at": self.declared_at, "fault_at": self.fault_at,
             "steps_lost": self.steps_lost, "refused_claims": self.refused_claims,
+            "left_members": self.left_members,
         }
 
 
@@ -121,16 +138,32 @@ def store_prefix() -> str:
 
 
 
+_JOIN, _LEAVE = 1, 2  # bits of each rank's word in the membership all-gather
+
+
 def membership_check(
-    rdzv: Rendezvous | None, group: Group, config: ElasticConfig
+    rdzv: Rendezvous | None, group: Group, config: ElasticConfig,
+    leaving: Callable[[], bool] = lambda: False,
 ) -> Callable[[int], None] | None:
     """The check before each step of a generation: at its first step and every
     `record_every_steps` steps this worker records its committed step in the store; every
-    `join_check_every_steps` steps rank 0 looks for join requests and tells the others (one
-    1-element broadcast), so that all ranks re-form at the same step boundary."""
-    if rdzv is None:
-        return None
+    `join_check_every_steps` steps the ranks all-gather one word each (rank 0: a newcomer asked
+    to join; any rank: `leaving()`, it was asked to leave), so that all ranks learn of a change
+    at the same step boundary, after the same commit. A leaving rank raises `LeftGroup`, the
+    others `MembershipChange` naming the leavers. Cost: one all-gather of one int64 a rank every
+    `join_check_every_steps` steps. Without a rendezvous (one process) a leave is local: it is
+    seen before the next step."""
     every_steps = config.join_check_every_steps
+    if rdzv is None:
+        if every_steps == 0:
+            return None
+
+        def alone(step: int) -> None:
+            if leaving():
+                raise LeftGroup(f"left at step {step}")
+
+        return alone
+    members = rdzv.current.members
     last_checked: list[int] = []  # the step checked last in this generation
 
     def check(step: int) -> None:
@@ -141,9 +174,15 @@ def membership_check(
         last_checked[:] = [step]
         if every_steps == 0 or step == 0 or step % every_steps:
             return
-        flag = torch.tensor([1 if group.rank == 0 and rdzv.join_pending() else 0])
-        group.control_broadcast(flag, src=0)
-        if int(flag.item()):
+        mine = ((_JOIN if group.rank == 0 and rdzv.join_pending() else 0)
+                | (_LEAVE if leaving() else 0))
+        words = [int(t.item()) for t in group.control_all_gather(torch.tensor([mine]))]
+        leavers = tuple(m for m, word in zip(members, words, strict=True) if word & _LEAVE)
+        if words[group.rank] & _LEAVE:
+            raise LeftGroup(f"left at step {step}")
+        if leavers:
+            raise MembershipChange(f"member(s) {list(leavers)} left at step {step}", leavers)
+        if words[0] & _JOIN:
             raise MembershipChange("a newcomer asked to join")
 
     return check

@@ -18,6 +18,9 @@ Protocol for generation g+1 (all survivors come from generation g):
 A newcomer takes the next member id, writes `join/{id}` and waits; rank 0 looks for such requests
 every few steps and, when there is one, all members re-form at that step boundary (nothing in
 flight) and the leader takes the newcomer in.
+A member asked to leave (SIGTERM) says so in the same periodic check; all members learn it at the
+same step boundary, the leaver goes, and the others re-form without waiting for it (they name
+it to `next`), so a graceful leave costs no step and no heartbeat timeout.
 A worker that finds itself left out (it arrived after the list was published) stops with
 `ExcludedError`. If the leader dies during step 2 the others time out of step 3 with a clear
 error: a second failure inside a re-form is not survived.
@@ -303,17 +306,19 @@ class Rendezvous:
                             f"{10 * self.max_wait_s:.0f} s (a job with a secret admits only "
                             f"newcomers with the same {SECRET_ENV})")
 
-    def next(self, step: int) -> tuple[Membership, list[int]]:
+    def next(self, step: int, leaving: tuple[int, ...] = ()) -> tuple[Membership, list[int]]:
         """Agree on generation current+1; return it and the members declared dead.
 
         `step` (this worker's committed step) is published with its arrival, for the report.
+        `leaving`: members every survivor knows have left (the leader does not wait for them;
+        they are not counted dead).
         """
         gen = self.current.generation + 1
         base = f"g{gen}"
         self.write_entry(f"{base}/alive/{self.member}", gen, {"step": step})
         if self.store.add(self.key(f"{base}/arrivals"), 1) == 1:
             joiners_seen = self._joiners_to_answer()
-            members = self._lead(base, joiners_seen)
+            members = self._lead(base, joiners_seen, set(leaving))
             sources = [m for m in members if m in self.current.members]
             self.write_entry(f"{base}/members", gen, {
                 "members": members, "joiners_seen": joiners_seen, "sources": sources,
@@ -330,15 +335,16 @@ class Rendezvous:
                 f"member {self.member} was left out of generation {gen} (members {members}): "
                 "it arrived after the survivors had re-formed"
             )
-        dead = [m for m in self.current.members if m not in members]
+        dead = [m for m in self.current.members if m not in members and m not in leaving]
         self.current = Membership(gen, tuple(members), self.member, tuple(sources), step_limit)
         return self.current, dead
 
-    def _lead(self, base: str, joiners_seen: int) -> list[int]:
-        """Wait until every previous member has arrived or stopped beating; newcomers that
-        asked to join (and still beat) are taken in."""
+    def _lead(self, base: str, joiners_seen: int, leaving: set[int]) -> list[int]:
+        """Wait until every previous member (but those `leaving`) has arrived or stopped
+        beating; newcomers that asked to join (and still beat) are taken in."""
         newcomers = range(self.world0 + self.joiners_seen, self.world0 + joiners_seen)
-        pending = {m for m in (*self.current.members, *newcomers) if m != self.member}
+        pending = {m for m in (*self.current.members, *newcomers)
+                   if m != self.member and m not in leaving}
         arrived = {self.member}
         started = time.time()  # a member with no heartbeat yet is given dead_after_s from now
         deadline = time.monotonic() + self.max_wait_s

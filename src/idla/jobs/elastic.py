@@ -65,15 +65,18 @@ def launch_elastic(config: TrainConfig, speeds: list[float] | None, faults: str)
     def on_progress(message: dict[str, Any]) -> None:
         if "event" in message:
             event = message["event"]
-            change = (f"worker(s) {event['joined_members']} joined" if event["joined_members"]
-                      and not event["lost_members"] else
-                      f"lost worker(s) {event['lost_members']}: {event['error'][:80]}")
+            if event["lost_members"]:
+                change = f"lost worker(s) {event['lost_members']}: {event['error'][:80]}"
+            elif event.get("left_members"):
+                change = f"worker(s) {event['left_members']} left"
+            else:
+                change = f"worker(s) {event['joined_members']} joined"
             print(f"{change}; re-formed as {event['members']} in "
                   f"{event['declared_at'] - event['failed_at']:.1f} s", flush=True)
 
     results = launch_local(elastic_worker, (config,), config.workers, speeds, config.base_cores,
                            env={"IDLA_FAULTS": faults}, allow_lost=True, on_progress=on_progress)
-    survivors = [r for r in results if r and "lost" not in r]
+    survivors = [r for r in results if r and "lost" not in r and not r.get("left")]
     if not survivors:
         print("no worker finished", flush=True)
         return 1
