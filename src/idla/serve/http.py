@@ -5,6 +5,9 @@
   and little-endian float32 bytes; answers JSON, or raw float32 when the client accepts
   ``application/octet-stream``. Every answer names the model version (body and
   ``X-Model-Version``).
+- A request that cannot be served in time (no worker predicted to answer within the latency
+  target, or every queue full) gets 429 with ``Retry-After``: a refusal, counted in
+  ``idla_refused_requests_total`` apart from failures (5xx, ``idla_failed_requests_total``).
 - ``GET /healthz`` (no token), ``GET /metrics`` (Prometheus text), ``POST /admin/model``
   (``{"path": DIR}``: roll a checkpoint out to every worker, all or nothing: 200 when every
   worker switched; 409 while another rollout runs or a worker still loads an aborted one, 422
@@ -201,7 +204,7 @@ def create_app(router: Router, token: str, metrics: ServeMetrics | None = None,
     @app.get("/metrics")
     async def prometheus() -> Response:
         text = metrics.render(router.stats(), router.failovers, router.retried_requests,
-                              router.last_rollout)
+                              router.last_rollout, router.refused, router.stolen_requests)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.post("/admin/model")

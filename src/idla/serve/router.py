@@ -1,8 +1,12 @@
 """The online router: per-worker dynamic batching, routing by a policy (`idla.serve.policies`),
-admission control (bounded queues), health checks and failover, and hot model rollout.
+admission control (deadlines and bounded queues), work stealing, health checks and failover,
+and hot model rollout.
 
-A request is routed once on arrival to the worker its policy picks among those with room in
-their queue, and waits there for a batch (`idla.serve.batcher`). When a worker dies (its
+A request is routed on arrival to the worker its policy picks among those with room in their
+queue, and waits there for a batch (`idla.serve.batcher`). With a latency target and the
+predictive policy (idla) it is refused (429) only when no worker is predicted to answer it by
+its deadline, an idle worker steals queued requests it would answer sooner, and a backlog runs
+in batches as big as the oldest deadline allows (`idla.serve.deadlines`). When a worker dies (its
 connection breaks, a ping or a batch times out) its batch in flight and its queue go to the
 others, so a request is answered exactly once unless it failed on ``max_attempts`` workers.
 A lost worker comes back through `Router.revive` (`idla.serve.supervisor` calls it), on the
@@ -19,8 +23,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,68 +33,18 @@ from idla.errors import ConfigError, IdlaError
 from idla.profile.meters import EmaMeter
 from idla.serve import wire
 from idla.serve.batcher import BatchPolicy, DynamicBatcher, ServiceCurve, size_batching
+from idla.serve.deadlines import adaptive_batch_rows, admission, steal_count
 from idla.serve.link import CONNECT_TIMEOUT_S, WorkerError, WorkerLink, WorkerLost
 from idla.serve.policies import POLICIES, Policy, make_policy, predict_completion_s
 from idla.serve.rollout import CONFLICT, RolloutError, commit_all, prepare_all
+from idla.serve.router_config import Overloaded, RouterConfig, Unavailable
 from idla.serve.slots import Batch, Prediction, Request, WorkerSlot
 
 PIPELINE_DEPTH = 2  # batches a worker may have outstanding: one running, one in its socket
+REFUSED_REASONS = ("deadline", "queue_full")
 
 __all__ = ["POLICIES", "Overloaded", "Prediction", "RolloutError", "Router", "RouterConfig",
            "Unavailable"]
-
-
-class Overloaded(IdlaError):
-    """Every worker's queue is full: the client should retry after ``retry_after_s``."""
-
-    def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class Unavailable(IdlaError):
-    """No healthy worker can answer (all died, or a request was retried too often)."""
-
-
-@dataclass(kw_only=True, slots=True)
-class RouterConfig:
-    policy: str = "idla"
-    """One of POLICIES."""
-    max_queue_requests: int = 64
-    """Requests a worker may hold queued; when every worker is full a request gets 429."""
-    batch_budget_s: float = 0.05
-    """A batch's predicted service time stays within this (sets each worker's max batch)."""
-    max_batch_rows: int = 256
-    """Upper bound on any worker's batch, in rows."""
-    max_wait_cap_s: float = 0.005
-    """Upper bound on the wait for a fuller batch (each worker waits its fixed cost α)."""
-    max_wait_s: float | None = None
-    """Force this batching wait on every worker instead (seconds)."""
-    request_rows: int = 1
-    """Rows of a typical request: every batch may hold at least one."""
-    health_interval_s: float = 1.0
-    """An idle worker is pinged after this many seconds without traffic."""
-    health_timeout_s: float = 5.0
-    """A ping unanswered this long marks a worker dead."""
-    batch_timeout_floor_s: float = 10.0
-    """A batch unanswered for max(this, 20 × its predicted time) marks the worker dead."""
-    request_timeout_s: float = 30.0
-    """A request waits at most this long for its answer (then 504)."""
-    max_attempts: int = 3
-    """A request is tried on at most this many workers (failover)."""
-    load_timeout_s: float = 120.0
-    """A model rollout not loaded on every worker within this many seconds is aborted (504)."""
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        make_policy(self.policy)
-        for name in ("max_queue_requests", "max_batch_rows", "request_rows", "max_attempts"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} {getattr(self, name)} must be at least 1")
-        for name in ("batch_budget_s", "health_interval_s", "health_timeout_s",
-                     "request_timeout_s", "load_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} {getattr(self, name)} must be positive")
 
 
 class Router:
@@ -107,6 +61,9 @@ class Router:
         self.output_features = 0
         self.failovers = 0
         self.retried_requests = 0
+        self.stolen_requests = 0
+        self.refused: Counter[str] = Counter({reason: 0 for reason in REFUSED_REASONS})
+        """Requests answered 429, by reason (none of them is a failure)."""
         self.last_rollout: dict[str, Any] | None = None
         self.version: str | None = None
         """The model version every worker serves (None while they differ)."""
@@ -193,7 +150,9 @@ class Router:
         """Answer one request (``inputs``: (rows, *input_shape) float32). Raises Overloaded,
         Unavailable, WorkerError or asyncio.TimeoutError."""
         start_s = time.perf_counter()
-        request = Request(inputs, asyncio.get_running_loop().create_future())
+        target_s = self.config.latency_target_s
+        request = Request(inputs, asyncio.get_running_loop().create_future(),
+                          deadline_s=math.inf if target_s is None else start_s + target_s)
         self._route(request, admit=True)
         request.route_s = time.perf_counter() - start_s
         return await asyncio.wait_for(request.future, self.config.request_timeout_s)
@@ -206,17 +165,55 @@ class Router:
         room = [w for w in alive if w.batcher.queued_requests < limit] if admit else alive
         now_s = time.perf_counter()
         if not room:
+            self.refused["queue_full"] += 1
             drain_s = min(predict_completion_s(w.view(now_s), 0) for w in alive)
             raise Overloaded(f"all {len(alive)} worker queues are full ({limit} requests each)",
-                             drain_s)
-        worker = self.workers[self.policy.choose([w.view(now_s) for w in room], request.rows)]
+                             drain_s, "queue_full")
+        views = [w.view(now_s) for w in room]
+        if admit and self.policy.predictive and not math.isinf(request.deadline_s):
+            decision = admission(views, request.rows, request.deadline_s - now_s)
+            if decision.index is None:
+                self.refused["deadline"] += 1
+                raise Overloaded(f"no worker is predicted to answer within the latency target "
+                                 f"(soonest in {decision.completion_s:.3f} s)",
+                                 decision.retry_after_s, "deadline")
+            index = decision.index
+        else:
+            index = self.policy.choose(views, request.rows)
+        worker = self.workers[index]
         worker.batcher.push(request, request.rows, now_s)
         worker.wake.set()
 
+    def _batch_limit(self, worker: WorkerSlot, now_s: float) -> int | None:
+        """The next batch's row limit when a backlog may run bigger (None: the policy's)."""
+        head = worker.batcher.head()
+        if (head is None or not self.config.adaptive_batching or math.isinf(head.deadline_s)
+                or worker.batcher.queued_rows <= worker.batcher.policy.max_batch_rows):
+            return None
+        return adaptive_batch_rows(worker.view(now_s), worker.batcher.queued_rows,
+                                   head.deadline_s - now_s, self.config.max_batch_rows)
+
+    def _steal(self, thief: WorkerSlot) -> None:
+        """An idle ``thief`` takes the tail of the queue it can shorten most."""
+        now_s = time.perf_counter()
+        thief_view = thief.view(now_s)
+        best: tuple[int, WorkerSlot] | None = None
+        for victim in self.workers:
+            if victim is thief or not victim.alive or not victim.batcher.queued_requests:
+                continue
+            count = steal_count(thief_view, victim.view(now_s), victim.batcher.request_rows())
+            if count and (best is None or count > best[0]):
+                best = (count, victim)
+        if best is not None:
+            for request, rows, enqueued_s in best[1].batcher.take_tail(best[0]):
+                thief.batcher.push(request, rows, enqueued_s)
+            self.stolen_requests += best[0]
+
     async def _dispatch(self, worker: WorkerSlot) -> None:
-        """Start batches on ``worker``: one when it is idle (by the batching rule), and while
-        one runs a second only when a full batch is queued, so the worker does not idle through
-        the round trip (pipelining)."""
+        """Start batches on ``worker``: one when it is idle (by the batching rule; an idle
+        worker with an empty queue first tries to steal), and while one runs a second only when
+        a full batch is queued, so the worker does not idle through the round trip
+        (pipelining)."""
         loop = asyncio.get_running_loop()
         policy = worker.batcher.policy
         while worker.alive:
@@ -225,9 +222,13 @@ class Router:
                 return
             batch: list[tuple[Request, float]] = []
             wait_s = None
+            if (not worker.inflight and not worker.batcher.queued_requests
+                    and self.policy.predictive and self.config.work_stealing):
+                self._steal(worker)
             if not worker.inflight or (len(worker.inflight) < PIPELINE_DEPTH and
                                        worker.batcher.queued_rows >= policy.max_batch_rows):
-                batch, wait_s = worker.batcher.take(time.perf_counter())
+                now_s = time.perf_counter()
+                batch, wait_s = worker.batcher.take(now_s, self._batch_limit(worker, now_s))
             if batch:
                 task = loop.create_task(self._run(worker, batch))
                 worker.batch_tasks.add(task)

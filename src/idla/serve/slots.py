@@ -8,6 +8,7 @@ new process) is the same slot with a new link, so its index and counters carry o
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +39,8 @@ class Request:
     future: asyncio.Future[Prediction]
     attempts: int = 1
     route_s: float = 0.0
+    deadline_s: float = math.inf
+    """perf_counter time by which it should be answered (arrival + the latency target)."""
 
     @property
     def rows(self) -> int:
