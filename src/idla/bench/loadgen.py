@@ -1,10 +1,11 @@
-"""Load generator for `idla bench serve`, run in its own process.
+"""Load generator for `idla bench serve`, run in its own process from its file in isolated mode
+(``python -I``: it imports neither idla nor torch, so it starts in a fraction of a second).
 
-``IDLA_TOKEN=T python -m idla.bench.loadgen --port P --rate R --duration S --rows N --features F
-[--arrivals poisson|mmpp|gamma --cv C]`` sends POST /v1/predict requests (binary float32 bodies)
-at the arrival times of the chosen process (`idla.bench.arrivals`), whether or not earlier ones
-were answered (open loop), over a pool of keep-alive HTTP/1.1 connections, and prints one JSON
-object: one record per request. Latency counts from the request's scheduled time, so a late
+``IDLA_TOKEN=T python -I loadgen.py --port P --duration S --rows N --features F < times.json``
+sends POST /v1/predict requests (binary float32 bodies) at the arrival times read from stdin (a
+JSON list of seconds, drawn by the bench from `idla.bench.arrivals`), whether or not earlier
+ones were answered (open loop), over a pool of keep-alive HTTP/1.1 connections, and prints one
+JSON object: one record per request. Latency counts from the request's scheduled time, so a late
 send (this process starved of CPU) is charged to the latency rather than hidden (no coordinated
 omission; Tene, "How NOT to measure latency", 2015).
 
@@ -28,8 +29,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-
-from idla.bench.arrivals import ARRIVALS, ArrivalProcess
 
 CLIENT_TIMEOUT_S = 30.0
 REFUSED_BACKOFF_S = 0.005  # a closed-loop client refused (429) tries again this much later
@@ -140,31 +139,29 @@ class LoadGenerator:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m idla.bench.loadgen")
+    parser = argparse.ArgumentParser(prog="python -I loadgen.py")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--token", default=os.environ.get("IDLA_TOKEN"),
                         help="bearer token (default: $IDLA_TOKEN, which ps does not show)")
-    parser.add_argument("--rate", type=float, help="mean requests per second (open loop)")
-    parser.add_argument("--clients", type=int, help="closed-loop clients instead of --rate")
-    parser.add_argument("--arrivals", choices=ARRIVALS, default="poisson")
-    parser.add_argument("--cv", type=float, default=3.0, help="CV of bursty arrivals' gaps")
-    parser.add_argument("--on-fraction", type=float, default=0.5, help="mmpp's on fraction")
-    parser.add_argument("--duration", type=float, required=True, help="seconds of arrivals")
+    parser.add_argument("--clients", type=int,
+                        help="closed-loop clients (default: open loop at the times on stdin)")
+    parser.add_argument("--duration", type=float, required=True,
+                        help="seconds of arrivals (times on stdin at or past it are dropped)")
     parser.add_argument("--rows", type=int, default=1)
     parser.add_argument("--features", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not args.token:
         parser.error("give the bearer token in IDLA_TOKEN (or --token)")
-    if (args.rate is None) == (args.clients is None):
-        parser.error("give one of --rate and --clients")
+    if args.clients is not None and args.clients < 1:
+        parser.error("--clients must be at least 1")
     inputs = np.random.default_rng(args.seed).random((args.rows, args.features), np.float32)
     generator = LoadGenerator(args.host, args.port, args.token, inputs.astype("<f4").tobytes(),
                               inputs.shape)
     if args.clients is None:
-        process = ArrivalProcess(name=args.arrivals, cv=args.cv, on_fraction=args.on_fraction)
-        job = generator.run(process.times_s(args.rate, args.duration, args.seed))
+        times_s = sorted(float(t) for t in json.load(sys.stdin))
+        job = generator.run([t for t in times_s if 0 <= t < args.duration])
     else:
         job = generator.run_closed(args.clients, args.duration)
     loop: asyncio.AbstractEventLoop
@@ -178,8 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         records = loop.run_until_complete(job)
     finally:
         loop.close()
-    json.dump({"records": records, "duration_s": args.duration, "rate": args.rate},
-              sys.stdout)
+    json.dump({"records": records, "duration_s": args.duration}, sys.stdout)
     return 0
 
 
