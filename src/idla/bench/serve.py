@@ -104,14 +104,20 @@ class ServeBenchConfig:
 
 
 def _loadgen(port: int, config: ServeBenchConfig, token: str, duration_s: float, seed: int,
-             clients: int | None = None) -> subprocess.Popen[bytes]:
+             clients: int | None = None, times_s: list[float] | None = None
+             ) -> subprocess.Popen[bytes]:
+    """The load generator's process: closed loop with ``clients``, else open loop at
+    ``times_s`` (handed over on its stdin from a temporary file)."""
     command = [sys.executable, "-I", str(LOADGEN), "--port", str(port),
                "--duration", f"{duration_s:g}", "--rows", str(config.request_rows),
                "--features", str(config.features), "--seed", str(seed)]
     if clients is not None:
         command += ["--clients", str(clients)]
-    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            env=os.environ | {"IDLA_TOKEN": token})  # not in ps
+    with tempfile.TemporaryFile() as stdin:
+        stdin.write(json.dumps(times_s or []).encode())
+        stdin.seek(0)
+        return subprocess.Popen(command, stdin=stdin, stdout=subprocess.PIPE,
+                                env=os.environ | {"IDLA_TOKEN": token})  # not in ps
 
 
 def _records(loadgen: subprocess.Popen[bytes], duration_s: float) -> list[dict[str, Any]]:
@@ -133,10 +139,7 @@ def _trial(serving: Any, config: ServeBenchConfig, token: str, policy: str, arri
     serving.call(metrics.recent_overhead_s.clear)
     rate = capacity_rps * pct / 100
     times_s = config.process(arrival).times_s(rate, duration_s, seed)
-    loadgen = _loadgen(serving.running.port, config, token, duration_s, seed)
-    assert loadgen.stdin is not None
-    loadgen.stdin.write(json.dumps(times_s).encode())
-    loadgen.stdin.close()
+    loadgen = _loadgen(serving.running.port, config, token, duration_s, seed, times_s=times_s)
     held = None
     if kill is not None:
         time.sleep(duration_s / 2)

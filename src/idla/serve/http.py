@@ -177,7 +177,7 @@ def create_app(router: Router, token: str, metrics: ServeMetrics | None = None,
             return _error(error.status, error.reason)
         submitted_s = time.perf_counter()
         try:
-            prediction = await router.submit(inputs)
+            prediction = await router.submit(inputs, start_s)
         except Overloaded as error:
             retry = str(max(1, math.ceil(error.retry_after_s)))
             return _error(429, str(error), {"Retry-After": retry})

@@ -42,6 +42,7 @@ from idla.serve.slots import Batch, Prediction, Request, WorkerSlot
 
 PIPELINE_DEPTH = 2  # batches a worker may have outstanding: one running, one in its socket
 REFUSED_REASONS = ("deadline", "queue_full")
+LATENESS_DECAY = 0.99  # about the last 100 answers
 
 __all__ = ["POLICIES", "Overloaded", "Prediction", "RolloutError", "Router", "RouterConfig",
            "Unavailable"]
@@ -64,6 +65,9 @@ class Router:
         self.stolen_requests = 0
         self.refused: Counter[str] = Counter({reason: 0 for reason in REFUSED_REASONS})
         """Requests answered 429, by reason (none of them is a failure)."""
+        self.lateness_s = EmaMeter(LATENESS_DECAY)
+        """Answer time minus the completion predicted at admission (moving average, seconds):
+        what the curves miss (event-loop delays, CPU contention); admission adds it."""
         self.last_rollout: dict[str, Any] | None = None
         self.version: str | None = None
         """The model version every worker serves (None while they differ)."""
@@ -146,13 +150,16 @@ class Router:
             raise
         worker.reconnects += 1
 
-    async def submit(self, inputs: np.ndarray) -> Prediction:
-        """Answer one request (``inputs``: (rows, *input_shape) float32). Raises Overloaded,
-        Unavailable, WorkerError or asyncio.TimeoutError."""
+    async def submit(self, inputs: np.ndarray, arrival_s: float | None = None) -> Prediction:
+        """Answer one request (``inputs``: (rows, *input_shape) float32; ``arrival_s``: the
+        perf_counter time it arrived, which starts its deadline; default now). Raises
+        Overloaded, Unavailable, WorkerError or asyncio.TimeoutError."""
         start_s = time.perf_counter()
         target_s = self.config.latency_target_s
+        deadline_s = math.inf if target_s is None else (
+            (start_s if arrival_s is None else arrival_s) + target_s)
         request = Request(inputs, asyncio.get_running_loop().create_future(),
-                          deadline_s=math.inf if target_s is None else start_s + target_s)
+                          deadline_s=deadline_s)
         self._route(request, admit=True)
         request.route_s = time.perf_counter() - start_s
         return await asyncio.wait_for(request.future, self.config.request_timeout_s)
@@ -171,13 +178,15 @@ class Router:
                              drain_s, "queue_full")
         views = [w.view(now_s) for w in room]
         if admit and self.policy.predictive and not math.isinf(request.deadline_s):
-            decision = admission(views, request.rows, request.deadline_s - now_s)
+            late_s = max(0.0, self.lateness_s.value) if self.lateness_s.count else 0.0
+            decision = admission(views, request.rows, request.deadline_s - now_s - late_s)
             if decision.index is None:
                 self.refused["deadline"] += 1
                 raise Overloaded(f"no worker is predicted to answer within the latency target "
                                  f"(soonest in {decision.completion_s:.3f} s)",
                                  decision.retry_after_s, "deadline")
             index = decision.index
+            request.predicted_s = now_s + decision.completion_s
         else:
             index = self.policy.choose(views, request.rows)
         worker = self.workers[index]
@@ -292,11 +301,14 @@ class Router:
             worker.link_s.update(max(elapsed_s - service_s, 0.0))
         version = str(header.get("version"))
         worker.version = version
+        answered_s = time.perf_counter()
         offset = 0
         for request, enqueued_s in batch:
             out = outputs[offset:offset + request.rows]
             offset += request.rows
             if not request.future.done():
+                if not math.isnan(request.predicted_s):
+                    self.lateness_s.update(answered_s - request.predicted_s)
                 worker.served_requests += 1
                 request.future.set_result(Prediction(out, version, worker.index, rows,
                                                      start_s - enqueued_s, request.route_s,

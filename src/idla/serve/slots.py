@@ -41,6 +41,8 @@ class Request:
     route_s: float = 0.0
     deadline_s: float = math.inf
     """perf_counter time by which it should be answered (arrival + the latency target)."""
+    predicted_s: float = math.nan
+    """perf_counter time its answer was predicted for when it was admitted by deadline."""
 
     @property
     def rows(self) -> int:
