@@ -24,7 +24,7 @@ import asyncio
 import math
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -125,6 +125,49 @@ class Router:
         """Bring a lost worker back at ``address``: connect, bring it to the served model if
         it serves another (prepare and commit ``model_path``), then route to it again. Raises
         WorkerLost, or RolloutError when it cannot serve the fleet's model."""
+        await self._join(address, f"worker {worker.index} came back",
+                         lambda link: self._attach(worker, address, link))
+        worker.reconnects += 1
+
+    async def add_worker(self, address: tuple[str, int]) -> WorkerSlot:
+        """Serve with one more worker, at ``address`` (it holds the pool's link secret): as
+        `revive`, on a new slot at the end of `workers`. Raises WorkerLost or RolloutError."""
+        def attach(link: WorkerLink) -> None:
+            curve, batcher = self._batching(link)
+            slot = WorkerSlot(len(self.workers), address, link, curve, batcher,
+                              str(link.hello["version"]))
+            self._attach(slot, address, link)
+            self.workers.append(slot)
+
+        await self._join(address, f"the worker at {address[0]}:{address[1]}", attach)
+        return self.workers[-1]
+
+    async def retire_worker(self, index: int) -> dict[str, Any]:
+        """Stop routing to worker ``index``, hand its queue to the others, let its batches in
+        flight finish, then close its connection (its process is the caller's). Raises
+        ConfigError for an unknown or retired worker, Unavailable for the last one."""
+        if not 0 <= index < len(self.workers) or self.workers[index].retired:
+            raise ConfigError(f"no worker {index} to retire")
+        worker = self.workers[index]
+        if not any(w.alive and not w.retired for w in self.workers if w is not worker):
+            raise Unavailable(f"worker {index} is the last one serving")
+        worker.retired = True
+        moved = worker.batcher.drain()
+        for request in moved:
+            self._route(request, admit=False)
+        while worker.batch_tasks:
+            await asyncio.wait(set(worker.batch_tasks))
+        worker.alive = False
+        worker.link.close()
+        if worker.task is not None:
+            worker.task.cancel()
+        return {"worker": index, "moved_requests": len(moved),
+                "served_requests": worker.served_requests}
+
+    async def _join(self, address: tuple[str, int], who: str,
+                    attach: Callable[[WorkerLink], None]) -> None:
+        """Connect to ``address``, bring it to the fleet's model, then ``attach`` the link, all
+        outside any rollout; ``who`` names it in errors."""
         link = await WorkerLink.connect(*address, self._secret,
                                         timeout_s=min(CONNECT_TIMEOUT_S,
                                                       self.config.health_timeout_s))
@@ -132,23 +175,22 @@ class Router:
             async with self._rollout_lock:  # never join halfway through a rollout
                 shape = (tuple(link.hello["input_shape"]), int(link.hello["output_features"]))
                 if shape != (self.input_shape, self.output_features):
-                    raise RolloutError(f"worker {worker.index} came back serving {shape}")
+                    raise RolloutError(f"{who} serving {shape}")
                 if self.version is not None and link.hello["version"] != self.version:
                     if self.model_path is None:
-                        raise RolloutError(f"worker {worker.index} came back on version "
-                                           f"{link.hello['version']}, not {self.version}")
-                    prepared = await prepare_all([link], [worker.index], self.model_path,
+                        raise RolloutError(f"{who} on version {link.hello['version']}, not "
+                                           f"{self.version}")
+                    prepared = await prepare_all([link], [len(self.workers)], self.model_path,
                                                  self.config.load_timeout_s,
                                                  self.config.health_timeout_s, shape)
                     commit, = await commit_all(prepared, self.config.health_timeout_s)
                     if isinstance(commit, BaseException):
-                        raise WorkerLost(f"worker {worker.index} did not switch ({commit!r})")
+                        raise WorkerLost(f"{who} did not switch ({commit!r})")
                     link.hello["version"] = commit["version"]
-                self._attach(worker, address, link)
+                attach(link)
         except BaseException:
             link.close()
             raise
-        worker.reconnects += 1
 
     async def submit(self, inputs: np.ndarray, arrival_s: float | None = None) -> Prediction:
         """Answer one request (``inputs``: (rows, *input_shape) float32; ``arrival_s``: the
@@ -165,7 +207,7 @@ class Router:
         return await asyncio.wait_for(request.future, self.config.request_timeout_s)
 
     def _route(self, request: Request, admit: bool) -> None:
-        alive = [w for w in self.workers if w.alive]
+        alive = [w for w in self.workers if w.alive and not w.retired]
         if not alive:
             raise Unavailable("no healthy worker")
         limit = self.config.max_queue_requests
@@ -208,7 +250,7 @@ class Router:
         thief_view = thief.view(now_s)
         best: tuple[int, WorkerSlot] | None = None
         for victim in self.workers:
-            if victim is thief or not victim.alive or not victim.batcher.queued_requests:
+            if victim is thief or not victim.batcher.queued_requests:
                 continue
             count = steal_count(thief_view, victim.view(now_s), victim.batcher.request_rows())
             if count and (best is None or count > best[0]):
@@ -231,7 +273,7 @@ class Router:
                 return
             batch: list[tuple[Request, float]] = []
             wait_s = None
-            if (not worker.inflight and not worker.batcher.queued_requests
+            if (not worker.inflight and not worker.batcher.queued_requests and not worker.retired
                     and self.policy.predictive and self.config.work_stealing):
                 self._steal(worker)
             if not worker.inflight or (len(worker.inflight) < PIPELINE_DEPTH and
@@ -379,24 +421,8 @@ class Router:
             }
             return self.last_rollout
 
-    def capacity_requests_per_s(self, worker: WorkerSlot) -> float:
-        """Requests/s a worker sustains with full batches of typical requests."""
-        per_batch = max(1, worker.batcher.policy.max_batch_rows // self.config.request_rows)
-        return per_batch / worker.curve.predict_s(per_batch * self.config.request_rows)
-
     def stats(self) -> list[dict[str, Any]]:
-        return [{
-            "worker": w.index, "address": f"{w.address[0]}:{w.address[1]}", "up": w.alive,
-            "pid": w.link.hello.get("pid"), "device": w.link.hello.get("device"),
-            "version": w.version, "queued_requests": w.batcher.queued_requests,
-            "queued_rows": w.batcher.queued_rows, "inflight_rows": sum(b.rows for b in w.inflight),
-            "served_requests": w.served_requests, "restarts": w.restarts,
-            "reconnects": w.reconnects, "max_batch_rows": w.batcher.policy.max_batch_rows,
-            "max_wait_s": w.batcher.policy.max_wait_s,
-            "capacity_requests_per_s": self.capacity_requests_per_s(w),
-            "slowdown": w.estimates()[0], "link_s": w.estimates()[1],
-            "curve": w.curve.to_json(),
-        } for w in self.workers]
+        return [w.stats(self.config.request_rows) for w in self.workers]
 
     async def close(self) -> None:
         for worker in self.workers:
