@@ -23,14 +23,14 @@ from idla.serve.worker import WorkerPool
 TOKEN = "test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 FEATURES = 64
-TARGET_S = 0.05
+TARGET_S = 0.2
 
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerPool]:
     directory = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)
-    kwargs = {"in_features": FEATURES, "hidden": 512, "layers": 2, "classes": 10}
+    kwargs = {"in_features": FEATURES, "hidden": 2048, "layers": 2, "classes": 10}  # costly rows
     save_model(directory, MLP(**kwargs), "mlp", kwargs, (FEATURES,), "v1")
     with WorkerPool(directory, 2, max_rows=64) as workers:
         yield workers
@@ -57,7 +57,7 @@ def test_overload_is_refused_with_retry_after_and_counted_apart(pool: WorkerPool
     with ServingThread(pool, ServeOptions(token=TOKEN, port=0, router=config)) as server:
         stats = server.call(server.router.stats)
         rows_per_s = sum(w["capacity_requests_per_s"] for w in stats)  # 1-row requests
-        requests = 80
+        requests = 100
         rows = min(1024, max(8, int(8 * rows_per_s * TARGET_S / requests)))  # ~8x the target
         answers = asyncio.run(_burst(server.url, requests, rows))
         codes = [a.status_code for a in answers]

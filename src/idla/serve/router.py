@@ -43,6 +43,7 @@ from idla.serve.slots import Batch, Prediction, Request, WorkerSlot
 PIPELINE_DEPTH = 2  # batches a worker may have outstanding: one running, one in its socket
 REFUSED_REASONS = ("deadline", "queue_full")
 LATENESS_DECAY = 0.99  # about the last 100 answers
+LATENESS_CAP = 0.5  # of the latency target
 
 __all__ = ["POLICIES", "Overloaded", "Prediction", "RolloutError", "Router", "RouterConfig",
            "Unavailable"]
@@ -220,7 +221,7 @@ class Router:
                              drain_s, "queue_full")
         views = [w.view(now_s) for w in room]
         if admit and self.policy.predictive and not math.isinf(request.deadline_s):
-            late_s = max(0.0, self.lateness_s.value) if self.lateness_s.count else 0.0
+            late_s = self._lateness_s()
             decision = admission(views, request.rows, request.deadline_s - now_s - late_s)
             if decision.index is None:
                 self.refused["deadline"] += 1
@@ -234,6 +235,13 @@ class Router:
         worker = self.workers[index]
         worker.batcher.push(request, request.rows, now_s)
         worker.wake.set()
+
+    def _lateness_s(self) -> float:
+        """The lateness admission adds, at most half the target: a burst that made answers
+        late must not shut admission for good (only admitted answers update the estimate)."""
+        if not self.lateness_s.count or self.config.latency_target_s is None:
+            return 0.0
+        return min(max(0.0, self.lateness_s.value), LATENESS_CAP * self.config.latency_target_s)
 
     def _batch_limit(self, worker: WorkerSlot, now_s: float) -> int | None:
         """The next batch's row limit when a backlog may run bigger (None: the policy's)."""
