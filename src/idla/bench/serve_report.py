@@ -57,6 +57,9 @@ def summarize(records: Sequence[dict[str, Any]], duration_s: float, slo_s: float
         "p99_ms": percentile(latencies_ms, 0.99),
         "outside_workers_p50_ms": percentile(outside_ms, 0.50),
         "share_by_worker": {k: v / max(1, len(ok)) for k, v in sorted(shares.items())},
+        "p99_ms_by_worker": {k: percentile([1e3 * r["latency_s"] for r in ok
+                                            if str(r.get("worker")) == k], 0.99)
+                             for k in sorted(shares)},
     }
 
 
