@@ -120,7 +120,8 @@ def add_commands(commands: Any, benches: Any) -> None:
     bench.add_argument("--layers", type=positive_int, default=3,
                        help="MLP hidden layers (default: 3)")
     bench.add_argument("--slo-ms", type=positive_float, default=200.0, metavar="MS",
-                       help="latency objective for goodput (default: 200)")
+                       help="latency objective: SLO goodput counts answers within it, and it is "
+                       "the router's latency target (default: 200)")
     bench.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     _add_router_options(bench)
     bench.add_argument("--json", metavar="PATH", help="write the results as JSON here")

@@ -10,12 +10,12 @@ in batches as big as the oldest deadline allows (`idla.serve.deadlines`). When a
 connection breaks, a ping or a batch times out) its batch in flight and its queue go to the
 others, so a request is answered exactly once unless it failed on ``max_attempts`` workers.
 A lost worker comes back through `Router.revive` (`idla.serve.supervisor` calls it), on the
-model the others serve. Rollouts: `idla.serve.rollout`; each worker's state:
-`idla.serve.slots`.
+model the others serve; workers join and leave at runtime (`idla.serve.membership`, which
+`Router` inherits). Rollouts: `idla.serve.rollout`; each worker's state: `idla.serve.slots`.
 
 Admission, routing, failover and rollout stay in one class because they share one piece of
 state (every worker's queue and batch in flight) that one event loop owns; split, each part
-would reach into the others' queues.
+would reach into the others' queues. Membership is apart only as a mixin over that same state.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import asyncio
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,8 @@ from idla.profile.meters import EmaMeter
 from idla.serve import wire
 from idla.serve.batcher import BatchPolicy, DynamicBatcher, ServiceCurve, size_batching
 from idla.serve.deadlines import adaptive_batch_rows, admission, steal_count
-from idla.serve.link import CONNECT_TIMEOUT_S, WorkerError, WorkerLink, WorkerLost
+from idla.serve.link import WorkerError, WorkerLink, WorkerLost
+from idla.serve.membership import Membership
 from idla.serve.policies import POLICIES, Policy, make_policy, predict_completion_s
 from idla.serve.rollout import CONFLICT, RolloutError, commit_all, prepare_all
 from idla.serve.router_config import Overloaded, RouterConfig, Unavailable
@@ -49,7 +50,7 @@ __all__ = ["POLICIES", "Overloaded", "Prediction", "RolloutError", "Router", "Ro
            "Unavailable"]
 
 
-class Router:
+class Router(Membership):
     """Routes requests to workers, batches per worker, retries on a worker's death.
 
     All methods run on one asyncio event loop; nothing here blocks it.
@@ -121,77 +122,6 @@ class Router:
         if worker.task is not None:
             worker.task.cancel()
         worker.task = asyncio.get_running_loop().create_task(self._dispatch(worker))
-
-    async def revive(self, worker: WorkerSlot, address: tuple[str, int]) -> None:
-        """Bring a lost worker back at ``address``: connect, bring it to the served model if
-        it serves another (prepare and commit ``model_path``), then route to it again. Raises
-        WorkerLost, or RolloutError when it cannot serve the fleet's model."""
-        await self._join(address, f"worker {worker.index} came back",
-                         lambda link: self._attach(worker, address, link))
-        worker.reconnects += 1
-
-    async def add_worker(self, address: tuple[str, int]) -> WorkerSlot:
-        """Serve with one more worker, at ``address`` (it holds the pool's link secret): as
-        `revive`, on a new slot at the end of `workers`. Raises WorkerLost or RolloutError."""
-        def attach(link: WorkerLink) -> None:
-            curve, batcher = self._batching(link)
-            slot = WorkerSlot(len(self.workers), address, link, curve, batcher,
-                              str(link.hello["version"]))
-            self._attach(slot, address, link)
-            self.workers.append(slot)
-
-        await self._join(address, f"the worker at {address[0]}:{address[1]}", attach)
-        return self.workers[-1]
-
-    async def retire_worker(self, index: int) -> dict[str, Any]:
-        """Stop routing to worker ``index``, hand its queue to the others, let its batches in
-        flight finish, then close its connection (its process is the caller's). Raises
-        ConfigError for an unknown or retired worker, Unavailable for the last one."""
-        if not 0 <= index < len(self.workers) or self.workers[index].retired:
-            raise ConfigError(f"no worker {index} to retire")
-        worker = self.workers[index]
-        if not any(w.alive and not w.retired for w in self.workers if w is not worker):
-            raise Unavailable(f"worker {index} is the last one serving")
-        worker.retired = True
-        moved = worker.batcher.drain()
-        for request in moved:
-            self._route(request, admit=False)
-        while worker.batch_tasks:
-            await asyncio.wait(set(worker.batch_tasks))
-        worker.alive = False
-        worker.link.close()
-        if worker.task is not None:
-            worker.task.cancel()
-        return {"worker": index, "moved_requests": len(moved),
-                "served_requests": worker.served_requests}
-
-    async def _join(self, address: tuple[str, int], who: str,
-                    attach: Callable[[WorkerLink], None]) -> None:
-        """Connect to ``address``, bring it to the fleet's model, then ``attach`` the link, all
-        outside any rollout; ``who`` names it in errors."""
-        link = await WorkerLink.connect(*address, self._secret,
-                                        timeout_s=min(CONNECT_TIMEOUT_S,
-                                                      self.config.health_timeout_s))
-        try:
-            async with self._rollout_lock:  # never join halfway through a rollout
-                shape = (tuple(link.hello["input_shape"]), int(link.hello["output_features"]))
-                if shape != (self.input_shape, self.output_features):
-                    raise RolloutError(f"{who} serving {shape}")
-                if self.version is not None and link.hello["version"] != self.version:
-                    if self.model_path is None:
-                        raise RolloutError(f"{who} on version {link.hello['version']}, not "
-                                           f"{self.version}")
-                    prepared = await prepare_all([link], [len(self.workers)], self.model_path,
-                                                 self.config.load_timeout_s,
-                                                 self.config.health_timeout_s, shape)
-                    commit, = await commit_all(prepared, self.config.health_timeout_s)
-                    if isinstance(commit, BaseException):
-                        raise WorkerLost(f"{who} did not switch ({commit!r})")
-                    link.hello["version"] = commit["version"]
-                attach(link)
-        except BaseException:
-            link.close()
-            raise
 
     async def submit(self, inputs: np.ndarray, arrival_s: float | None = None) -> Prediction:
         """Answer one request (``inputs``: (rows, *input_shape) float32; ``arrival_s``: the
