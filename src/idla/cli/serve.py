@@ -65,6 +65,11 @@ def add_commands(commands: Any, benches: Any) -> None:
     serve.add_argument("--max-wait-ms", type=float, metavar="MS",
                        help="batching wait of an idle worker (default: each worker's fixed "
                        "cost, at most 5 ms)")
+    serve.add_argument("--latency-target-ms", type=positive_float, metavar="MS",
+                       help="each request's deadline: with --policy idla a request no worker "
+                       "is predicted to answer within it gets 429 with Retry-After, and a "
+                       "backlog runs in batches as big as the oldest deadline allows "
+                       "(default: none, admission by the queue bound alone)")
     serve.add_argument("--max-request-rows", type=positive_int, default=1024, metavar="ROWS",
                        help="rows one request may carry (default: 1024)")
     serve.add_argument("--load-timeout", type=positive_float, default=120.0, metavar="S",
@@ -76,22 +81,38 @@ def add_commands(commands: Any, benches: Any) -> None:
 
     bench = benches.add_parser(
         "serve", help="online serving: idla's routing vs round-robin, power-of-two, least-"
-        "outstanding under open-loop load",
-        description="Start workers at emulated speeds on an MLP, then drive open-loop Poisson "
-        "load from a separate process at fractions of the summed measured capacity through "
-        "each routing policy in turn on the same workers; then a saturation run and a run "
-        "where a worker is killed with SIGKILL.",
+        "outstanding under Poisson and bursty open-loop load, up to saturation",
+        description="Start workers at emulated speeds on an MLP; measure the capacity with "
+        "closed-loop clients through the router; then drive open-loop load from a separate "
+        "process at fractions of it (and past it: saturation), with Poisson and bursty "
+        "arrivals, through each routing policy in turn on the same workers, repeated (medians); "
+        "then a run where a worker is killed with SIGKILL. Reports p50/p99, SLO goodput, "
+        "refused (429) apart from failed.",
     )
     bench.add_argument("--speeds", default="1,0.5,0.25", metavar="LIST",
                        help="relative CPU speed per worker (default: 1,0.5,0.25)")
-    bench.add_argument("--duration", type=positive_float, default=15.0, metavar="S",
-                       help="seconds of load per trial (default: 15)")
-    bench.add_argument("--loads", default="50,80,95", metavar="PCTS",
-                       help="offered load, %% of summed capacity (default: 50,80,95)")
+    bench.add_argument("--duration", type=positive_float, metavar="S",
+                       help="seconds of load per trial (default: 8; --quick: 5)")
+    bench.add_argument("--loads", metavar="PCTS",
+                       help="offered load, %% of the closed-loop capacity (default: 50,80,95; "
+                       "--quick: 80,95)")
     bench.add_argument("--saturation", type=positive_float, default=130.0, metavar="PCT",
-                       help="offered load of the saturation run (default: 130)")
-    bench.add_argument("--policies", default="idla,round_robin,power_of_two,least_outstanding",
-                       metavar="LIST", help="policies to compare (default: all four)")
+                       help="offered load of the saturation level (default: 130)")
+    bench.add_argument("--arrivals", metavar="LIST",
+                       help="arrival processes: poisson, mmpp (on/off MMPP-2), gamma (renewal) "
+                       "(default: all three; --quick: poisson,mmpp)")
+    bench.add_argument("--burst-cv", type=positive_float, default=3.0, metavar="CV",
+                       help="CV of the bursty processes' inter-arrival times (default: 3)")
+    bench.add_argument("--repeats", type=positive_int, default=1,
+                       help="runs of every cell, other seeds; medians reported (default: 1)")
+    bench.add_argument("--capacity-s", type=positive_float, default=8.0, metavar="S",
+                       help="seconds of the closed-loop capacity run (default: 8)")
+    bench.add_argument("--quick", action="store_true",
+                       help="a short run: idla and power_of_two, poisson and mmpp, 80/95%% "
+                       "and saturation, 5 s trials (about 3 minutes)")
+    bench.add_argument("--policies", metavar="LIST",
+                       help="policies to compare (default: all four; --quick: idla,"
+                       "power_of_two)")
     bench.add_argument("--rows", type=positive_int, default=16,
                        help="rows (samples) per request (default: 16)")
     bench.add_argument("--hidden", type=positive_int, default=2048,
@@ -99,7 +120,8 @@ def add_commands(commands: Any, benches: Any) -> None:
     bench.add_argument("--layers", type=positive_int, default=3,
                        help="MLP hidden layers (default: 3)")
     bench.add_argument("--slo-ms", type=positive_float, default=200.0, metavar="MS",
-                       help="latency objective for goodput (default: 200)")
+                       help="latency objective: SLO goodput counts answers within it, and it is "
+                       "the router's latency target (default: 200)")
     bench.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     _add_router_options(bench)
     bench.add_argument("--json", metavar="PATH", help="write the results as JSON here")
@@ -116,7 +138,9 @@ def _router_config(args: argparse.Namespace, policy: str, request_rows: int) -> 
                         batch_budget_s=args.batch_budget_ms / 1e3,
                         max_batch_rows=args.max_batch_rows, max_wait_s=max_wait_s,
                         request_rows=request_rows,
-                        load_timeout_s=getattr(args, "load_timeout", 120.0))
+                        load_timeout_s=getattr(args, "load_timeout", 120.0),
+                        latency_target_s=None if getattr(args, "latency_target_ms", None) is None
+                        else args.latency_target_ms / 1e3)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -172,26 +196,40 @@ def _exit_quietly(signum: int, frame: Any) -> None:
     raise SystemExit(0)
 
 
+def _names(text: str, option: str, known: tuple[str, ...]) -> list[str]:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in names if p not in known]
+    if unknown or not names:
+        raise ConfigError(f"{option} {text!r}: choose from {', '.join(known)}")
+    return names
+
+
 def _bench_serve(args: argparse.Namespace) -> dict[str, Any]:
-    from idla.bench.serve import ServeBenchConfig, print_serve_bench, run_serve_bench
+    from idla.bench.arrivals import ARRIVALS
+    from idla.bench.serve import ServeBenchConfig, run_serve_bench
+    from idla.bench.serve_report import print_serve_bench
     from idla.serve.policies import POLICIES
 
+    quick = args.quick
     speeds = optional_speeds(args.speeds, "--speeds") or [1.0]
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    unknown = [p for p in policies if p not in POLICIES]
-    if unknown or not policies:
-        raise ConfigError(f"--policies {args.policies!r}: choose from {', '.join(POLICIES)}")
+    policies = _names(args.policies or ("idla,power_of_two" if quick else ",".join(POLICIES)),
+                      "--policies", POLICIES)
+    arrivals = _names(args.arrivals or ("poisson,mmpp" if quick else ",".join(ARRIVALS)),
+                      "--arrivals", ARRIVALS)
+    loads_text = args.loads or ("80,95" if quick else "50,80,95")
     try:
-        loads = [float(p) for p in args.loads.split(",")]
+        loads = [float(p) for p in loads_text.split(",")]
     except ValueError:
-        raise ConfigError(f"--loads {args.loads!r} is not a list of percentages") from None
+        raise ConfigError(f"--loads {loads_text!r} is not a list of percentages") from None
     if not loads or any(not 0 < p <= 500 for p in loads):
-        raise ConfigError(f"--loads {args.loads!r}: each must be in (0, 500]")
+        raise ConfigError(f"--loads {loads_text!r}: each must be in (0, 500]")
+    duration_s = args.duration if args.duration is not None else (5.0 if quick else 8.0)
     config = ServeBenchConfig(
-        speeds=speeds, base_cores=args.base_cores, duration_s=args.duration, loads_pct=loads,
-        saturation_pct=args.saturation, policies=policies, request_rows=args.rows,
-        hidden=args.hidden, layers=args.layers, slo_s=args.slo_ms / 1e3, seed=args.seed,
-        router=_router_config(args, "idla", args.rows),
+        speeds=speeds, base_cores=args.base_cores, duration_s=duration_s, loads_pct=loads,
+        saturation_pct=args.saturation, policies=policies, arrivals=arrivals,
+        burst_cv=args.burst_cv, repeats=args.repeats, capacity_s=args.capacity_s,
+        request_rows=args.rows, hidden=args.hidden, layers=args.layers,
+        slo_s=args.slo_ms / 1e3, seed=args.seed, router=_router_config(args, "idla", args.rows),
     )
     result = run_serve_bench(config, on_trial=_print_trial)
     print_serve_bench(result)
@@ -200,4 +238,5 @@ def _bench_serve(args: argparse.Namespace) -> dict[str, Any]:
 
 def _print_trial(name: str, row: dict[str, Any]) -> None:
     print(f"  {name}: {row['throughput_rps']:.1f} req/s, p50 {row['p50_ms']:.1f} ms, p99 "
-          f"{row['p99_ms']:.1f} ms, failed {row['failed']}", flush=True)
+          f"{row['p99_ms']:.1f} ms, SLO goodput {100 * row['slo_goodput']:.1f}%, refused "
+          f"{row['refused']}, failed {row['failed']}", flush=True)

@@ -171,23 +171,44 @@ class DynamicBatcher(Generic[T]):
         """Seconds the oldest queued request has waited (0 when the queue is empty)."""
         return now_s - self._queue[0].enqueued_s if self._queue else 0.0
 
-    def take(self, now_s: float) -> tuple[list[tuple[T, float]], float | None]:
+    def head(self) -> T | None:
+        """The oldest queued item (None when the queue is empty)."""
+        return self._queue[0].item if self._queue else None
+
+    def request_rows(self) -> list[int]:
+        """Rows of each queued item, oldest first."""
+        return [queued.rows for queued in self._queue]
+
+    def take(self, now_s: float, max_rows: int | None = None
+             ) -> tuple[list[tuple[T, float]], float | None]:
         """An idle worker asks for work: ``(batch, None)`` with each item's enqueue time, or
-        ``([], wait_s)`` — wait that long at most (None: the queue is empty)."""
+        ``([], wait_s)`` — wait that long at most (None: the queue is empty). ``max_rows``:
+        this batch's limit instead of the policy's (a backlog may be served in bigger batches;
+        the policy's limit still decides when a batch is full enough to run without waiting)."""
         if not self._queue:
             return [], None
         due_s = self._queue[0].enqueued_s + self.policy.max_wait_s
         if self._rows < self.policy.max_batch_rows and now_s < due_s:
             return [], due_s - now_s
+        limit = self.policy.max_batch_rows if max_rows is None else max_rows
         batch: list[tuple[T, float]] = []
         rows = 0
-        while self._queue and (not batch or rows + self._queue[0].rows
-                               <= self.policy.max_batch_rows):
+        while self._queue and (not batch or rows + self._queue[0].rows <= limit):
             queued = self._queue.popleft()
             rows += queued.rows
             batch.append((queued.item, queued.enqueued_s))
         self._rows -= rows
         return batch, None
+
+    def take_tail(self, count: int) -> list[tuple[T, int, float]]:
+        """Remove the ``count`` newest items; returns (item, rows, enqueue time), oldest first
+        (an idle worker steals them)."""
+        taken: list[tuple[T, int, float]] = []
+        for _ in range(min(count, len(self._queue))):
+            queued = self._queue.pop()
+            self._rows -= queued.rows
+            taken.append((queued.item, queued.rows, queued.enqueued_s))
+        return taken[::-1]
 
     def drain(self) -> list[T]:
         """Remove and return every queued item, oldest first (failover hands them elsewhere)."""

@@ -5,11 +5,17 @@
   and little-endian float32 bytes; answers JSON, or raw float32 when the client accepts
   ``application/octet-stream``. Every answer names the model version (body and
   ``X-Model-Version``).
+- A request that cannot be served in time (no worker predicted to answer within the latency
+  target, or every queue full) gets 429 with ``Retry-After``: a refusal, counted in
+  ``idla_refused_requests_total`` apart from failures (5xx, ``idla_failed_requests_total``).
 - ``GET /healthz`` (no token), ``GET /metrics`` (Prometheus text), ``POST /admin/model``
   (``{"path": DIR}``: roll a checkpoint out to every worker, all or nothing: 200 when every
   worker switched; 409 while another rollout runs or a worker still loads an aborted one, 422
   for a model that is refused or fails to build, 503 when a worker was lost while loading,
-  504 when it did not load within the load timeout; after any of these the old model serves).
+  504 when it did not load within the load timeout; after any of these the old model serves);
+  ``POST /admin/workers`` (``{"add": "host:port"}``: serve with one more worker, which holds the
+  pool's link secret; ``{"retire": index}``: stop routing to a worker, move its queue to the
+  others, let its batches finish, close it; 404 for no such worker, 409 for the last one).
 
 ``/v1/*`` and ``/admin/*`` need ``Authorization: Bearer <token>`` (401 without, 403 when wrong;
 compared in constant time). A bad request gets a 4xx with ``{"error": reason}`` (the checks are in
@@ -35,8 +41,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.requests import ClientDisconnect
 
+from idla.errors import ConfigError
 from idla.serve import model_path, wire
-from idla.serve.link import WorkerError
+from idla.serve.link import WorkerError, WorkerLost
 from idla.serve.metrics import ServeMetrics
 from idla.serve.request_body import (
     BadRequest,
@@ -51,6 +58,7 @@ BINARY = "application/octet-stream"
 INLINE_PARSE_BYTES = 64 << 10  # a JSON body this small parses in well under a millisecond
 ADMIN_BODY_BYTES = 1 << 16
 ADMIN_FORM = 'body must be JSON {"path": "dir/of/the/model"}'
+WORKERS_FORM = 'body must be JSON {"add": "host:port"} or {"retire": worker_index}'
 log = logging.getLogger(__name__)
 
 
@@ -174,7 +182,7 @@ def create_app(router: Router, token: str, metrics: ServeMetrics | None = None,
             return _error(error.status, error.reason)
         submitted_s = time.perf_counter()
         try:
-            prediction = await router.submit(inputs)
+            prediction = await router.submit(inputs, start_s)
         except Overloaded as error:
             retry = str(max(1, math.ceil(error.retry_after_s)))
             return _error(429, str(error), {"Retry-After": retry})
@@ -201,7 +209,7 @@ def create_app(router: Router, token: str, metrics: ServeMetrics | None = None,
     @app.get("/metrics")
     async def prometheus() -> Response:
         text = metrics.render(router.stats(), router.failovers, router.retried_requests,
-                              router.last_rollout)
+                              router.last_rollout, router.refused, router.stolen_requests)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.post("/admin/model")
@@ -230,5 +238,38 @@ def create_app(router: Router, token: str, metrics: ServeMetrics | None = None,
         except Unavailable as error:
             return _error(503, str(error))
         return JSONResponse(result, headers={"X-Model-Version": str(result["version"])})
+
+    @app.post("/admin/workers")
+    async def admin_workers(request: Request) -> Response:
+        return await counted("admin_workers", lambda: _admin_workers(request))
+
+    async def _admin_workers(request: Request) -> Response:
+        denied = check_token(request.headers.get("authorization"), token)
+        if denied is not None:
+            return _denied(denied)
+        try:
+            body = await _read_body(request, ADMIN_BODY_BYTES, limits.body_timeout_s)
+            document = load_json(body)
+        except BadRequest as error:
+            return _error(error.status, f"{error.reason}; {WORKERS_FORM}")
+        if not isinstance(document, dict) or len(document) != 1:
+            return _error(422, WORKERS_FORM)
+        try:
+            retire = document.get("retire")  # load_json makes every number a float
+            if isinstance(retire, float) and retire.is_integer():
+                return JSONResponse(await router.retire_worker(int(retire)))
+            host, _, port = str(document.get("add", "")).rpartition(":")
+            if "add" not in document or not host or not port.isdigit() or int(port) > 65535:
+                return _error(422, WORKERS_FORM)
+            slot = await router.add_worker((host.strip("[]"), int(port)))
+        except ConfigError as error:
+            return _error(404, str(error))
+        except Unavailable as error:
+            return _error(409, str(error))
+        except RolloutError as error:
+            return _error(error.status, str(error))
+        except (WorkerLost, OSError, asyncio.TimeoutError) as error:
+            return _error(503, f"cannot join the worker: {error}")
+        return JSONResponse(slot.stats(router.config.request_rows))
 
     return app

@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -84,6 +84,8 @@ class ServeMetrics:
         self.registry = CollectorRegistry()
         self._router: tuple[Sequence[dict[str, Any]], int, int, dict[str, Any] | None] = (
             (), 0, 0, None)  # workers' stats, failovers, retried requests, last rollout
+        self._refused: Mapping[str, int] = {}
+        self._stolen = 0
         self.registry.register(self)
 
     def count(self, endpoint: str, status: int) -> None:
@@ -98,10 +100,19 @@ class ServeMetrics:
         self.recent_overhead_s.append(overhead_s)
 
     def render(self, workers: Sequence[dict[str, Any]], failovers: int, retried: int,
-               rollout: dict[str, Any] | None) -> str:
-        """The text exposition of the counts and of this router state."""
+               rollout: dict[str, Any] | None, refused: Mapping[str, int] | None = None,
+               stolen: int = 0) -> str:
+        """The text exposition of the counts and of this router state (``refused``: 429s by
+        reason; ``stolen``: requests an idle worker took from another's queue)."""
         self._router = (workers, failovers, retried, rollout)
+        self._refused, self._stolen = dict(refused or {}), stolen
         return generate_latest(self.registry).decode()
+
+    def failed_requests(self) -> int:
+        """Predict requests answered with a 5xx: failures (a 429 is a refusal, a 4xx the
+        client's mistake)."""
+        return sum(n for (endpoint, status), n in self.requests.items()
+                   if endpoint == "predict" and status >= 500)
 
     def collect(self) -> Iterator[Metric]:
         """The metric families, for the registry (prometheus-client's collector protocol)."""
@@ -116,6 +127,17 @@ class ServeMetrics:
         for reason, n in sorted(self.closed_connections.items()):
             closed.add_metric([reason], n)
         yield closed
+        refused = CounterMetricFamily("idla_refused_requests", "Predict requests refused with "
+                                      "429 and Retry-After: deadline (no worker predicted to "
+                                      "answer within the latency target), queue_full.",
+                                      labels=["reason"])
+        for reason, n in sorted(self._refused.items()):
+            refused.add_metric([reason], n)
+        yield refused
+        yield CounterMetricFamily("idla_failed_requests", "Predict requests answered with a 5xx "
+                                  "(refusals are counted apart).", value=self.failed_requests())
+        yield CounterMetricFamily("idla_stolen_requests", "Queued requests an idle worker took "
+                                  "from a slower one's queue.", value=self._stolen)
         yield self.latency.family("idla_request_latency_seconds",
                                   "Time from a predict request's arrival to its response.")
         yield self.overhead.family("idla_router_overhead_seconds",

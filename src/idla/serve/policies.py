@@ -50,23 +50,31 @@ class LoadView:
         return self.queued_requests + self.inflight_requests
 
 
+def drain_s(view: LoadView, rows: int) -> float:
+    """Predicted seconds this worker takes to serve ``rows`` rows from the moment it is free:
+    batches of ``max_batch_rows``, each its curve time scaled by ``slowdown``, plus ``link_s``."""
+    batch_rows = view.batching.max_batch_rows
+    full, rest = divmod(rows, batch_rows)
+    service_s = full * view.curve.predict_s(batch_rows) + view.curve.predict_s(rest)
+    return view.slowdown * service_s + (full + (rest > 0)) * view.link_s
+
+
 def predict_completion_s(view: LoadView, rows: int) -> float:
     """Predicted seconds until a new request of ``rows`` rows would be answered by this worker:
     the batch in flight, the wait an idle worker may spend filling a batch, then the queue ahead
-    of the request (FIFO) cut into batches of ``max_batch_rows``: each costs its curve time
-    scaled by ``slowdown``, plus ``link_s``."""
+    of the request (FIFO) and the request itself (`drain_s`)."""
     pending_rows = view.queued_rows + rows
-    batch_rows = view.batching.max_batch_rows
     delay_s = view.inflight_remaining_s
-    if view.inflight_rows == 0 and pending_rows < batch_rows:
+    if view.inflight_rows == 0 and pending_rows < view.batching.max_batch_rows:
         delay_s += max(0.0, view.batching.max_wait_s - view.oldest_wait_s)
-    full, rest = divmod(pending_rows, batch_rows)
-    service_s = full * view.curve.predict_s(batch_rows) + view.curve.predict_s(rest)
-    return delay_s + view.slowdown * service_s + (full + (rest > 0)) * view.link_s
+    return delay_s + drain_s(view, pending_rows)
 
 
 class Policy(Protocol):
     name: str
+    predictive: bool
+    """Routes by predicted completion; the router then also admits by deadline and lets an idle
+    worker steal queued work (`idla.serve.deadlines`). The baselines do neither."""
 
     def choose(self, views: Sequence[LoadView], rows: int) -> int:
         """The ``index`` of the chosen view (``views`` is never empty)."""
@@ -75,13 +83,20 @@ class Policy(Protocol):
 
 class ShortestExpectedDelay:
     name = "idla"
+    predictive = True
 
     def choose(self, views: Sequence[LoadView], rows: int) -> int:
-        return min(views, key=lambda v: (predict_completion_s(v, rows), v.index)).index
+        return min(views, key=lambda v: sed_key(v, rows)).index
+
+
+def sed_key(view: LoadView, rows: int) -> tuple[float, float, int]:
+    """Earliest predicted completion first; on a tie the faster worker, then the lower index."""
+    return predict_completion_s(view, rows), view.curve.predict_s(rows), view.index
 
 
 class RoundRobin:
     name = "round_robin"
+    predictive = False
 
     def __init__(self) -> None:
         self._next = 0
@@ -95,6 +110,7 @@ class RoundRobin:
 
 class PowerOfTwo:
     name = "power_of_two"
+    predictive = False
 
     def __init__(self, seed: int = 0) -> None:
         self._rng = random.Random(seed)
@@ -108,6 +124,7 @@ class PowerOfTwo:
 
 class LeastOutstanding:
     name = "least_outstanding"
+    predictive = False
 
     def __init__(self, seed: int = 0) -> None:
         self._rng = random.Random(seed)

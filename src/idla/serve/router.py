@@ -1,17 +1,21 @@
 """The online router: per-worker dynamic batching, routing by a policy (`idla.serve.policies`),
-admission control (bounded queues), health checks and failover, and hot model rollout.
+admission control (deadlines and bounded queues), work stealing, health checks and failover,
+and hot model rollout.
 
-A request is routed once on arrival to the worker its policy picks among those with room in
-their queue, and waits there for a batch (`idla.serve.batcher`). When a worker dies (its
+A request is routed on arrival to the worker its policy picks among those with room in their
+queue, and waits there for a batch (`idla.serve.batcher`). With a latency target and the
+predictive policy (idla) it is refused (429) only when no worker is predicted to answer it by
+its deadline, an idle worker steals queued requests it would answer sooner, and a backlog runs
+in batches as big as the oldest deadline allows (`idla.serve.deadlines`). When a worker dies (its
 connection breaks, a ping or a batch times out) its batch in flight and its queue go to the
 others, so a request is answered exactly once unless it failed on ``max_attempts`` workers.
 A lost worker comes back through `Router.revive` (`idla.serve.supervisor` calls it), on the
-model the others serve. Rollouts: `idla.serve.rollout`; each worker's state:
-`idla.serve.slots`.
+model the others serve; workers join and leave at runtime (`idla.serve.membership`, which
+`Router` inherits). Rollouts: `idla.serve.rollout`; each worker's state: `idla.serve.slots`.
 
 Admission, routing, failover and rollout stay in one class because they share one piece of
 state (every worker's queue and batch in flight) that one event loop owns; split, each part
-would reach into the others' queues.
+would reach into the others' queues. Membership is apart only as a mixin over that same state.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,71 +33,24 @@ from idla.errors import ConfigError, IdlaError
 from idla.profile.meters import EmaMeter
 from idla.serve import wire
 from idla.serve.batcher import BatchPolicy, DynamicBatcher, ServiceCurve, size_batching
-from idla.serve.link import CONNECT_TIMEOUT_S, WorkerError, WorkerLink, WorkerLost
+from idla.serve.deadlines import adaptive_batch_rows, admission, steal_count
+from idla.serve.link import WorkerError, WorkerLink, WorkerLost
+from idla.serve.membership import Membership
 from idla.serve.policies import POLICIES, Policy, make_policy, predict_completion_s
 from idla.serve.rollout import CONFLICT, RolloutError, commit_all, prepare_all
+from idla.serve.router_config import Overloaded, RouterConfig, Unavailable
 from idla.serve.slots import Batch, Prediction, Request, WorkerSlot
 
 PIPELINE_DEPTH = 2  # batches a worker may have outstanding: one running, one in its socket
+REFUSED_REASONS = ("deadline", "queue_full")
+LATENESS_DECAY = 0.99  # about the last 100 answers
+LATENESS_CAP = 0.5  # of the latency target
 
 __all__ = ["POLICIES", "Overloaded", "Prediction", "RolloutError", "Router", "RouterConfig",
            "Unavailable"]
 
 
-class Overloaded(IdlaError):
-    """Every worker's queue is full: the client should retry after ``retry_after_s``."""
-
-    def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class Unavailable(IdlaError):
-    """No healthy worker can answer (all died, or a request was retried too often)."""
-
-
-@dataclass(kw_only=True, slots=True)
-class RouterConfig:
-    policy: str = "idla"
-    """One of POLICIES."""
-    max_queue_requests: int = 64
-    """Requests a worker may hold queued; when every worker is full a request gets 429."""
-    batch_budget_s: float = 0.05
-    """A batch's predicted service time stays within this (sets each worker's max batch)."""
-    max_batch_rows: int = 256
-    """Upper bound on any worker's batch, in rows."""
-    max_wait_cap_s: float = 0.005
-    """Upper bound on the wait for a fuller batch (each worker waits its fixed cost α)."""
-    max_wait_s: float | None = None
-    """Force this batching wait on every worker instead (seconds)."""
-    request_rows: int = 1
-    """Rows of a typical request: every batch may hold at least one."""
-    health_interval_s: float = 1.0
-    """An idle worker is pinged after this many seconds without traffic."""
-    health_timeout_s: float = 5.0
-    """A ping unanswered this long marks a worker dead."""
-    batch_timeout_floor_s: float = 10.0
-    """A batch unanswered for max(this, 20 × its predicted time) marks the worker dead."""
-    request_timeout_s: float = 30.0
-    """A request waits at most this long for its answer (then 504)."""
-    max_attempts: int = 3
-    """A request is tried on at most this many workers (failover)."""
-    load_timeout_s: float = 120.0
-    """A model rollout not loaded on every worker within this many seconds is aborted (504)."""
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        make_policy(self.policy)
-        for name in ("max_queue_requests", "max_batch_rows", "request_rows", "max_attempts"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} {getattr(self, name)} must be at least 1")
-        for name in ("batch_budget_s", "health_interval_s", "health_timeout_s",
-                     "request_timeout_s", "load_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} {getattr(self, name)} must be positive")
-
-
-class Router:
+class Router(Membership):
     """Routes requests to workers, batches per worker, retries on a worker's death.
 
     All methods run on one asyncio event loop; nothing here blocks it.
@@ -107,6 +64,12 @@ class Router:
         self.output_features = 0
         self.failovers = 0
         self.retried_requests = 0
+        self.stolen_requests = 0
+        self.refused: Counter[str] = Counter({reason: 0 for reason in REFUSED_REASONS})
+        """Requests answered 429, by reason (none of them is a failure)."""
+        self.lateness_s = EmaMeter(LATENESS_DECAY)
+        """Answer time minus the completion predicted at admission (moving average, seconds):
+        what the curves miss (event-loop delays, CPU contention); admission adds it."""
         self.last_rollout: dict[str, Any] | None = None
         self.version: str | None = None
         """The model version every worker serves (None while they differ)."""
@@ -160,63 +123,86 @@ class Router:
             worker.task.cancel()
         worker.task = asyncio.get_running_loop().create_task(self._dispatch(worker))
 
-    async def revive(self, worker: WorkerSlot, address: tuple[str, int]) -> None:
-        """Bring a lost worker back at ``address``: connect, bring it to the served model if
-        it serves another (prepare and commit ``model_path``), then route to it again. Raises
-        WorkerLost, or RolloutError when it cannot serve the fleet's model."""
-        link = await WorkerLink.connect(*address, self._secret,
-                                        timeout_s=min(CONNECT_TIMEOUT_S,
-                                                      self.config.health_timeout_s))
-        try:
-            async with self._rollout_lock:  # never join halfway through a rollout
-                shape = (tuple(link.hello["input_shape"]), int(link.hello["output_features"]))
-                if shape != (self.input_shape, self.output_features):
-                    raise RolloutError(f"worker {worker.index} came back serving {shape}")
-                if self.version is not None and link.hello["version"] != self.version:
-                    if self.model_path is None:
-                        raise RolloutError(f"worker {worker.index} came back on version "
-                                           f"{link.hello['version']}, not {self.version}")
-                    prepared = await prepare_all([link], [worker.index], self.model_path,
-                                                 self.config.load_timeout_s,
-                                                 self.config.health_timeout_s, shape)
-                    commit, = await commit_all(prepared, self.config.health_timeout_s)
-                    if isinstance(commit, BaseException):
-                        raise WorkerLost(f"worker {worker.index} did not switch ({commit!r})")
-                    link.hello["version"] = commit["version"]
-                self._attach(worker, address, link)
-        except BaseException:
-            link.close()
-            raise
-        worker.reconnects += 1
-
-    async def submit(self, inputs: np.ndarray) -> Prediction:
-        """Answer one request (``inputs``: (rows, *input_shape) float32). Raises Overloaded,
-        Unavailable, WorkerError or asyncio.TimeoutError."""
+    async def submit(self, inputs: np.ndarray, arrival_s: float | None = None) -> Prediction:
+        """Answer one request (``inputs``: (rows, *input_shape) float32; ``arrival_s``: the
+        perf_counter time it arrived, which starts its deadline; default now). Raises
+        Overloaded, Unavailable, WorkerError or asyncio.TimeoutError."""
         start_s = time.perf_counter()
-        request = Request(inputs, asyncio.get_running_loop().create_future())
+        target_s = self.config.latency_target_s
+        deadline_s = math.inf if target_s is None else (
+            (start_s if arrival_s is None else arrival_s) + target_s)
+        request = Request(inputs, asyncio.get_running_loop().create_future(),
+                          deadline_s=deadline_s)
         self._route(request, admit=True)
         request.route_s = time.perf_counter() - start_s
         return await asyncio.wait_for(request.future, self.config.request_timeout_s)
 
     def _route(self, request: Request, admit: bool) -> None:
-        alive = [w for w in self.workers if w.alive]
+        alive = [w for w in self.workers if w.alive and not w.retired]
         if not alive:
             raise Unavailable("no healthy worker")
         limit = self.config.max_queue_requests
         room = [w for w in alive if w.batcher.queued_requests < limit] if admit else alive
         now_s = time.perf_counter()
         if not room:
+            self.refused["queue_full"] += 1
             drain_s = min(predict_completion_s(w.view(now_s), 0) for w in alive)
             raise Overloaded(f"all {len(alive)} worker queues are full ({limit} requests each)",
-                             drain_s)
-        worker = self.workers[self.policy.choose([w.view(now_s) for w in room], request.rows)]
+                             drain_s, "queue_full")
+        views = [w.view(now_s) for w in room]
+        if admit and self.policy.predictive and not math.isinf(request.deadline_s):
+            late_s = self._lateness_s()
+            decision = admission(views, request.rows, request.deadline_s - now_s - late_s)
+            if decision.index is None:
+                self.refused["deadline"] += 1
+                raise Overloaded(f"no worker is predicted to answer within the latency target "
+                                 f"(soonest in {decision.completion_s:.3f} s)",
+                                 decision.retry_after_s, "deadline")
+            index = decision.index
+            request.predicted_s = now_s + decision.completion_s
+        else:
+            index = self.policy.choose(views, request.rows)
+        worker = self.workers[index]
         worker.batcher.push(request, request.rows, now_s)
         worker.wake.set()
 
+    def _lateness_s(self) -> float:
+        """The lateness admission adds, at most half the target: a burst that made answers
+        late must not shut admission for good (only admitted answers update the estimate)."""
+        if not self.lateness_s.count or self.config.latency_target_s is None:
+            return 0.0
+        return min(max(0.0, self.lateness_s.value), LATENESS_CAP * self.config.latency_target_s)
+
+    def _batch_limit(self, worker: WorkerSlot, now_s: float) -> int | None:
+        """The next batch's row limit when a backlog may run bigger (None: the policy's)."""
+        head = worker.batcher.head()
+        if (head is None or not self.config.adaptive_batching or math.isinf(head.deadline_s)
+                or worker.batcher.queued_rows <= worker.batcher.policy.max_batch_rows):
+            return None
+        return adaptive_batch_rows(worker.view(now_s), worker.batcher.queued_rows,
+                                   head.deadline_s - now_s, self.config.max_batch_rows)
+
+    def _steal(self, thief: WorkerSlot) -> None:
+        """An idle ``thief`` takes the tail of the queue it can shorten most."""
+        now_s = time.perf_counter()
+        thief_view = thief.view(now_s)
+        best: tuple[int, WorkerSlot] | None = None
+        for victim in self.workers:
+            if victim is thief or not victim.batcher.queued_requests:
+                continue
+            count = steal_count(thief_view, victim.view(now_s), victim.batcher.request_rows())
+            if count and (best is None or count > best[0]):
+                best = (count, victim)
+        if best is not None:
+            for request, rows, enqueued_s in best[1].batcher.take_tail(best[0]):
+                thief.batcher.push(request, rows, enqueued_s)
+            self.stolen_requests += best[0]
+
     async def _dispatch(self, worker: WorkerSlot) -> None:
-        """Start batches on ``worker``: one when it is idle (by the batching rule), and while
-        one runs a second only when a full batch is queued, so the worker does not idle through
-        the round trip (pipelining)."""
+        """Start batches on ``worker``: one when it is idle (by the batching rule; an idle
+        worker with an empty queue first tries to steal), and while one runs a second only when
+        a full batch is queued, so the worker does not idle through the round trip
+        (pipelining)."""
         loop = asyncio.get_running_loop()
         policy = worker.batcher.policy
         while worker.alive:
@@ -225,9 +211,13 @@ class Router:
                 return
             batch: list[tuple[Request, float]] = []
             wait_s = None
+            if (not worker.inflight and not worker.batcher.queued_requests and not worker.retired
+                    and self.policy.predictive and self.config.work_stealing):
+                self._steal(worker)
             if not worker.inflight or (len(worker.inflight) < PIPELINE_DEPTH and
                                        worker.batcher.queued_rows >= policy.max_batch_rows):
-                batch, wait_s = worker.batcher.take(time.perf_counter())
+                now_s = time.perf_counter()
+                batch, wait_s = worker.batcher.take(now_s, self._batch_limit(worker, now_s))
             if batch:
                 task = loop.create_task(self._run(worker, batch))
                 worker.batch_tasks.add(task)
@@ -291,11 +281,14 @@ class Router:
             worker.link_s.update(max(elapsed_s - service_s, 0.0))
         version = str(header.get("version"))
         worker.version = version
+        answered_s = time.perf_counter()
         offset = 0
         for request, enqueued_s in batch:
             out = outputs[offset:offset + request.rows]
             offset += request.rows
             if not request.future.done():
+                if not math.isnan(request.predicted_s):
+                    self.lateness_s.update(answered_s - request.predicted_s)
                 worker.served_requests += 1
                 request.future.set_result(Prediction(out, version, worker.index, rows,
                                                      start_s - enqueued_s, request.route_s,
@@ -366,24 +359,8 @@ class Router:
             }
             return self.last_rollout
 
-    def capacity_requests_per_s(self, worker: WorkerSlot) -> float:
-        """Requests/s a worker sustains with full batches of typical requests."""
-        per_batch = max(1, worker.batcher.policy.max_batch_rows // self.config.request_rows)
-        return per_batch / worker.curve.predict_s(per_batch * self.config.request_rows)
-
     def stats(self) -> list[dict[str, Any]]:
-        return [{
-            "worker": w.index, "address": f"{w.address[0]}:{w.address[1]}", "up": w.alive,
-            "pid": w.link.hello.get("pid"), "device": w.link.hello.get("device"),
-            "version": w.version, "queued_requests": w.batcher.queued_requests,
-            "queued_rows": w.batcher.queued_rows, "inflight_rows": sum(b.rows for b in w.inflight),
-            "served_requests": w.served_requests, "restarts": w.restarts,
-            "reconnects": w.reconnects, "max_batch_rows": w.batcher.policy.max_batch_rows,
-            "max_wait_s": w.batcher.policy.max_wait_s,
-            "capacity_requests_per_s": self.capacity_requests_per_s(w),
-            "slowdown": w.estimates()[0], "link_s": w.estimates()[1],
-            "curve": w.curve.to_json(),
-        } for w in self.workers]
+        return [w.stats(self.config.request_rows) for w in self.workers]
 
     async def close(self) -> None:
         for worker in self.workers:

@@ -8,7 +8,9 @@ new process) is the same slot with a new link, so its index and counters carry o
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +40,10 @@ class Request:
     future: asyncio.Future[Prediction]
     attempts: int = 1
     route_s: float = 0.0
+    deadline_s: float = math.inf
+    """perf_counter time by which it should be answered (arrival + the latency target)."""
+    predicted_s: float = math.nan
+    """perf_counter time its answer was predicted for when it was admitted by deadline."""
 
     @property
     def rows(self) -> int:
@@ -61,6 +67,8 @@ class WorkerSlot:
     batcher: DynamicBatcher[Request]
     version: str
     alive: bool = True
+    retired: bool = False
+    """Taken out of service (`Router.retire_worker`): never routed to nor brought back."""
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     inflight: list[Batch] = field(default_factory=list)
     slowdown: EmaMeter = field(default_factory=lambda: EmaMeter(0.9))
@@ -90,3 +98,25 @@ class WorkerSlot:
         return LoadView(self.index, self.batcher.queued_rows, self.batcher.queued_requests,
                         rows, requests, remaining_s, self.batcher.oldest_wait_s(now_s),
                         self.curve, self.batcher.policy, *self.estimates())
+
+    def capacity_requests_per_s(self, request_rows: int) -> float:
+        """Requests/s it sustains with full batches of requests of ``request_rows`` rows."""
+        per_batch = max(1, self.batcher.policy.max_batch_rows // request_rows)
+        return per_batch / self.curve.predict_s(per_batch * request_rows)
+
+    def stats(self, request_rows: int) -> dict[str, Any]:
+        """Its state and counters, as /metrics and the benchmarks read them."""
+        slowdown, link_s = self.estimates()
+        return {
+            "worker": self.index, "address": f"{self.address[0]}:{self.address[1]}",
+            "up": self.alive, "retired": self.retired, "pid": self.link.hello.get("pid"),
+            "device": self.link.hello.get("device"), "version": self.version,
+            "queued_requests": self.batcher.queued_requests,
+            "queued_rows": self.batcher.queued_rows,
+            "inflight_rows": sum(b.rows for b in self.inflight),
+            "served_requests": self.served_requests, "restarts": self.restarts,
+            "reconnects": self.reconnects, "max_batch_rows": self.batcher.policy.max_batch_rows,
+            "max_wait_s": self.batcher.policy.max_wait_s,
+            "capacity_requests_per_s": self.capacity_requests_per_s(request_rows),
+            "slowdown": slowdown, "link_s": link_s, "curve": self.curve.to_json(),
+        }

@@ -119,7 +119,7 @@ class Supervisor:
     async def _watch(self, slot: WorkerSlot, index: int) -> None:
         while True:
             await asyncio.sleep(self.config.poll_interval_s)
-            if not slot.alive:
+            if not slot.alive and not slot.retired:
                 await self._recover(slot, index)
 
     async def _recover(self, slot: WorkerSlot, index: int) -> None:
