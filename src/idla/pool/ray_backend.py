@@ -46,8 +46,9 @@ class RayConfig:
     """How the pool uses a Ray cluster."""
 
     address: str | None = None
-    """The cluster (``ray://HOST:10001``, ``HOST:6379``, ``"auto"``); None: the Ray this process
-    already initialised, or a new local one."""
+    """The cluster (``ray://HOST:10001``, ``HOST:6379``, ``"auto"``, ``"local"`` for a new one
+    on this machine); None: the Ray this process already initialised, else what ``ray.init()``
+    finds (RAY_ADDRESS, the last ``ray start`` here) or a new local one."""
     cpus_per_worker: int = 1
     """Ray CPUs each CPU worker holds (and its torch threads): a node with C CPUs gives
     C // cpus_per_worker CPU devices."""
