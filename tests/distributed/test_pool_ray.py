@@ -49,7 +49,7 @@ def test_a_node_gives_one_device_per_gpu_and_per_cpu_slot() -> None:
 
 @pytest.fixture(scope="module")
 def backend() -> Iterator[RayBackend]:
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              _node_ip_address="127.0.0.1")
     pool = RayBackend()
     try:
@@ -80,6 +80,8 @@ def test_workers_run_as_actors_and_a_graceful_stop_makes_one_leave(
         argv=[sys.executable, str(WORKER), str(tmp_path / f"w{rank}.json")],
         env={**env, "RANK": str(rank)}, log_path=str(tmp_path / f"w{rank}.log")))
         for rank in range(2)]
+
+    assert [h.node_id for h in handles] == [d.node for d in devices[:2]]
 
     def member_1_has_trained() -> bool:
         rows = read_job_metrics(metrics)

@@ -46,8 +46,9 @@ class RayConfig:
     """How the pool uses a Ray cluster."""
 
     address: str | None = None
-    """The cluster (``ray://HOST:10001``, ``HOST:6379``, ``"auto"``); None: the Ray this process
-    already initialised, or a new local one."""
+    """The cluster (``ray://HOST:10001``, ``HOST:6379``, ``"auto"``, ``"local"`` for a new one
+    on this machine); None: the Ray this process already initialised, else what ``ray.init()``
+    finds (RAY_ADDRESS, the last ``ray start`` here) or a new local one."""
     cpus_per_worker: int = 1
     """Ray CPUs each CPU worker holds (and its torch threads): a node with C CPUs gives
     C // cpus_per_worker CPU devices."""
@@ -112,7 +113,8 @@ class _WorkerProcess:
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self, argv: list[str], env: dict[str, str], cwd: str | None,
-              log_path: str | None) -> int:
+              log_path: str | None) -> tuple[int, str]:
+        """Start the child; its pid, and the id of the node this actor runs on."""
         full_env = {**os.environ, **env}
         if log_path is None:
             self._proc = subprocess.Popen(argv, env=full_env, cwd=cwd,
@@ -121,7 +123,7 @@ class _WorkerProcess:
             with open(log_path, "ab") as log:
                 self._proc = subprocess.Popen(argv, env=full_env, cwd=cwd, stdout=log,
                                               stderr=subprocess.STDOUT)
-        return self._proc.pid
+        return self._proc.pid, str(ray.get_runtime_context().get_node_id())
 
     def poll(self) -> int | None:
         return None if self._proc is None else self._proc.poll()
@@ -142,6 +144,8 @@ class RayWorker:
     actor: Any
     pid: int
     """The worker process's id on its node."""
+    node_id: str
+    """The Ray node it runs on (its device's)."""
     timeout_s: float
     _exit_code: int | None = field(default=None, repr=False)
 
@@ -219,13 +223,13 @@ class RayBackend:
             scheduling_strategy=NodeAffinitySchedulingStrategy(device.node, soft=False),
         ).remote()
         try:
-            pid: Any = ray.get(actor.start.remote(list(launch.argv), env, launch.cwd,
+            pid, node_id = ray.get(actor.start.remote(list(launch.argv), env, launch.cwd,
                                              launch.log_path), timeout=self.config.call_timeout_s)
         except (ray.exceptions.RayError, OSError) as error:
             ray.kill(actor)
             raise IdlaError(f"job {launch.job_id} member {launch.member}: the worker did not "
                             f"start on {device.device_id}: {type(error).__name__}") from None
-        worker = RayWorker(launch, actor, int(pid), self.config.call_timeout_s)
+        worker = RayWorker(launch, actor, int(pid), str(node_id), self.config.call_timeout_s)
         self._workers.append(worker)
         return worker
 
