@@ -309,15 +309,9 @@ class Agent:
             flags |= StepFlag.TRAINABLE_CHANGED
         stats_row = row(
             compute_s=compute_end - self._step_start,
-            compute_cpu_s=compute_cpu_end - self._step_cpu,
-            prev_sync_s=prev_sync_s,
-            prev_comm_cpu_s=self._prev_comm_cpu_s,
-            prev_other_s=prev_other_s,
-            samples=local,
-            loss_sum=loss_sum,
-            nonfinite=nonfinite,
-            flags=flags,
-        )
+            compute_cpu_s=compute_cpu_end - self._step_cpu, prev_sync_s=prev_sync_s,
+            prev_comm_cpu_s=self._prev_comm_cpu_s, prev_other_s=prev_other_s,
+            samples=local, loss_sum=loss_sum, nonfinite=nonfinite, flags=flags)
         stats = self.sync.finish(stats_row)  # (world size, WIDTH) float64 on the CPU
         table = stats.tolist()
         seen = StepFlag(0)

@@ -21,13 +21,30 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from idla.errors import ConfigError
 from idla.runtime.stats import Stat
 
-if TYPE_CHECKING:
-    from idla.agent.agent import Agent
+
+class Agent(Protocol):
+    """What a metrics row reads from `idla.agent.Agent` (a protocol, so this module does not
+    import the agent that calls it)."""
+
+    @property
+    def observer(self) -> Any: ...
+    @property
+    def config(self) -> Any: ...
+    @property
+    def group(self) -> Any: ...
+    @property
+    def step(self) -> int: ...
+    @property
+    def rank(self) -> int: ...
+    @property
+    def world_size(self) -> int: ...
+    @property
+    def shares(self) -> list[int]: ...
 
 METRICS_DIR_ENV = "IDLA_POOL_METRICS_DIR"
 JOB_ID_ENV = "IDLA_POOL_JOB_ID"
