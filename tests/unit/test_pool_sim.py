@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,9 @@ import pytest
 from idla.cli.pool_sim import add_simulate
 from idla.errors import ConfigError
 from idla.pool.model import Device
+from idla.pool.policy import PolicyConfig
 from idla.pool.sim.baselines import Fifo, GavelMaxMin, Idla, PolluxLike, Tiresias
-from idla.pool.sim.simulator import SimConfig, assign_priorities, simulate
+from idla.pool.sim.simulator import SimConfig, alone_jct_s, assign_priorities, simulate
 from idla.pool.sim.traces import AppTrace, KindTrace, StepTable, TraceJob
 
 _TRACES = Path(__file__).resolve().parents[3] / "shared" / "traces"
@@ -95,6 +97,28 @@ def test_idla_serves_the_high_priority_job_first() -> None:
     result = simulate(workload, apps, _gpus("g", 1), Idla(), {"low": 1.0, "high": 4.0})
     assert result.jct_s["high"] == pytest.approx(600.0, abs=1.0)
     assert result.jct_s["low"] > 1100.0
+
+
+def test_urgent_long_job_is_guaranteed_over_a_short_one() -> None:
+    # Smith's rule alone would run the short p=1 job first (1/300 > 4/3000 per second).
+    apps = {"short": _app("short", 300, {"g": 1.0}), "long": _app("long", 3000, {"g": 1.0})}
+    workload = [TraceJob("low", 0, "short", 1, 1), TraceJob("high", 60, "long", 1, 1)]
+    priorities = {"low": 1.0, "high": 4.0}
+    result = simulate(workload, apps, _gpus("g", 1), Idla(), priorities)
+    alone = alone_jct_s(workload[1], apps, _gpus("g", 1), Idla())
+    assert alone == pytest.approx(3000.0, abs=1.0)
+    assert result.jct_s["high"] <= 1.01 * alone
+    plain = Idla(config=PolicyConfig(guarantee_priority=math.inf))
+    smith = simulate(workload, apps, _gpus("g", 1), plain, priorities)
+    assert smith.jct_s["high"] > 1.05 * alone
+
+
+def test_alone_keeps_the_arrival_phase_within_a_round() -> None:
+    apps = {"job": _app("job", 120, {"g": 1.0})}
+    row = TraceJob("j", 90, "job", 1, 1)
+    # Arriving 30 s into a round, it waits 30 s for the boundary alone too.
+    assert alone_jct_s(row, apps, _gpus("g", 1), Fifo()) == pytest.approx(150.0)
+    assert simulate([row], apps, _gpus("g", 1), Fifo(), {}).jct_s["j"] == pytest.approx(150.0)
 
 
 def test_priorities_follow_the_mix_and_the_seed() -> None:
