@@ -22,6 +22,7 @@ from idla.errors import ConfigError
 from idla.pool.model import Device
 from idla.pool.policy import PolicyConfig
 from idla.pool.sim.baselines import Fifo, GavelMaxMin, Idla, PolluxLike, Tiresias
+from idla.pool.sim.gavel import max_min_allocation
 from idla.pool.sim.simulator import SimConfig, alone_jct_s, assign_priorities, simulate
 from idla.pool.sim.traces import AppTrace, KindTrace, StepTable, TraceJob
 
@@ -154,3 +155,21 @@ def test_bench_pool_bad_workload_is_one_line_error() -> None:
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2
     assert run.stderr.count("\n") == 1 and "idla: error:" in run.stderr
+
+
+def test_gavel_max_min_allocation_equalises_normalised_throughput() -> None:
+    # Job 0 runs equally fast on both kinds; job 1 is 4x faster on kind 1. One GPU of each.
+    tput = np.array([[1.0, 1.0], [1.0, 4.0]])
+    x = max_min_allocation(tput, np.ones(2), np.array([1.0, 1.0]))
+    assert x.sum(axis=1).max() <= 1 + 1e-6
+    assert x.sum(axis=0).max() <= 1 + 1e-6
+    # Max-min: job 0 can reach at most 1 (its rate / its equal-share rate), so both reach it;
+    # the spare capacity of kind 1 goes to job 1, where it gains most.
+    equal = (tput * 0.5).sum(axis=1)
+    normalised = (x * tput).sum(axis=1) / equal
+    assert normalised.min() == pytest.approx(1.0, abs=1e-4)
+    assert x[1, 1] == pytest.approx(1.0, abs=1e-4)
+    # A job that fits nowhere (zero throughput everywhere) gets nothing; the other still runs.
+    x = max_min_allocation(np.array([[0.0, 0.0], [1.0, 4.0]]), np.ones(2), np.ones(2))
+    assert x[0].sum() == pytest.approx(0.0, abs=1e-6)
+    assert x[1].sum() == pytest.approx(1.0, abs=1e-4)
