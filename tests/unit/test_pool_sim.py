@@ -36,9 +36,9 @@ def _kind(step_s: float) -> KindTrace:
 
 def _app(name: str, target: float, kinds: dict[str, float]) -> AppTrace:
     return AppTrace(name=name, kinds={k: _kind(s) for k, s in kinds.items()}, init_batch=1,
-                    max_batch=1, epoch_progress=np.array([target]), grad_sqr=np.ones(1),
-                    grad_var=np.zeros(1), target_progress=target, restart_s=0.0,
-                    calibration=1.0)
+                    max_batch=1, epoch_progress=np.array([target]), grad_batch=np.ones(1),
+                    grad_sqr=np.ones((1, 1)), grad_var=np.zeros((1, 1)), target_progress=target,
+                    restart_s=0.0, calibration=1.0)
 
 
 def _gpus(kind: str, count: int) -> list[Device]:
