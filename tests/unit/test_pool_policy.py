@@ -59,7 +59,7 @@ def test_uneven_step_all_devices_finish_together() -> None:
 
 def test_greedy_against_brute_force_on_small_pools() -> None:
     # Σ pᵢ·Uᵢ alone: urgent jobs' guarantees (tested below) trade some of it away on purpose.
-    config = PolicyConfig(guarantee_priority=math.inf)
+    config = PolicyConfig(guarantee_priority=math.inf, work_exponent=1.0)
     ratios = []
     for seed in range(12):
         rng = random.Random(seed)
@@ -170,6 +170,8 @@ def test_serving_job_gets_capacity_for_its_offered_load() -> None:
 def test_bad_config_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="horizon_s"):
         PolicyConfig(horizon_s=0)
+    with pytest.raises(ConfigError, match="work_exponent"):
+        PolicyConfig(work_exponent=2.0)
     with pytest.raises(ConfigError, match="guarantee_slowdown"):
         PolicyConfig(guarantee_slowdown=0.5)
 

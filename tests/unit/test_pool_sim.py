@@ -109,7 +109,7 @@ def test_urgent_long_job_is_guaranteed_over_a_short_one() -> None:
     alone = alone_jct_s(workload[1], apps, _gpus("g", 1), Idla())
     assert alone == pytest.approx(3000.0, abs=1.0)
     assert result.jct_s["high"] <= 1.01 * alone
-    plain = Idla(config=PolicyConfig(guarantee_priority=math.inf))
+    plain = Idla(config=PolicyConfig(guarantee_priority=math.inf, work_exponent=1.0))
     smith = simulate(workload, apps, _gpus("g", 1), plain, priorities)
     assert smith.jct_s["high"] > 1.05 * alone
 

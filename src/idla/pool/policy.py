@@ -10,9 +10,11 @@ re-planning horizon H:
 best kind). Maximising Σ pᵢ·rateᵢ/workᵢ is Smith's weighted-shortest-processing-time rule
 (Smith 1956) generalised to jobs that run on several devices at once, which minimises the
 priority-weighted completion time on one machine; rates that grow less than linearly with
-devices make Uᵢ concave. A serving job's utility is the fraction of its offered load it carries
-within its latency target, min(1, capacity / offered), i.e. the fraction of time the target
-holds when capacity is steady, times ``serve_weight`` (targets first).
+devices make Uᵢ concave. ``work_exponent`` γ < 1 multiplies Uᵢ by (workᵢ / W)^(1−γ), W an
+hour on one best device, so that long jobs are not starved to the end (where, capped at
+``max_workers``, they set the makespan). A serving job's utility is the fraction of its offered
+load it carries within its latency target, min(1, capacity / offered), i.e. the fraction of
+time the target holds when capacity is steady, times ``serve_weight`` (targets first).
 ``Utility.LOG_SPEEDUP`` (log(1 + rate/rate on one best device), proportional fairness without
 knowledge of the work left) drives the Pollux-style baseline.
 
@@ -23,6 +25,13 @@ concave objective over a matroid-like budget this is the classical greedy, withi
 the optimum for monotone submodular objectives (Nemhauser, Wolsey & Fisher 1978); the tests
 check it against brute force on small pools. Cost: O((D + J)·K·(log J + rate cost)) for D
 devices, J jobs and K device classes.
+
+Urgent jobs (priority ≥ ``guarantee_priority``) are served first: each gets the fewest devices
+(its current ones when they suffice) that give it 1/``guarantee_slowdown`` of its utility alone
+on the whole pool, while its work left takes at most ``guarantee_max_s`` alone; the others then
+share the rest by Σ pᵢ·Uᵢ. Measured on saturn/workload-1 (Sia's 64 GPUs): strict priority
+classes met the issue's "p=4 within 1.2x alone" for 84 % of p=4 jobs but doubled the average
+JCT; this floor meets it for 75-85 % at +2-5 % average JCT.
 
 Hysteresis: rigid running jobs keep their devices; for the rest, the re-plan is compared with
 "stay" (every running job keeps its devices, free ones are filled) over the horizon, each job
@@ -56,6 +65,10 @@ class PolicyConfig:
     """H: seconds over which a re-plan must pay for its resizes (about the re-plan interval)."""
     margin: float = 0.02
     """Relative gain of Σ pᵢ·Uᵢ a re-plan must add beyond its resize costs to be applied."""
+    work_exponent: float = 0.4
+    """γ in Uᵢ = rateᵢ·H / workᵢ · (workᵢ / W)^(1−γ), W = ``unknown_work_s`` on one best device:
+    1 is Smith's rule, smaller values favour long jobs (0: maximum throughput). 0.4 cut the
+    makespan on the Sia workloads by 3-4 % at equal or better average JCT than 1."""
     unknown_work_s: float = 3600.0
     """Work assumed left, in seconds on one device of its best kind, for a job that does not
     report its remaining work."""
@@ -86,6 +99,8 @@ class PolicyConfig:
         if not self.guarantee_slowdown >= 1:
             raise ConfigError("policy.guarantee_slowdown must be >= 1, got "
                               f"{self.guarantee_slowdown}")
+        if not 0 <= self.work_exponent <= 1:
+            raise ConfigError(f"policy.work_exponent must be in [0, 1], got {self.work_exponent}")
         if not self.unknown_work_s > 0:
             raise ConfigError(f"policy.unknown_work_s must be positive, got {self.unknown_work_s}")
 
@@ -99,6 +114,7 @@ class _Scorer:
         self._config = config
         self._jobs = {job.job_id: job for job in jobs}
         self._scale: dict[str, float] = {}
+        self._work: dict[str, float] = {}
         for job in jobs:
             fits = [c for c in classes if c.memory_bytes >= job.memory_bytes_per_worker]
             best = max((models.rate_per_s(job.job_id, [c]) for c in fits), default=0.0)
@@ -109,7 +125,16 @@ class _Scorer:
                                else config.unknown_work_s)
                 self._scale[job.job_id] = 1.0 / work if work > 0 else 0.0
             else:
-                self._scale[job.job_id] = 1.0 / max(job.remaining_samples, 1e-9)
+                work = self._work[job.job_id] = max(job.remaining_samples, 1e-9)
+                reference = best * config.unknown_work_s
+                stretch = (work / reference) ** (1 - config.work_exponent) if reference > 0 else 1
+                self._scale[job.job_id] = stretch / work
+
+    def seconds_left(self, job_id: str, devices: Sequence[Device]) -> float:
+        """Seconds ``job_id`` needs to finish on ``devices`` (inf when its work is unknown)."""
+        rate = self._models.rate_per_s(job_id, devices)
+        work = self._work.get(job_id)
+        return work / rate if work is not None and rate > 0 else math.inf
 
     def utility(self, job_id: str, devices: Sequence[Device]) -> float:
         if not devices:
@@ -288,13 +313,15 @@ def _guarantees(jobs: Sequence[JobView], devices: Sequence[Device], free: Sequen
         return {}
     sampler = _Sampler(devices)
     alone: dict[str, float] = {}
+    alone_s: dict[str, float] = {}
     paths: dict[str, list[tuple[tuple[str, int], int, float]]] = {}
     for job in urgent:
         path = paths[job.job_id] = []
-        _greedy([job], sampler.pool(job.max_workers), scorer, {}, config, path=path)
+        solo = _greedy([job], sampler.pool(job.max_workers), scorer, {}, config, path=path)
         alone[job.job_id] = path[-1][2] if path else 0.0
-    urgent = [job for job in urgent
-              if alone[job.job_id] * config.guarantee_max_s >= config.horizon_s]
+        alone_s[job.job_id] = scorer.seconds_left(job.job_id, solo.get(job.job_id, []))
+    urgent = [job for job in urgent if alone_s[job.job_id] <= config.guarantee_max_s
+              or math.isinf(alone_s[job.job_id])]
     shared = _Pool(free)
     floor: dict[str, list[Device]] = {}
     for job in sorted(urgent, key=lambda j: -alone[j.job_id]):
