@@ -9,8 +9,8 @@
 - `PolluxLike`: a goodput maximiser (Qiao et al., "Pollux", OSDI 2021): adaptive size and
   batch, one GPU kind per job, a checkpoint-restart on every resize; it runs `allocate` with
   proportional fairness on speedups (no priorities, no knowledge of the work left).
-- `Idla`: `allocate` as the live agent runs it: priorities, work left, mixed kinds, in-place
-  resizes.
+- `Idla`: `allocate` as the live agent runs it: priorities (p=4 jobs guaranteed near their rate
+  alone), work left, mixed kinds, in-place resizes.
 
 The rigid baselines place a job on one kind, on the nodes with the most free GPUs first. Each
 plan costs O(jobs × kinds + GPUs).
