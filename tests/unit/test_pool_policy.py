@@ -58,7 +58,8 @@ def test_uneven_step_all_devices_finish_together() -> None:
 
 
 def test_greedy_against_brute_force_on_small_pools() -> None:
-    config = PolicyConfig()
+    # Σ pᵢ·Uᵢ alone: urgent jobs' guarantees (tested below) trade some of it away on purpose.
+    config = PolicyConfig(guarantee_priority=math.inf, work_exponent=1.0)
     ratios = []
     for seed in range(12):
         rng = random.Random(seed)
@@ -169,3 +170,69 @@ def test_serving_job_gets_capacity_for_its_offered_load() -> None:
 def test_bad_config_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="horizon_s"):
         PolicyConfig(horizon_s=0)
+    with pytest.raises(ConfigError, match="work_exponent"):
+        PolicyConfig(work_exponent=2.0)
+    with pytest.raises(ConfigError, match="guarantee_slowdown"):
+        PolicyConfig(guarantee_slowdown=0.5)
+
+
+def _rate(allocation: dict[str, tuple[str, ...]], job_id: str, devices: list[Device],
+          models: OnlineModels) -> float:
+    by_id = {d.device_id: d for d in devices}
+    return models.rate_per_s(job_id, [by_id[d] for d in allocation.get(job_id, ())])
+
+
+def _full_pool_and_urgent() -> tuple[list[Device], OnlineModels, list[JobView], JobView]:
+    devices = _pool("aaaabbbb")
+    names = ["s0", "s1", "s2", "urgent"]
+    speeds = {n: {"a": 1e-4, "b": 3e-4} for n in names}
+    models = _models(names, speeds, comm_s=0.002)
+    # Short p=1 jobs outrank the long p=4 one under Smith's rule (1/2e5 > 4/1e6 per sample).
+    short = [_train(n, 1, 2e5) for n in names[:3]]
+    urgent = JobView(job_id="urgent", kind=JobKind.TRAIN, priority=4, min_workers=1,
+                     max_workers=8, remaining_samples=1e6)
+    return devices, models, short, urgent
+
+
+def test_urgent_job_arriving_into_a_full_pool_gets_its_alone_rate_at_once() -> None:
+    devices, models, short, urgent = _full_pool_and_urgent()
+    config = PolicyConfig()
+    full = allocate(short, devices, models, {}, config)
+    assert sum(len(held) for held in full.values()) == len(devices)
+    alone = _rate(allocate([urgent], devices, models, {}, config), "urgent", devices, models)
+    plan = allocate([*short, urgent], devices, models, full, config)
+    check_allocation(plan, [*short, urgent], devices)
+    assert _rate(plan, "urgent", devices, models) >= alone / config.guarantee_slowdown
+    # Without the guarantee the same arrival gets less than that (Smith's rule alone).
+    plain = PolicyConfig(guarantee_priority=math.inf)
+    smith = allocate([*short, urgent], devices, models, full, plain)
+    assert _rate(smith, "urgent", devices, models) < alone / config.guarantee_slowdown
+
+
+def test_guarantee_is_stable_under_speed_noise() -> None:
+    devices, models, short, urgent = _full_pool_and_urgent()
+    jobs = [*short, urgent]
+    current = allocate(jobs, devices, models, allocate(short, devices, models, {}))
+    rng = random.Random(3)
+    changes = 0
+    for _ in range(20):
+        noisy = {n: {"a": 1e-4 * rng.uniform(0.97, 1.03), "b": 3e-4 * rng.uniform(0.97, 1.03)}
+                 for n in ("s0", "s1", "s2", "urgent")}
+        plan = allocate(jobs, devices, _models(list(noisy), noisy, comm_s=0.002), current)
+        changes += plan != current
+        current = plan
+    assert changes == 0
+
+
+def test_long_urgent_job_is_not_guaranteed_until_its_tail() -> None:
+    devices, models, short, urgent = _full_pool_and_urgent()
+    full = allocate(short, devices, models, {})
+    alone = _rate(allocate([urgent], devices, models, {}), "urgent", devices, models)
+    alone_s = 1e6 / alone
+    tight = PolicyConfig(guarantee_max_s=alone_s / 2)
+    plan = allocate([*short, urgent], devices, models, full, tight)
+    assert _rate(plan, "urgent", devices, models) < alone / tight.guarantee_slowdown
+    tail = JobView(job_id="urgent", kind=JobKind.TRAIN, priority=4, min_workers=1,
+                   max_workers=8, remaining_samples=1e6 / 4)
+    plan = allocate([*short, tail], devices, models, full, tight)
+    assert _rate(plan, "urgent", devices, models) >= alone / tight.guarantee_slowdown

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,10 @@ import pytest
 from idla.cli.pool_sim import add_simulate
 from idla.errors import ConfigError
 from idla.pool.model import Device
+from idla.pool.policy import PolicyConfig
 from idla.pool.sim.baselines import Fifo, GavelMaxMin, Idla, PolluxLike, Tiresias
-from idla.pool.sim.simulator import SimConfig, assign_priorities, simulate
+from idla.pool.sim.gavel import max_min_allocation
+from idla.pool.sim.simulator import SimConfig, alone_jct_s, assign_priorities, simulate
 from idla.pool.sim.traces import AppTrace, KindTrace, StepTable, TraceJob
 
 _TRACES = Path(__file__).resolve().parents[3] / "shared" / "traces"
@@ -33,9 +36,9 @@ def _kind(step_s: float) -> KindTrace:
 
 def _app(name: str, target: float, kinds: dict[str, float]) -> AppTrace:
     return AppTrace(name=name, kinds={k: _kind(s) for k, s in kinds.items()}, init_batch=1,
-                    max_batch=1, epoch_progress=np.array([target]), grad_sqr=np.ones(1),
-                    grad_var=np.zeros(1), target_progress=target, restart_s=0.0,
-                    calibration=1.0)
+                    max_batch=1, epoch_progress=np.array([target]), grad_batch=np.ones(1),
+                    grad_sqr=np.ones((1, 1)), grad_var=np.zeros((1, 1)), target_progress=target,
+                    restart_s=0.0, calibration=1.0)
 
 
 def _gpus(kind: str, count: int) -> list[Device]:
@@ -97,6 +100,28 @@ def test_idla_serves_the_high_priority_job_first() -> None:
     assert result.jct_s["low"] > 1100.0
 
 
+def test_urgent_long_job_is_guaranteed_over_a_short_one() -> None:
+    # Smith's rule alone would run the short p=1 job first (1/300 > 4/3000 per second).
+    apps = {"short": _app("short", 300, {"g": 1.0}), "long": _app("long", 3000, {"g": 1.0})}
+    workload = [TraceJob("low", 0, "short", 1, 1), TraceJob("high", 60, "long", 1, 1)]
+    priorities = {"low": 1.0, "high": 4.0}
+    result = simulate(workload, apps, _gpus("g", 1), Idla(), priorities)
+    alone = alone_jct_s(workload[1], apps, _gpus("g", 1), Idla())
+    assert alone == pytest.approx(3000.0, abs=1.0)
+    assert result.jct_s["high"] <= 1.01 * alone
+    plain = Idla(config=PolicyConfig(guarantee_priority=math.inf, work_exponent=1.0))
+    smith = simulate(workload, apps, _gpus("g", 1), plain, priorities)
+    assert smith.jct_s["high"] > 1.05 * alone
+
+
+def test_alone_keeps_the_arrival_phase_within_a_round() -> None:
+    apps = {"job": _app("job", 120, {"g": 1.0})}
+    row = TraceJob("j", 90, "job", 1, 1)
+    # Arriving 30 s into a round, it waits 30 s for the boundary alone too.
+    assert alone_jct_s(row, apps, _gpus("g", 1), Fifo()) == pytest.approx(150.0)
+    assert simulate([row], apps, _gpus("g", 1), Fifo(), {}).jct_s["j"] == pytest.approx(150.0)
+
+
 def test_priorities_follow_the_mix_and_the_seed() -> None:
     names = [f"j{i}" for i in range(100)]
     first = assign_priorities(names, SimConfig(seed=3))
@@ -130,3 +155,21 @@ def test_bench_pool_bad_workload_is_one_line_error() -> None:
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2
     assert run.stderr.count("\n") == 1 and "idla: error:" in run.stderr
+
+
+def test_gavel_max_min_allocation_equalises_normalised_throughput() -> None:
+    # Job 0 runs equally fast on both kinds; job 1 is 4x faster on kind 1. One GPU of each.
+    tput = np.array([[1.0, 1.0], [1.0, 4.0]])
+    x = max_min_allocation(tput, np.ones(2), np.array([1.0, 1.0]))
+    assert x.sum(axis=1).max() <= 1 + 1e-6
+    assert x.sum(axis=0).max() <= 1 + 1e-6
+    # Max-min: job 0 can reach at most 1 (its rate / its equal-share rate), so both reach it;
+    # the spare capacity of kind 1 goes to job 1, where it gains most.
+    equal = (tput * 0.5).sum(axis=1)
+    normalised = (x * tput).sum(axis=1) / equal
+    assert normalised.min() == pytest.approx(1.0, abs=1e-4)
+    assert x[1, 1] == pytest.approx(1.0, abs=1e-4)
+    # A job that fits nowhere (zero throughput everywhere) gets nothing; the other still runs.
+    x = max_min_allocation(np.array([[0.0, 0.0], [1.0, 4.0]]), np.ones(2), np.ones(2))
+    assert x[0].sum() == pytest.approx(0.0, abs=1e-6)
+    assert x[1].sum() == pytest.approx(1.0, abs=1e-4)

@@ -166,7 +166,8 @@ class TraceModels:
     An adaptive job's global batch is the goodput-maximising one (Pollux's batch choice) among
     powers of two times the initial batch; a rigid one keeps the user's batch, with gradient
     accumulation when it does not fit. Goodput = gain / iteration seconds / calibration, gain =
-    (var + sqr) / (var/s + sqr) at batch scale s (McCandlish et al. 2018, as in Pollux).
+    (var + sqr) / (var/s + sqr) at batch scale s, var and sqr as measured when training at that
+    batch (McCandlish et al. 2018, as in Pollux).
     Results are cached per (application, epoch, batch, devices per kind and node count), so a
     simulated round costs dictionary look-ups once the shapes have been seen.
 
@@ -276,7 +277,6 @@ def _iteration_s(app: AppTrace, batch: float,
 def _goodput(app: AppTrace, epoch: int, rigid_batch: int,
              shape: tuple[tuple[str, int, int], ...]) -> tuple[float, float]:
     """(progress units per second, seconds per iteration) at the best (or the given) batch."""
-    sqr, var = float(app.grad_sqr[epoch]), float(app.grad_var[epoch])
     replicas = sum(n for _, n, _ in shape)
     if rigid_batch:
         candidates = [float(rigid_batch)]
@@ -294,6 +294,7 @@ def _goodput(app: AppTrace, epoch: int, rigid_batch: int,
         if not math.isfinite(iteration_s) or iteration_s <= 0:
             continue
         scale = batch / app.init_batch
+        sqr, var = app.grad_stats(batch, epoch)
         gain = (var + sqr) / (var / scale + sqr) if var + sqr > 0 else 1.0
         goodput = gain / iteration_s / app.calibration
         if goodput > best[0]:

@@ -10,9 +10,11 @@ re-planning horizon H:
 best kind). Maximising Σ pᵢ·rateᵢ/workᵢ is Smith's weighted-shortest-processing-time rule
 (Smith 1956) generalised to jobs that run on several devices at once, which minimises the
 priority-weighted completion time on one machine; rates that grow less than linearly with
-devices make Uᵢ concave. A serving job's utility is the fraction of its offered load it carries
-within its latency target, min(1, capacity / offered), i.e. the fraction of time the target
-holds when capacity is steady, times ``serve_weight`` (targets first).
+devices make Uᵢ concave. ``work_exponent`` γ < 1 multiplies Uᵢ by (workᵢ / W)^(1−γ), W an
+hour on one best device, so that long jobs are not starved to the end (where, capped at
+``max_workers``, they set the makespan). A serving job's utility is the fraction of its offered
+load it carries within its latency target, min(1, capacity / offered), i.e. the fraction of
+time the target holds when capacity is steady, times ``serve_weight`` (targets first).
 ``Utility.LOG_SPEEDUP`` (log(1 + rate/rate on one best device), proportional fairness without
 knowledge of the work left) drives the Pollux-style baseline.
 
@@ -23,6 +25,13 @@ concave objective over a matroid-like budget this is the classical greedy, withi
 the optimum for monotone submodular objectives (Nemhauser, Wolsey & Fisher 1978); the tests
 check it against brute force on small pools. Cost: O((D + J)·K·(log J + rate cost)) for D
 devices, J jobs and K device classes.
+
+Urgent jobs (priority ≥ ``guarantee_priority``) are served first: each gets the fewest devices
+(its current ones when they suffice) that give it 1/``guarantee_slowdown`` of its utility alone
+on the whole pool, while its work left takes at most ``guarantee_max_s`` alone; the others then
+share the rest by Σ pᵢ·Uᵢ. Measured on saturn/workload-1 (Sia's 64 GPUs): strict priority
+classes met the issue's "p=4 within 1.2x alone" for 84 % of p=4 jobs but doubled the average
+JCT; this floor meets it for 75-85 % at +2-5 % average JCT.
 
 Hysteresis: rigid running jobs keep their devices; for the rest, the re-plan is compared with
 "stay" (every running job keeps its devices, free ones are filled) over the horizon, each job
@@ -56,6 +65,10 @@ class PolicyConfig:
     """H: seconds over which a re-plan must pay for its resizes (about the re-plan interval)."""
     margin: float = 0.02
     """Relative gain of Σ pᵢ·Uᵢ a re-plan must add beyond its resize costs to be applied."""
+    work_exponent: float = 0.4
+    """γ in Uᵢ = rateᵢ·H / workᵢ · (workᵢ / W)^(1−γ), W = ``unknown_work_s`` on one best device:
+    1 is Smith's rule, smaller values favour long jobs (0: maximum throughput). 0.4 cut the
+    makespan on the Sia workloads by 3-4 % at equal or better average JCT than 1."""
     unknown_work_s: float = 3600.0
     """Work assumed left, in seconds on one device of its best kind, for a job that does not
     report its remaining work."""
@@ -67,12 +80,27 @@ class PolicyConfig:
     before any training job is sped up (a target is a promise, not a trade-off)."""
     one_kind_per_job: bool = False
     """Keep each job on one device kind (as Pollux, Sia and Gavel do); idla need not."""
+    guarantee_priority: float = 4.0
+    """Jobs of at least this priority are guaranteed first (``math.inf``: nobody)."""
+    guarantee_slowdown: float = 1.1
+    """A guaranteed job gets, before any other job gains a device, the devices that give it at
+    least 1/guarantee_slowdown of its rate alone on the whole pool (rounds, resizes and epochs
+    eat the rest of the 1.2x the issue allows)."""
+    guarantee_max_s: float = 3600.0
+    """A job is guaranteed only while its remaining work takes at most this long alone: a
+    guarantee holds devices from every other job for that long, so a long urgent job relies on
+    its weight pᵢ alone until its tail is this short."""
 
     def __post_init__(self) -> None:
         if not self.horizon_s > 0:
             raise ConfigError(f"policy.horizon_s must be positive, got {self.horizon_s}")
         if self.margin < 0:
             raise ConfigError(f"policy.margin must be >= 0, got {self.margin}")
+        if not self.guarantee_slowdown >= 1:
+            raise ConfigError("policy.guarantee_slowdown must be >= 1, got "
+                              f"{self.guarantee_slowdown}")
+        if not 0 <= self.work_exponent <= 1:
+            raise ConfigError(f"policy.work_exponent must be in [0, 1], got {self.work_exponent}")
         if not self.unknown_work_s > 0:
             raise ConfigError(f"policy.unknown_work_s must be positive, got {self.unknown_work_s}")
 
@@ -86,6 +114,7 @@ class _Scorer:
         self._config = config
         self._jobs = {job.job_id: job for job in jobs}
         self._scale: dict[str, float] = {}
+        self._work: dict[str, float] = {}
         for job in jobs:
             fits = [c for c in classes if c.memory_bytes >= job.memory_bytes_per_worker]
             best = max((models.rate_per_s(job.job_id, [c]) for c in fits), default=0.0)
@@ -96,7 +125,16 @@ class _Scorer:
                                else config.unknown_work_s)
                 self._scale[job.job_id] = 1.0 / work if work > 0 else 0.0
             else:
-                self._scale[job.job_id] = 1.0 / max(job.remaining_samples, 1e-9)
+                work = self._work[job.job_id] = max(job.remaining_samples, 1e-9)
+                reference = best * config.unknown_work_s
+                stretch = (work / reference) ** (1 - config.work_exponent) if reference > 0 else 1
+                self._scale[job.job_id] = stretch / work
+
+    def seconds_left(self, job_id: str, devices: Sequence[Device]) -> float:
+        """Seconds ``job_id`` needs to finish on ``devices`` (inf when its work is unknown)."""
+        rate = self._models.rate_per_s(job_id, devices)
+        work = self._work.get(job_id)
+        return work / rate if work is not None and rate > 0 else math.inf
 
     def utility(self, job_id: str, devices: Sequence[Device]) -> float:
         if not devices:
@@ -142,10 +180,18 @@ class _Pool:
             if _class_key(device) == key and device in by_node.get(device.node, ()):
                 by_node[device.node].remove(device)
                 return self._taken(key, device)
-        nodes = {d.node for d in held} | {d.node for d in prefer}
+        nodes = dict.fromkeys([*(d.node for d in held), *(d.node for d in prefer)])
         mine = [n for n in nodes if by_node.get(n)]
         node = mine[0] if mine else max(by_node, key=lambda n: len(by_node[n]))
         return self._taken(key, by_node[node].pop())
+
+    def has(self, device: Device) -> bool:
+        return device in self.free.get(_class_key(device), {}).get(device.node, ())
+
+    def discard(self, devices: Sequence[Device]) -> None:
+        for device in devices:
+            self.free[_class_key(device)][device.node].remove(device)
+            self._taken(_class_key(device), device)
 
     def _taken(self, key: tuple[str, int], device: Device) -> Device:
         self.count[key] -= 1
@@ -157,10 +203,18 @@ class _Pool:
 
 def _greedy(jobs: Sequence[JobView], pool: _Pool, scorer: _Scorer,
             prefer: Mapping[str, Sequence[Device]], config: PolicyConfig,
+            start: Mapping[str, Sequence[Device]] | None = None,
+            enough: Mapping[str, float] | None = None,
+            path: list[tuple[tuple[str, int], int, float]] | None = None,
             ) -> dict[str, list[Device]]:
-    classes = {key: next(iter(nodes.values()))[0] for key, nodes in pool.free.items()}
-    held: dict[str, list[Device]] = {job.job_id: [] for job in jobs}
-    base: dict[str, float] = dict.fromkeys(held, 0.0)
+    """Greedy on marginal pᵢ·Uᵢ (module docstring) from ``start``; a job stops growing once its
+    utility reaches ``enough[job]``. ``path`` receives (class, devices, utility after) per
+    step."""
+    classes = {key: next(iter(nodes.values()))[0] for key, nodes in pool.free.items() if nodes}
+    start = start or {}
+    enough = enough or {}
+    held = {job.job_id: list(start.get(job.job_id, ())) for job in jobs}
+    base = {job_id: scorer.utility(job_id, mine) for job_id, mine in held.items()}
     version: dict[str, int] = dict.fromkeys(held, 0)
     by_id = {job.job_id: job for job in jobs}
     heap: list[tuple[float, int, str, tuple[str, int], int]] = []
@@ -168,7 +222,7 @@ def _greedy(jobs: Sequence[JobView], pool: _Pool, scorer: _Scorer,
 
     def push(job: JobView) -> None:
         mine = held[job.job_id]
-        if len(mine) >= job.max_workers:
+        if len(mine) >= job.max_workers or base[job.job_id] >= enough.get(job.job_id, math.inf):
             return
         need = job.min_workers if not mine else 1
         kinds = {_class_key(d) for d in mine}
@@ -198,6 +252,8 @@ def _greedy(jobs: Sequence[JobView], pool: _Pool, scorer: _Scorer,
         for _ in range(need):
             held[job_id].append(pool.take(key, held[job_id], prefer.get(job_id, ())))
         base[job_id] = scorer.utility(job_id, held[job_id])
+        if path is not None:
+            path.append((key, need, base[job_id]))
         version[job_id] += 1
         push(job)
     return {job_id: devices for job_id, devices in held.items() if devices}
@@ -210,6 +266,8 @@ def allocate(jobs: Sequence[JobView], devices: Sequence[Device], models: PerfMod
 
     ``current`` is what runs now; devices it names that are gone are treated as lost (a rigid
     job that lost one is re-placed from scratch). Jobs absent from the result are queued.
+    With ``priority_tiers`` the classes are planned one after the other, highest first, each on
+    the devices the classes above left (strict priority between classes, Σ pᵢ·Uᵢ within one).
     """
     config = config or PolicyConfig()
     by_id = {device.device_id: device for device in devices}
@@ -229,22 +287,102 @@ def allocate(jobs: Sequence[JobView], devices: Sequence[Device], models: PerfMod
         classes.setdefault(_class_key(device), device)
     scorer = _Scorer(jobs, list(classes.values()), models, config)
 
-    target = _greedy(open_jobs, _Pool(free), scorer, held_now, config)
-    running = [job for job in open_jobs if job.job_id in held_now]
+    floor = _guarantees(open_jobs, devices, free, scorer, held_now, config)
+    used = {d.device_id for held in floor.values() for d in held}
+    free = [d for d in free if d.device_id not in used]
+    left = {d.device_id for d in free}
+    now = {job.job_id: alive for job in open_jobs if job.job_id in held_now
+           and len(alive := [d for d in held_now[job.job_id] if d.device_id in left])
+           >= job.min_workers}
+    target = _plan(open_jobs, free, scorer, now, floor, held_now, models, config)
+    return {job_id: tuple(sorted(d.device_id for d in held))
+            for job_id, held in {**target, **pinned}.items() if held}
+
+
+def _guarantees(jobs: Sequence[JobView], devices: Sequence[Device], free: Sequence[Device],
+                scorer: _Scorer, now: Mapping[str, Sequence[Device]], config: PolicyConfig,
+                ) -> dict[str, list[Device]]:
+    """The floor of each job of priority ≥ ``guarantee_priority``: the fewest devices (its
+    current ones when they suffice) reaching 1/``guarantee_slowdown`` of its utility alone on
+    all of ``devices``; urgent jobs in order of their utility alone (Smith's rule). Cost: two
+    greedy runs of at most ``max_workers`` steps per urgent job, the second one only when the
+    devices it would take alone are not free."""
+    urgent = [job for job in jobs if job.priority >= config.guarantee_priority
+              and job.kind is not JobKind.SERVE]
+    if not urgent:
+        return {}
+    sampler = _Sampler(devices)
+    alone: dict[str, float] = {}
+    alone_s: dict[str, float] = {}
+    paths: dict[str, list[tuple[tuple[str, int], int, float]]] = {}
+    for job in urgent:
+        path = paths[job.job_id] = []
+        solo = _greedy([job], sampler.pool(job.max_workers), scorer, {}, config, path=path)
+        alone[job.job_id] = path[-1][2] if path else 0.0
+        alone_s[job.job_id] = scorer.seconds_left(job.job_id, solo.get(job.job_id, []))
+    urgent = [job for job in urgent if alone_s[job.job_id] <= config.guarantee_max_s
+              or math.isinf(alone_s[job.job_id])]
+    shared = _Pool(free)
+    floor: dict[str, list[Device]] = {}
+    for job in sorted(urgent, key=lambda j: -alone[j.job_id]):
+        job_id = job.job_id
+        enough = {job_id: alone[job_id] / config.guarantee_slowdown}
+        mine = [d for d in now.get(job_id, ()) if shared.has(d)]
+        if mine and scorer.utility(job_id, mine) >= enough[job_id]:
+            held = _greedy([job], _Pool(mine), scorer, {}, config, enough=enough)[job_id]
+            shared.discard(held)
+        else:
+            # The devices it would take alone, class by class, as far as they are free here.
+            held = []
+            for key, need, utility in paths[job_id]:
+                if shared.count.get(key, 0) < need:
+                    break
+                held += [shared.take(key, held, mine) for _ in range(need)]
+                if utility >= enough[job_id]:
+                    break
+            if scorer.utility(job_id, held) < enough[job_id]:
+                held = _greedy([job], shared, scorer, {job_id: mine}, config,
+                               start={job_id: held}, enough=enough).get(job_id, held)
+        if held:
+            floor[job_id] = held
+    return floor
+
+
+class _Sampler:
+    """Per device class, devices on its fullest nodes first: a small stand-in pool for "this
+    job alone on all the devices", built in O(devices) once and O(classes × workers) per job."""
+
+    def __init__(self, devices: Sequence[Device]) -> None:
+        by_class: dict[tuple[str, int], dict[str, list[Device]]] = {}
+        for device in devices:
+            by_class.setdefault(_class_key(device), {}).setdefault(device.node, []).append(device)
+        self._ordered = [[d for node in sorted(nodes.values(), key=lambda n: (-len(n), n[0].node))
+                          for d in node] for nodes in by_class.values()]
+
+    def pool(self, workers: int) -> _Pool:
+        return _Pool([d for ordered in self._ordered for d in ordered[:workers]])
+
+
+def _plan(jobs: Sequence[JobView], free: Sequence[Device], scorer: _Scorer,
+          now: Mapping[str, Sequence[Device]], floor: Mapping[str, Sequence[Device]],
+          before: Mapping[str, Sequence[Device]], models: PerfModels, config: PolicyConfig,
+          ) -> dict[str, list[Device]]:
+    """Greedy on ``free`` from each job's ``floor``, unless "stay" (each job keeps its ``now``
+    devices, the rest filled) scores within ``margin`` of it, resize costs counted against
+    ``before``."""
+    target = _greedy(jobs, _Pool(free), scorer, now, config, start=floor)
+    running = [job for job in jobs if job.job_id in now]
     if any(sorted(d.device_id for d in target.get(j.job_id, ())) !=
-           sorted(d.device_id for d in held_now[j.job_id]) for j in running):
-        kept = {job.job_id: held_now[job.job_id] for job in running}
+           sorted(d.device_id for d in (*floor.get(j.job_id, ()), *now[j.job_id]))
+           for j in running):
+        kept = {job.job_id: [*floor.get(job.job_id, ()), *now[job.job_id]] for job in running}
         kept_ids = {d.device_id for held in kept.values() for d in held}
-        rest = [job for job in open_jobs if job.job_id not in kept]
-        stay = dict(kept)
-        stay.update(_greedy(rest, _Pool([d for d in free if d.device_id not in kept_ids]),
-                            scorer, held_now, config))
-        if _score(scorer, stay, held_now, models) * (1 + config.margin) >= _score(
-                scorer, target, held_now, models):
+        stay = _greedy(jobs, _Pool([d for d in free if d.device_id not in kept_ids]), scorer,
+                       now, config, start={**floor, **kept})
+        if _score(scorer, stay, before, models) * (1 + config.margin) >= _score(
+                scorer, target, before, models):
             target = stay
-    result = {job_id: tuple(sorted(d.device_id for d in held))
-              for job_id, held in {**target, **pinned}.items() if held}
-    return result
+    return target
 
 
 def _score(scorer: _Scorer, allocation: Mapping[str, Sequence[Device]],

@@ -3,15 +3,14 @@
 - `Fifo`: rigid (the user's GPUs and batch), non-preemptive, strict arrival order.
 - `Tiresias`: discretised least-attained-service with two queues (Gu et al., "Tiresias",
   NSDI 2019): rigid, preemptive, a job drops to the second queue after ``threshold_gpu_s``.
-- `GavelMaxMin`: heterogeneity-aware max-min fairness (Narayanan et al., "Gavel", OSDI 2020) as
-  a greedy round scheduler: rigid, jobs least served relative to their best GPU kind first, each
-  on the kind where its throughput normalised to its best kind is highest, re-planned every
-  ``lease_rounds`` rounds (Gavel's 360 s at 60 s rounds), free GPUs filled in between.
+- `GavelMaxMin` (`idla.pool.sim.gavel`): heterogeneity-aware max-min fairness (Narayanan et
+  al., "Gavel", OSDI 2020): rigid, Gavel's allocation LP every 360 s lease and its priority
+  schedule (time share asked / time share had), free GPUs filled in between.
 - `PolluxLike`: a goodput maximiser (Qiao et al., "Pollux", OSDI 2021): adaptive size and
   batch, one GPU kind per job, a checkpoint-restart on every resize; it runs `allocate` with
   proportional fairness on speedups (no priorities, no knowledge of the work left).
-- `Idla`: `allocate` as the live agent runs it: priorities, work left, mixed kinds, in-place
-  resizes.
+- `Idla`: `allocate` as the live agent runs it: priorities (p=4 jobs guaranteed near their rate
+  alone), work left, mixed kinds, in-place resizes.
 
 The rigid baselines place a job on one kind, on the nodes with the most free GPUs first. Each
 plan costs O(jobs × kinds + GPUs).
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from idla.pool.model import Device, JobKind, JobView
 from idla.pool.perf import TraceModels
 from idla.pool.policy import PolicyConfig, Utility, allocate
+from idla.pool.sim.gavel import GavelMaxMin
 from idla.pool.sim.simulator import SimJob
 
 ADAPTIVE_MAX_WORKERS = 16
@@ -107,58 +107,6 @@ class Tiresias:
             kinds = _fits(job, free)
             if kinds:
                 result[job.name] = _place(job, free, max(kinds, key=lambda k: _count(free, k)))
-        return result
-
-
-@dataclass
-class GavelMaxMin:
-    lease_rounds: int = 6
-    """Rounds between full re-plans (Gavel's 360 s at 60 s rounds)."""
-    round_s: float = 60.0
-    name: str = "gavel"
-    adaptive: bool = False
-    restart_resize: bool = True
-    _service: dict[str, float] = field(default_factory=dict)
-    _rounds: int = 0
-
-    def plan(self, now_s: float, jobs: Sequence[SimJob], devices: Sequence[Device],
-             models: TraceModels) -> dict[str, tuple[str, ...]]:
-        by_id = {d.device_id: d for d in devices}
-        kinds = sorted({d.kind for d in devices})
-        sample = {k: next(d for d in devices if d.kind == k) for k in kinds}
-        normalised: dict[str, dict[str, float]] = {}
-        for job in jobs:
-            rates = {k: models.rate_per_s(job.name, [sample[k]] * job.num_replicas)
-                     for k in kinds}
-            best = max(rates.values()) or 1.0
-            normalised[job.name] = {k: r / best for k, r in rates.items()}
-            if job.devices:
-                kind = by_id[job.devices[0]].kind
-                self._service[job.name] = self._service.get(job.name, 0.0) + (
-                    self.round_s * normalised[job.name][kind])
-        # How much all jobs want each kind: on a tie a job takes the kind the others want less.
-        demand = {k: sum(n[k] for n in normalised.values()) for k in kinds}
-        replan = self._rounds % self.lease_rounds == 0
-        self._rounds += 1
-        result = {} if replan else {job.name: job.devices for job in jobs if job.devices}
-        free = _free(devices, {d for held in result.values() for d in held})
-
-        def share(job: SimJob) -> float:
-            return self._service.get(job.name, 0.0) / max(now_s - job.arrival_s, self.round_s)
-
-        for job in sorted(jobs, key=lambda j: (share(j), j.arrival_s)):
-            if job.name in result:
-                continue
-            fits = _fits(job, free)
-            if not fits:
-                continue
-            current = by_id[job.devices[0]].kind if job.devices else None
-            kind = max(fits, key=lambda k: (round(normalised[job.name][k], 1),
-                                            -demand[k], k == current))
-            if job.devices and kind == current and _claim(free, job.devices):
-                result[job.name] = job.devices
-            else:
-                result[job.name] = _place(job, free, kind)
         return result
 
 

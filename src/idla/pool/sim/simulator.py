@@ -197,7 +197,10 @@ def _advance(job: SimJob, held: tuple[str, ...], by_id: Mapping[str, Device],
 
 def alone_jct_s(row: TraceJob, apps: Mapping[str, AppTrace], devices: Sequence[Device],
                 policy: SimPolicy, config: SimConfig | None = None) -> float:
-    """The job's completion time alone on the cluster (arriving at a round boundary)."""
-    shifted = TraceJob(row.name, 0.0, row.application, row.num_replicas, row.batch_size)
+    """The job's completion time alone on the empty cluster under ``policy``, arriving at the
+    same point of a round as in the workload (so both wait alike for the round boundary)."""
+    round_s = (config or SimConfig()).round_s
+    shifted = TraceJob(row.name, row.arrival_s % round_s, row.application, row.num_replicas,
+                       row.batch_size)
     result = simulate([shifted], apps, devices, policy, {row.name: 1.0}, config)
     return result.jct_s[row.name]

@@ -72,12 +72,20 @@ class AppTrace:
     max_batch: int
     """The largest validated global batch."""
     epoch_progress: FloatArray  # (epochs,) progress at the end of each epoch (min over files)
-    grad_sqr: FloatArray  # (epochs,) squared gradient norm per epoch, at init_batch
-    grad_var: FloatArray  # (epochs,) gradient variance per epoch, at init_batch
+    grad_batch: FloatArray  # (batches,) the validated global batch sizes, increasing
+    grad_sqr: FloatArray  # (batches, epochs) squared gradient norm per epoch, per batch size
+    grad_var: FloatArray  # (batches, epochs) gradient variance per epoch, per batch size
     target_progress: float
     """Progress at which the job ends (its last epoch)."""
     restart_s: float
     calibration: float
+
+    def grad_stats(self, batch: float, epoch: int) -> tuple[float, float]:
+        """(squared norm, variance) of the gradient in ``epoch`` when training at ``batch``,
+        interpolated linearly between the validated batch sizes (as the artifacts do)."""
+        sqr = float(np.interp(batch, self.grad_batch, self.grad_sqr[:, epoch]))
+        var = float(np.interp(batch, self.grad_batch, self.grad_var[:, epoch]))
+        return sqr, var
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,11 +162,15 @@ def load_application(models_dir: str | Path, name: str,
     ends = [float(rows[min(epochs, len(rows)) - 1]["progress"]) for rows in curves.values()]
     init_rows = curves[init][:epochs]
     progress = np.array([float(r["progress"]) for r in init_rows])
+    batches = sorted(curves)
+    # Files shorter than the epochs run repeat their last row.
+    rows = [[curves[b][min(e, len(curves[b]) - 1)] for e in range(len(init_rows))]
+            for b in batches]
     return AppTrace(
         name=name, kinds=loaded, init_batch=init, max_batch=max(curves),
-        epoch_progress=progress,
-        grad_sqr=np.array([float(r["grad_sqr"]) for r in init_rows]),
-        grad_var=np.array([float(r["grad_var"]) for r in init_rows]),
+        epoch_progress=progress, grad_batch=np.array(batches, dtype=float),
+        grad_sqr=np.array([[float(r["grad_sqr"]) for r in per] for per in rows]),
+        grad_var=np.array([[float(r["grad_var"]) for r in per] for per in rows]),
         target_progress=min(ends), restart_s=RESTART_S.get(name, 60.0),
         calibration=CALIBRATION.get(name, DEFAULT_CALIBRATION))
 
