@@ -39,7 +39,7 @@ from idla.serve.membership import Membership
 from idla.serve.policies import POLICIES, Policy, make_policy, predict_completion_s
 from idla.serve.rollout import CONFLICT, RolloutError, commit_all, prepare_all
 from idla.serve.router_config import Overloaded, RouterConfig, Unavailable
-from idla.serve.slots import LATENESS_DECAY, Batch, Prediction, Request, WorkerSlot
+from idla.serve.slots import LATENESS_DECAY, SLOWDOWN_DECAY, Batch, Prediction, Request, WorkerSlot
 
 PIPELINE_DEPTH = 2  # batches a worker may have outstanding: one running, one in its socket
 REFUSED_REASONS = ("deadline", "queue_full")
@@ -112,7 +112,7 @@ class Router(Membership):
         worker.address, worker.link = address, link
         worker.curve, worker.batcher = self._batching(link)
         worker.version = str(link.hello["version"])
-        worker.slowdown, worker.link_s = EmaMeter(0.9), EmaMeter(0.9)
+        worker.slowdown, worker.link_s = EmaMeter(SLOWDOWN_DECAY), EmaMeter(0.9)
         worker.lateness_s = EmaMeter(LATENESS_DECAY)
         target_s = self.config.latency_target_s
         worker.lateness_cap_s = 0.0 if target_s is None else LATENESS_CAP * target_s

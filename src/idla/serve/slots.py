@@ -20,6 +20,7 @@ from idla.serve.link import WorkerLink
 from idla.serve.policies import LoadView
 
 LATENESS_DECAY = 0.95  # about a worker's last 20 answers
+SLOWDOWN_DECAY = 0.98  # about 50 batches: a throttled worker's batches swing from fast to slow
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +74,7 @@ class WorkerSlot:
     """Taken out of service (`Router.retire_worker`): never routed to nor brought back."""
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     inflight: list[Batch] = field(default_factory=list)
-    slowdown: EmaMeter = field(default_factory=lambda: EmaMeter(0.9))
+    slowdown: EmaMeter = field(default_factory=lambda: EmaMeter(SLOWDOWN_DECAY))
     link_s: EmaMeter = field(default_factory=lambda: EmaMeter(0.9))
     lateness_s: EmaMeter = field(default_factory=lambda: EmaMeter(LATENESS_DECAY))
     """Answer time minus the completion predicted when the request was routed (seconds)."""
