@@ -75,6 +75,9 @@ def test_overload_is_refused_with_retry_after_and_counted_apart(pool: WorkerPool
     assert samples[("idla_refused_requests_total", (("reason", "queue_full"),))] == 0
     assert router_refused == {"deadline": len(refused), "queue_full": 0}
     assert samples[("idla_failed_requests_total", ())] == 0
+    for worker in ("0", "1"):
+        assert samples[("idla_worker_lateness_seconds", (("worker", worker),))] >= 0
+        assert samples[("idla_worker_retired", (("worker", worker),))] == 0
     assert samples[("idla_requests_total", (("code", "429"), ("endpoint", "predict")))] == len(
         refused)
 

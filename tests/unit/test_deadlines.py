@@ -22,9 +22,9 @@ def _curve(alpha_s: float, beta_s: float) -> ServiceCurve:
 
 def _view(index: int, curve: ServiceCurve, *, queued: int = 0, inflight: int = 0,
           remaining_s: float = 0.0, max_batch: int = 8, wait_s: float = 0.0,
-          slowdown: float = 1.0, link_s: float = 0.0) -> LoadView:
+          slowdown: float = 1.0, link_s: float = 0.0, lateness_s: float = 0.0) -> LoadView:
     return LoadView(index, queued, queued, inflight, min(inflight, 1), remaining_s, 0.0,
-                    curve, BatchPolicy(max_batch, wait_s), slowdown, link_s)
+                    curve, BatchPolicy(max_batch, wait_s), slowdown, link_s, lateness_s)
 
 
 FAST, SLOW = _curve(0.002, 0.001), _curve(0.008, 0.008)  # slow: ~8x the cost per row
@@ -56,6 +56,17 @@ def test_admission_breaks_ties_toward_the_faster_worker() -> None:
     views = [_view(0, same, remaining_s=0.0), _view(1, faster, remaining_s=0.002)]
     assert predict_completion_s(views[0], 1) == pytest.approx(predict_completion_s(views[1], 1))
     assert admission(views, 1, math.inf).index == 1
+
+
+def test_a_worker_whose_answers_come_late_is_predicted_late() -> None:
+    honest, late = _view(0, SLOW), _view(1, SLOW, lateness_s=0.05)
+    assert predict_completion_s(late, 1) == pytest.approx(predict_completion_s(honest, 1) + 0.05)
+    assert admission([late, honest], 1, budget_s=1.0).index == 0
+    budget_s = predict_completion_s(honest, 1) + 0.01
+    assert admission([late], 1, budget_s).index is None  # in time only if it were on time
+    victim = _view(2, SLOW, queued=2, inflight=1, remaining_s=0.02)  # ends at 36 and 44 ms
+    assert steal_count(honest, victim, [1, 1]) == 2  # both in 24 ms
+    assert steal_count(late, victim, [1, 1]) == 0  # 16 + 50 ms: later than either
 
 
 def test_queue_completions_follow_fifo_batches() -> None:

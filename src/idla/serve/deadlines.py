@@ -58,11 +58,12 @@ def admission(views: Sequence[LoadView], rows: int, budget_s: float) -> Admissio
 
 def queue_completions_s(view: LoadView, request_rows: Sequence[int]) -> list[float]:
     """Predicted seconds until each queued request (``request_rows``: the queue's rows, oldest
-    first) is answered: the batch in flight, then the queue in batches (`drain_s`)."""
+    first) is answered: the batch in flight, then the queue in batches (`drain_s`), plus the
+    worker's lateness."""
     done_s, prefix = [], 0
     for rows in request_rows:
         prefix += rows
-        done_s.append(view.inflight_remaining_s + drain_s(view, prefix))
+        done_s.append(view.inflight_remaining_s + drain_s(view, prefix) + view.lateness_s)
     return done_s
 
 
@@ -77,7 +78,7 @@ def steal_count(thief: LoadView, victim: LoadView, victim_rows: Sequence[int]) -
         taken_rows += victim_rows[-k]
         if k > 1 and taken_rows > thief.batching.max_batch_rows:
             break
-        thief_done_s = thief.inflight_remaining_s + drain_s(thief, taken_rows)
+        thief_done_s = thief.inflight_remaining_s + drain_s(thief, taken_rows) + thief.lateness_s
         if thief_done_s >= victim_done_s[-k]:
             break  # the thief's time only grows with k, the victim's earliest only shrinks
         best = k
@@ -98,7 +99,7 @@ def adaptive_batch_rows(view: LoadView, queued_rows: int, head_budget_s: float,
 
     def meets(rows: int) -> bool:
         return view.inflight_remaining_s + view.slowdown * view.curve.predict_s(rows) + \
-            view.link_s <= head_budget_s
+            view.link_s + view.lateness_s <= head_budget_s
 
     if not meets(base):
         return base

@@ -29,6 +29,10 @@ OVERHEAD_BUCKETS_S = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.
 RECENT_SAMPLES = 100_000  # router-overhead samples kept for percentiles (bounded memory)
 WORKER_GAUGES = {  # metric: (help, key of the router's per-worker stats)
     "idla_worker_up": ("Whether the worker is healthy.", "up"),
+    "idla_worker_retired": ("Whether the worker was taken out of service.", "retired"),
+    "idla_worker_lateness_seconds": (
+        "How much later than predicted its answers came, as its predictions add it.",
+        "lateness_s"),
     "idla_queue_requests": ("Requests queued for the worker.", "queued_requests"),
     "idla_queue_rows": ("Rows queued for the worker.", "queued_rows"),
     "idla_worker_max_batch_rows": ("The worker's batch limit.", "max_batch_rows"),

@@ -44,6 +44,9 @@ class LoadView:
     """Observed over curve-predicted service time (moving average; 1 = as measured)."""
     link_s: float = 0.0
     """Round trip minus service time of one batch: wire, event loop (moving average)."""
+    lateness_s: float = 0.0
+    """How much later than predicted its answers came (moving average, ≥ 0, capped): what the
+    terms above miss, such as a throttled worker's uneven CPU share or a busy event loop."""
 
     @property
     def outstanding(self) -> int:
@@ -62,12 +65,12 @@ def drain_s(view: LoadView, rows: int) -> float:
 def predict_completion_s(view: LoadView, rows: int) -> float:
     """Predicted seconds until a new request of ``rows`` rows would be answered by this worker:
     the batch in flight, the wait an idle worker may spend filling a batch, then the queue ahead
-    of the request (FIFO) and the request itself (`drain_s`)."""
+    of the request (FIFO) and the request itself (`drain_s`), plus its measured lateness."""
     pending_rows = view.queued_rows + rows
     delay_s = view.inflight_remaining_s
     if view.inflight_rows == 0 and pending_rows < view.batching.max_batch_rows:
         delay_s += max(0.0, view.batching.max_wait_s - view.oldest_wait_s)
-    return delay_s + drain_s(view, pending_rows)
+    return delay_s + drain_s(view, pending_rows) + view.lateness_s
 
 
 class Policy(Protocol):

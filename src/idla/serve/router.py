@@ -39,12 +39,11 @@ from idla.serve.membership import Membership
 from idla.serve.policies import POLICIES, Policy, make_policy, predict_completion_s
 from idla.serve.rollout import CONFLICT, RolloutError, commit_all, prepare_all
 from idla.serve.router_config import Overloaded, RouterConfig, Unavailable
-from idla.serve.slots import Batch, Prediction, Request, WorkerSlot
+from idla.serve.slots import LATENESS_DECAY, SLOWDOWN_DECAY, Batch, Prediction, Request, WorkerSlot
 
 PIPELINE_DEPTH = 2  # batches a worker may have outstanding: one running, one in its socket
 REFUSED_REASONS = ("deadline", "queue_full")
-LATENESS_DECAY = 0.99  # about the last 100 answers
-LATENESS_CAP = 0.5  # of the latency target
+LATENESS_CAP = 0.5  # of the latency target: the most lateness a worker's predictions add
 
 __all__ = ["POLICIES", "Overloaded", "Prediction", "RolloutError", "Router", "RouterConfig",
            "Unavailable"]
@@ -67,9 +66,6 @@ class Router(Membership):
         self.stolen_requests = 0
         self.refused: Counter[str] = Counter({reason: 0 for reason in REFUSED_REASONS})
         """Requests answered 429, by reason (none of them is a failure)."""
-        self.lateness_s = EmaMeter(LATENESS_DECAY)
-        """Answer time minus the completion predicted at admission (moving average, seconds):
-        what the curves miss (event-loop delays, CPU contention); admission adds it."""
         self.last_rollout: dict[str, Any] | None = None
         self.version: str | None = None
         """The model version every worker serves (None while they differ)."""
@@ -116,7 +112,10 @@ class Router(Membership):
         worker.address, worker.link = address, link
         worker.curve, worker.batcher = self._batching(link)
         worker.version = str(link.hello["version"])
-        worker.slowdown, worker.link_s = EmaMeter(0.9), EmaMeter(0.9)
+        worker.slowdown, worker.link_s = EmaMeter(SLOWDOWN_DECAY), EmaMeter(0.9)
+        worker.lateness_s = EmaMeter(LATENESS_DECAY)
+        target_s = self.config.latency_target_s
+        worker.lateness_cap_s = 0.0 if target_s is None else LATENESS_CAP * target_s
         worker.alive = True
         link.set_on_lost(worker.wake.set)
         if worker.task is not None:
@@ -151,27 +150,22 @@ class Router(Membership):
                              drain_s, "queue_full")
         views = [w.view(now_s) for w in room]
         if admit and self.policy.predictive and not math.isinf(request.deadline_s):
-            late_s = self._lateness_s()
-            decision = admission(views, request.rows, request.deadline_s - now_s - late_s)
+            decision = admission(views, request.rows, request.deadline_s - now_s)
             if decision.index is None:
                 self.refused["deadline"] += 1
                 raise Overloaded(f"no worker is predicted to answer within the latency target "
                                  f"(soonest in {decision.completion_s:.3f} s)",
                                  decision.retry_after_s, "deadline")
             index = decision.index
-            request.predicted_s = now_s + decision.completion_s
         else:
             index = self.policy.choose(views, request.rows)
         worker = self.workers[index]
+        if self.policy.predictive:  # the raw prediction, for the worker's lateness
+            view = next(v for v in views if v.index == index)
+            request.predicted_s = now_s + predict_completion_s(view, request.rows) - \
+                view.lateness_s
         worker.batcher.push(request, request.rows, now_s)
         worker.wake.set()
-
-    def _lateness_s(self) -> float:
-        """The lateness admission adds, at most half the target: a burst that made answers
-        late must not shut admission for good (only admitted answers update the estimate)."""
-        if not self.lateness_s.count or self.config.latency_target_s is None:
-            return 0.0
-        return min(max(0.0, self.lateness_s.value), LATENESS_CAP * self.config.latency_target_s)
 
     def _batch_limit(self, worker: WorkerSlot, now_s: float) -> int | None:
         """The next batch's row limit when a backlog may run bigger (None: the policy's)."""
@@ -195,6 +189,7 @@ class Router(Membership):
                 best = (count, victim)
         if best is not None:
             for request, rows, enqueued_s in best[1].batcher.take_tail(best[0]):
+                request.predicted_s = math.nan  # predicted for the victim, not the thief
                 thief.batcher.push(request, rows, enqueued_s)
             self.stolen_requests += best[0]
 
@@ -288,7 +283,7 @@ class Router(Membership):
             offset += request.rows
             if not request.future.done():
                 if not math.isnan(request.predicted_s):
-                    self.lateness_s.update(answered_s - request.predicted_s)
+                    worker.lateness_s.update(answered_s - request.predicted_s)
                 worker.served_requests += 1
                 request.future.set_result(Prediction(out, version, worker.index, rows,
                                                      start_s - enqueued_s, request.route_s,

@@ -19,6 +19,9 @@ from idla.serve.batcher import DynamicBatcher, ServiceCurve
 from idla.serve.link import WorkerLink
 from idla.serve.policies import LoadView
 
+LATENESS_DECAY = 0.95  # about a worker's last 20 answers
+SLOWDOWN_DECAY = 0.98  # about 50 batches: a throttled worker's batches swing from fast to slow
+
 
 @dataclass(frozen=True, slots=True)
 class Prediction:
@@ -71,8 +74,14 @@ class WorkerSlot:
     """Taken out of service (`Router.retire_worker`): never routed to nor brought back."""
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     inflight: list[Batch] = field(default_factory=list)
-    slowdown: EmaMeter = field(default_factory=lambda: EmaMeter(0.9))
+    slowdown: EmaMeter = field(default_factory=lambda: EmaMeter(SLOWDOWN_DECAY))
     link_s: EmaMeter = field(default_factory=lambda: EmaMeter(0.9))
+    lateness_s: EmaMeter = field(default_factory=lambda: EmaMeter(LATENESS_DECAY))
+    """Answer time minus the completion predicted when the request was routed (seconds)."""
+    lateness_cap_s: float = 0.0
+    """The most lateness its predictions add: half the latency target (answers made late by a
+    burst must not shut admission to it for good; only its answers update the estimate); 0
+    without a target."""
     served_requests: int = 0
     restarts: int = 0
     """Times its process was replaced by a new one (`idla.serve.supervisor`)."""
@@ -87,6 +96,12 @@ class WorkerSlot:
             return 1.0, 0.0
         return self.slowdown.value, self.link_s.value
 
+    def late_s(self) -> float:
+        """The lateness its predictions add: measured, at least 0, at most the cap."""
+        if not self.lateness_s.count:
+            return 0.0
+        return min(max(0.0, self.lateness_s.value), self.lateness_cap_s)
+
     def view(self, now_s: float) -> LoadView:
         if self.inflight:
             rows = sum(b.rows for b in self.inflight)
@@ -97,7 +112,7 @@ class WorkerSlot:
             remaining_s = 0.0
         return LoadView(self.index, self.batcher.queued_rows, self.batcher.queued_requests,
                         rows, requests, remaining_s, self.batcher.oldest_wait_s(now_s),
-                        self.curve, self.batcher.policy, *self.estimates())
+                        self.curve, self.batcher.policy, *self.estimates(), self.late_s())
 
     def capacity_requests_per_s(self, request_rows: int) -> float:
         """Requests/s it sustains with full batches of requests of ``request_rows`` rows."""
@@ -118,5 +133,6 @@ class WorkerSlot:
             "reconnects": self.reconnects, "max_batch_rows": self.batcher.policy.max_batch_rows,
             "max_wait_s": self.batcher.policy.max_wait_s,
             "capacity_requests_per_s": self.capacity_requests_per_s(request_rows),
-            "slowdown": slowdown, "link_s": link_s, "curve": self.curve.to_json(),
+            "slowdown": slowdown, "link_s": link_s, "lateness_s": self.late_s(),
+            "curve": self.curve.to_json(),
         }
