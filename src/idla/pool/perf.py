@@ -69,7 +69,9 @@ class OnlineModels:
     """Per (job, device kind) compute fits learned from observations; implements PerfModels.
 
     A kind a job has not run on borrows the mean fit of the kinds it has run on (optimistic
-    enough to be tried, then measured).
+    enough to be tried, then measured). Step times are cached per (job, devices per kind) until
+    the job's next observation, so a policy's many candidate evaluations cost one dictionary
+    look-up each after the first.
     """
 
     def __init__(self, config: OnlineConfig | None = None) -> None:
@@ -78,6 +80,7 @@ class OnlineModels:
         self._global_batch: dict[str, int] = {}
         self._comm_s: dict[str, float] = {}
         self._resize_s: dict[str, float] = {}
+        self._step_cache: dict[str, dict[tuple[tuple[str, int], ...], float]] = {}
 
     def set_job(self, job_id: str, global_batch: int, comm_s: float = 0.0) -> None:
         """Declare ``job_id``'s global batch (samples per step) and its communication seconds
@@ -86,6 +89,7 @@ class OnlineModels:
             raise ConfigError(f"job {job_id}: global batch must be >= 1, got {global_batch}")
         self._global_batch[job_id] = global_batch
         self._comm_s.setdefault(job_id, comm_s)
+        self._step_cache.pop(job_id, None)
 
     def observe(self, job_id: str, device_kind: str, local_batch: int, compute_s: float,
                 comm_s: float | None = None) -> None:
@@ -93,6 +97,7 @@ class OnlineModels:
         and ``comm_s`` seconds of communication."""
         fit = self._fits.setdefault((job_id, device_kind), StepTimeFit(self._config.forget))
         fit.observe(local_batch, compute_s, comm_s)
+        self._step_cache.pop(job_id, None)
         if comm_s is not None and math.isfinite(comm_s) and comm_s >= 0:
             old = self._comm_s.get(job_id, comm_s)
             self._comm_s[job_id] = self._config.forget * old + (1 - self._config.forget) * comm_s
@@ -125,8 +130,20 @@ class OnlineModels:
         batch = self._global_batch.get(job_id)
         if batch is None or not devices:
             return math.inf
+        counts: dict[str, int] = {}
+        for device in devices:
+            counts[device.kind] = counts.get(device.kind, 0) + 1
+        key = tuple(sorted(counts.items()))
+        cache = self._step_cache.setdefault(job_id, {})
+        step_s = cache.get(key)
+        if step_s is None:
+            step_s = cache[key] = self._predict_step_s(job_id, batch, key)
+        return step_s
+
+    def _predict_step_s(self, job_id: str, batch: int,
+                        counts: tuple[tuple[str, int], ...]) -> float:
         fits = []
-        for kind, count in Counter(device.kind for device in devices).items():
+        for kind, count in counts:
             fit = self._kind_fit(job_id, kind)
             if fit is None:
                 return math.inf
