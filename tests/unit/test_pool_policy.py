@@ -57,6 +57,20 @@ def test_uneven_step_all_devices_finish_together() -> None:
     assert uneven_step_s(10, [(1, 0.0, 0.001), (1, 5.0, 0.001)]) == pytest.approx(0.01)
 
 
+def test_online_models_follow_new_observations_after_a_prediction() -> None:
+    models = _models(["j"], {"j": {"a": 1e-3}})
+    pair = _pool("aa")
+    fast_s = models.step_s("j", pair)
+    assert fast_s == pytest.approx(0.002 + 1e-3 * 64, rel=1e-6)
+    for _ in range(40):  # the kind slows down 4x: the cached prediction must not survive
+        models.observe("j", "a", 64, 0.002 + 4e-3 * 64)
+    slow_s = models.step_s("j", pair)
+    assert slow_s > 3 * fast_s
+    models.set_job("j", 256)  # twice the global batch: twice the per-sample compute
+    assert models.step_s("j", pair) > 1.9 * slow_s
+    assert models.rate_per_s("j", pair) == pytest.approx(256 / models.step_s("j", pair))
+
+
 def test_greedy_against_brute_force_on_small_pools() -> None:
     # Σ pᵢ·Uᵢ alone: urgent jobs' guarantees (tested below) trade some of it away on purpose.
     config = PolicyConfig(guarantee_priority=math.inf, work_exponent=1.0)

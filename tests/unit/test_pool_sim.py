@@ -20,6 +20,7 @@ import pytest
 from idla.cli.pool_sim import add_simulate
 from idla.errors import ConfigError
 from idla.pool.model import Device
+from idla.pool.perf import TraceModels
 from idla.pool.policy import PolicyConfig
 from idla.pool.sim.baselines import Fifo, GavelMaxMin, Idla, PolluxLike, Tiresias
 from idla.pool.sim.gavel import max_min_allocation
@@ -31,7 +32,7 @@ _TRACES = Path(__file__).resolve().parents[3] / "shared" / "traces"
 
 def _kind(step_s: float) -> KindTrace:
     table = StepTable(np.array([1.0, 1e6]), np.array([step_s, step_s]), np.zeros(2))
-    return KindTrace({(1, n): table for n in (1, 2, 3, 4)}, 10**6, 0.0, step_s)
+    return KindTrace({(1, n): table for n in (1, 2, 3, 4)}, 10**6)
 
 
 def _app(name: str, target: float, kinds: dict[str, float]) -> AppTrace:
@@ -173,3 +174,45 @@ def test_gavel_max_min_allocation_equalises_normalised_throughput() -> None:
     x = max_min_allocation(np.array([[0.0, 0.0], [1.0, 4.0]]), np.ones(2), np.ones(2))
     assert x[0].sum() == pytest.approx(0.0, abs=1e-6)
     assert x[1].sum() == pytest.approx(1.0, abs=1e-4)
+
+
+def _linear_kind(alpha_s: float, beta_s: float, sync_s: float, max_local: int) -> KindTrace:
+    local = np.array([1.0, 8.0, 16.0, 32.0, float(max_local)])
+    table = StepTable(local, alpha_s + beta_s * local + sync_s, np.full(5, sync_s))
+    return KindTrace({(m, n): table for m in (1, 2) for n in range(1, 9)}, max_local)
+
+
+def _two_kind_models(fast: KindTrace, slow: KindTrace, batch: int) -> TraceModels:
+    app = AppTrace(name="lin", kinds={"fast": fast, "slow": slow}, init_batch=batch,
+                   max_batch=batch, epoch_progress=np.array([1e6]), grad_batch=np.ones(1),
+                   grad_sqr=np.ones((1, 1)), grad_var=np.zeros((1, 1)), target_progress=1e6,
+                   restart_s=0.0, calibration=1.0)
+    models = TraceModels({"lin": app}, restart_resize=False)
+    models.add_job("j", "lin", rigid_batch=batch)
+    return models
+
+
+def _on(count: int, kind: str, node: str) -> list[Device]:
+    return [Device(f"{node}/{kind}{i}", kind, node, 2**30) for i in range(count)]
+
+
+def test_mixed_kinds_split_so_every_device_finishes_together() -> None:
+    # compute α + β·b: fast 0.1 + 0.01·b, slow 0.2 + 0.04·b; 0.05 s sync; 64 samples fit.
+    fast, slow = _linear_kind(0.1, 0.01, 0.05, 64), _linear_kind(0.2, 0.04, 0.05, 64)
+    devices = _on(2, "fast", "n0") + _on(2, "slow", "n1")
+    # T = (B + Σ n·α/β) / Σ n/β = (120 + 20 + 10) / (200 + 50) = 0.6 s: 50 and 10 per device.
+    assert _two_kind_models(fast, slow, 120).iteration_s("j", devices) == pytest.approx(0.65)
+    # At B = 10 the slow kind would finish after the fast one alone: it idles, T = 30 / 200.
+    assert _two_kind_models(fast, slow, 10).iteration_s("j", devices) == pytest.approx(0.2)
+    # B = 384 > 256 that fit: two micro-steps of 192; fast devices are full at 64, the slow
+    # ones carry 32 each, T = 0.2 + 0.04 * 32 = 1.48 s per micro-step.
+    assert _two_kind_models(fast, slow, 384).iteration_s("j", devices) == pytest.approx(
+        2 * 1.48 + 0.05)
+
+
+def test_mixed_kinds_of_equal_speed_match_one_kind() -> None:
+    same = _linear_kind(0.1, 0.01, 0.05, 64)
+    models = _two_kind_models(same, same, 200)
+    one_kind = _on(2, "fast", "n0") + _on(2, "fast", "n1")
+    two_kinds = _on(2, "fast", "n0") + _on(2, "slow", "n1")
+    assert models.iteration_s("j", two_kinds) == pytest.approx(models.iteration_s("j", one_kind))

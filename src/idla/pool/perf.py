@@ -7,6 +7,8 @@ Two implementations of `idla.pool.model.PerfModels`:
   short profile, plus the job's communication time per step (link probe, then measured).
 - `TraceModels` (the simulator): the measured step times of the Pollux/Sia artifacts
   (`idla.pool.sim.traces`), interpolated on the local batch, and their statistical efficiency.
+  On several kinds it splits the batch over each kind's measured compute curve (not a linear
+  fit) the same way, so that a split over two kinds of equal speed costs what one kind does.
 
 A job on devices of several kinds is split the way idla splits a global batch over unequal
 workers (`idla.plan.shares`): every device finishes the step together, so with compute
@@ -29,7 +31,7 @@ import numpy as np
 
 from idla.errors import ConfigError
 from idla.pool.model import Device
-from idla.pool.sim.traces import AppTrace, KindTrace
+from idla.pool.sim.traces import AppTrace, FloatArray, KindTrace
 from idla.profile.perf_model import StepTimeFit
 
 _MAX_ACCUMULATION = 64
@@ -67,7 +69,9 @@ class OnlineModels:
     """Per (job, device kind) compute fits learned from observations; implements PerfModels.
 
     A kind a job has not run on borrows the mean fit of the kinds it has run on (optimistic
-    enough to be tried, then measured).
+    enough to be tried, then measured). Step times are cached per (job, devices per kind) until
+    the job's next observation, so a policy's many candidate evaluations cost one dictionary
+    look-up each after the first.
     """
 
     def __init__(self, config: OnlineConfig | None = None) -> None:
@@ -76,6 +80,7 @@ class OnlineModels:
         self._global_batch: dict[str, int] = {}
         self._comm_s: dict[str, float] = {}
         self._resize_s: dict[str, float] = {}
+        self._step_cache: dict[str, dict[tuple[tuple[str, int], ...], float]] = {}
 
     def set_job(self, job_id: str, global_batch: int, comm_s: float = 0.0) -> None:
         """Declare ``job_id``'s global batch (samples per step) and its communication seconds
@@ -84,6 +89,7 @@ class OnlineModels:
             raise ConfigError(f"job {job_id}: global batch must be >= 1, got {global_batch}")
         self._global_batch[job_id] = global_batch
         self._comm_s.setdefault(job_id, comm_s)
+        self._step_cache.pop(job_id, None)
 
     def observe(self, job_id: str, device_kind: str, local_batch: int, compute_s: float,
                 comm_s: float | None = None) -> None:
@@ -91,6 +97,7 @@ class OnlineModels:
         and ``comm_s`` seconds of communication."""
         fit = self._fits.setdefault((job_id, device_kind), StepTimeFit(self._config.forget))
         fit.observe(local_batch, compute_s, comm_s)
+        self._step_cache.pop(job_id, None)
         if comm_s is not None and math.isfinite(comm_s) and comm_s >= 0:
             old = self._comm_s.get(job_id, comm_s)
             self._comm_s[job_id] = self._config.forget * old + (1 - self._config.forget) * comm_s
@@ -123,8 +130,20 @@ class OnlineModels:
         batch = self._global_batch.get(job_id)
         if batch is None or not devices:
             return math.inf
+        counts: dict[str, int] = {}
+        for device in devices:
+            counts[device.kind] = counts.get(device.kind, 0) + 1
+        key = tuple(sorted(counts.items()))
+        cache = self._step_cache.setdefault(job_id, {})
+        step_s = cache.get(key)
+        if step_s is None:
+            step_s = cache[key] = self._predict_step_s(job_id, batch, key)
+        return step_s
+
+    def _predict_step_s(self, job_id: str, batch: int,
+                        counts: tuple[tuple[str, int], ...]) -> float:
         fits = []
-        for kind, count in Counter(device.kind for device in devices).items():
+        for kind, count in counts:
             fit = self._kind_fit(job_id, kind)
             if fit is None:
                 return math.inf
@@ -244,10 +263,59 @@ def _interp(kind: KindTrace, nodes: int, replicas: int, local_bsz: float) -> tup
     return step, min(sync, step)
 
 
+def _compute_curve(kind: KindTrace, nodes: int, replicas: int,
+                   ) -> tuple[FloatArray, FloatArray]:
+    """(local batch, compute seconds) of one replica of ``kind`` placed on ``nodes`` nodes with
+    ``replicas`` GPUs: measured step − sync of the nearest table, made increasing, with a point
+    at batch 0 (extrapolated from the first segment) and one at the kind's largest local batch
+    (extrapolated from the last), so that it can be inverted."""
+    table = kind.tables.get((nodes, replicas))
+    if table is None:
+        key = min(kind.tables, key=lambda k: (abs(k[0] - nodes), abs(k[1] - replicas)))
+        table = kind.tables[key]
+    batch = table.local_bsz
+    compute = np.maximum.accumulate(np.maximum(table.step_s - table.sync_s, 1e-6))
+    compute = compute + 1e-9 * np.arange(len(compute))
+    if len(batch) > 1:
+        first = (compute[1] - compute[0]) / (batch[1] - batch[0])
+        last = (compute[-1] - compute[-2]) / (batch[-1] - batch[-2])
+    else:
+        first = last = compute[0] / batch[0]
+    zero = min(max(compute[0] - first * batch[0], 0.0), compute[0] - 1e-9)
+    points_b, points_s = [0.0, *batch], [zero, *compute]
+    if kind.max_local_bsz > batch[-1]:
+        points_b.append(float(kind.max_local_bsz))
+        points_s.append(compute[-1] + max(last, 1e-9) * (kind.max_local_bsz - batch[-1]))
+    return np.array(points_b), np.array(points_s)
+
+
+def mixed_compute_s(global_batch: float,
+                    curves: Sequence[tuple[int, FloatArray, FloatArray]]) -> float:
+    """Compute seconds T of one step of ``global_batch`` samples split over several kinds so
+    that every device finishes together: Σ_k n_k·b_k(T) = B, b_k the inverse of kind k's
+    increasing compute curve (``curves`` = (devices, local batches, seconds) per kind). With
+    linear curves α_k + β_k·b this is T = (B + Σ n_k α_k/β_k) / Σ n_k/β_k; a kind whose curve
+    starts above T gets no share. inf when B exceeds every device's largest local batch.
+    Cost: O(P log P) for P measured points in all."""
+    breaks = np.unique(np.concatenate([seconds for _, _, seconds in curves]))
+    total = sum(n * np.interp(breaks, seconds, batch) for n, batch, seconds in curves)
+    if global_batch > total[-1] * (1 + 1e-12):
+        return math.inf
+    index = int(np.searchsorted(total, global_batch))
+    if index == 0:
+        return float(breaks[0])
+    low, high = total[index - 1], total[index]
+    weight = (global_batch - low) / (high - low) if high > low else 1.0
+    return float(breaks[index - 1] + weight * (breaks[index] - breaks[index - 1]))
+
+
 def _iteration_s(app: AppTrace, batch: float,
                  shape: tuple[tuple[str, int, int], ...]) -> float:
     """Seconds per iteration of a global ``batch`` on devices of ``shape`` (inf if it cannot
-    fit within the accumulation limit or a kind has no measurements)."""
+    fit within the accumulation limit or a kind has no measurements). Several kinds: each
+    kind's compute curve measured at its own placement (`_compute_curve`), split so that all
+    finish together (`mixed_compute_s`), plus the slowest kind's sync time measured at the
+    whole placement's nodes and replicas; a single kind reads its measured step directly."""
     if any(kind not in app.kinds for kind, _, _ in shape):
         return math.inf
     if len(shape) == 1:
@@ -260,18 +328,15 @@ def _iteration_s(app: AppTrace, batch: float,
         return step_s + (step_s - sync_s) * accumulation
     replicas = sum(n for _, n, _ in shape)
     nodes = sum(m for _, _, m in shape)
-    fits = [(n, app.kinds[k].compute_fixed_s, app.kinds[k].compute_per_sample_s)
-            for k, n, _ in shape]
-    for accumulation in range(_MAX_ACCUMULATION + 1):
-        micro = batch / (accumulation + 1)
-        compute_s = uneven_step_s(micro, fits)
-        fits_memory = all((compute_s - a) / b <= app.kinds[k].max_local_bsz
-                          for (k, _, _), (_, a, b) in zip(shape, fits, strict=True))
-        if fits_memory:
-            sync_s = max(_interp(app.kinds[k], nodes, replicas, micro / replicas)[1]
-                         for k, _, _ in shape)
-            return compute_s * (accumulation + 1) + sync_s
-    return math.inf
+    curves = [(n, *_compute_curve(app.kinds[k], m, n)) for k, n, m in shape]
+    capacity = sum(n * batch_points[-1] for n, batch_points, _ in curves)
+    accumulation = max(0, math.ceil(batch / capacity) - 1)
+    if accumulation > _MAX_ACCUMULATION:
+        return math.inf
+    micro = batch / (accumulation + 1)
+    compute_s = mixed_compute_s(micro, curves)
+    sync_s = max(_interp(app.kinds[k], nodes, replicas, micro / replicas)[1] for k, _, _ in shape)
+    return compute_s * (accumulation + 1) + sync_s
 
 
 def _goodput(app: AppTrace, epoch: int, rigid_batch: int,
@@ -286,8 +351,11 @@ def _goodput(app: AppTrace, epoch: int, rigid_batch: int,
         while batch <= app.max_batch:
             candidates.append(batch)
             batch *= 2
-        candidates += [float(min(app.max_batch, replicas * app.kinds[k].max_local_bsz))
-                       for k, _, _ in shape if k in app.kinds]
+        capacities = [replicas * app.kinds[k].max_local_bsz for k, _, _ in shape
+                      if k in app.kinds]
+        if len(shape) > 1 and len(capacities) == len(shape):
+            capacities.append(sum(n * app.kinds[k].max_local_bsz for k, n, _ in shape))
+        candidates += [float(min(app.max_batch, c)) for c in capacities]
     best = (0.0, math.inf)
     for batch in candidates:
         iteration_s = _iteration_s(app, batch, shape)

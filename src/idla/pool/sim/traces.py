@@ -55,10 +55,6 @@ class KindTrace:
     """(nodes, replicas) → measured step times."""
     max_local_bsz: int
     """The largest local batch measured: what fits in one GPU's memory."""
-    compute_fixed_s: float
-    """α of a single-GPU least-squares fit compute ≈ α + β·b (for mixed-kind allocations)."""
-    compute_per_sample_s: float
-    """β of that fit, seconds per sample."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,18 +129,10 @@ def _kind(folder: Path, kind: str) -> KindTrace | None:
     if scalability.exists():
         for key, table in _tables(_rows(scalability)).items():
             tables.setdefault(key, table)
-    single = tables.get((1, 1))
-    if single is None:
+    if (1, 1) not in tables:
         raise ConfigError(f"{placements}: no single-GPU rows (placement 1)")
-    compute = np.maximum(single.step_s - single.sync_s, 1e-6)
-    if len(single.local_bsz) > 1:
-        beta, alpha = np.polyfit(single.local_bsz, compute, 1)
-    else:
-        beta, alpha = float(compute[0] / single.local_bsz[0]), 0.0
-    if beta <= 0:
-        beta, alpha = float(np.mean(compute) / np.mean(single.local_bsz)), 0.0
     max_bsz = int(max(t.local_bsz[-1] for t in tables.values()))
-    return KindTrace(tables, max_bsz, max(float(alpha), 0.0), float(beta))
+    return KindTrace(tables, max_bsz)
 
 
 def load_application(models_dir: str | Path, name: str,
