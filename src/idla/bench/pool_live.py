@@ -1,0 +1,371 @@
+"""`idla bench pool`'s live part: idla's policy, FIFO and a static equal partition on one
+emulated pool of this machine, with the same jobs arriving at the same times.
+
+Per policy a fresh agent runs as its own process (`idla pool start --policy P`, its own home
+folder, one cgroup per device whose CPU quota is ``base_cores × speed``; without a writable
+cgroup v1 cpu controller the devices run unthrottled, and the bench says so). The bench drives
+it through its HTTP API only: at t = 0 a serving job (a small MLP model dir, `idla serve` under
+the pool) and the first training job, later ones at their arrival times; once the serving job
+answers, an open-loop Poisson load well under its capacity runs against it from a load
+generator process (`idla.bench.loadgen`, in back-to-back segments of ``segment_s``) until every
+training job has ended; then the serving job is cancelled and the agent stopped. Each job's
+completion time comes from the agent's store, its resizes from the store's events, the steps
+each re-form lost from the job's own reports (`idla.bench.pool_live_job`). ``alone_s``: each
+training job run by itself on the same pool under idla's policy (beside the serving job).
+The figures are `idla.bench.pool_live_report`'s. Cost: per policy, the last job's end plus
+about 15 s (the agent's and the serving job's start, the last load segment); the alone runs
+add the jobs' alone times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from idla.bench.arrivals import poisson_arrivals_s
+from idla.bench.pool_live_report import job_summary, live_targets, makespan_s, serving_summary
+from idla.emulate.cgroup import cgroups_available
+from idla.errors import ConfigError, IdlaError
+
+JOB_SCRIPT = Path(__file__).with_name("pool_live_job.py")
+LOADGEN = Path(__file__).with_name("loadgen.py")
+POLICIES = ("idla", "fifo", "static")
+START_TIMEOUT_S = 60.0  # the agent's process until its API answers
+SERVE_READY_TIMEOUT_S = 120.0  # the serving job's `idla serve` until /healthz answers
+_URL = re.compile(r"idla serve: (http://127\.0\.0\.1:\d+)")
+
+
+@dataclass(kw_only=True, slots=True)
+class LiveJob:
+    """One training job of the live workload."""
+
+    name: str
+    """Its label in the table and the JSON."""
+    priority: float
+    """p in Σ pᵢ·Uᵢ."""
+    arrival_s: float
+    """Seconds after the run's start at which it is submitted."""
+    epochs: int
+    """Epochs of the digits training set (12 steps each at a global batch of 128)."""
+    max_workers: int = 3
+    """Devices it may use at most (its minimum is 1)."""
+
+
+def _default_jobs() -> list[LiveJob]:
+    return [LiveJob(name="sweep", priority=1, arrival_s=0.0, epochs=30),
+            LiveJob(name="finetune", priority=4, arrival_s=20.0, epochs=12),
+            LiveJob(name="eval-train", priority=2, arrival_s=40.0, epochs=12)]
+
+
+@dataclass(kw_only=True, slots=True)
+class PoolLiveConfig:
+    """Settings of the live part of `idla bench pool`."""
+
+    speeds: list[float] = field(default_factory=lambda: [1.0, 1.0, 0.5, 0.25])
+    """Relative CPU speed per emulated device."""
+    base_cores: float = 0.5
+    """CPU cores of a speed-1 device (the quotas sum to base_cores × Σ speeds)."""
+    policies: Sequence[str] = POLICIES
+    """Policies compared, each on a fresh agent."""
+    jobs: list[LiveJob] = field(default_factory=_default_jobs)
+    """The training jobs, arriving at their times."""
+    global_batch: int = 128
+    """Samples per step of every training job."""
+    serve_p99_ms: float = 250.0
+    """The serving job's latency target (p99 per window), milliseconds."""
+    serve_requests_per_s: float = 10.0
+    """Offered load of the serving job (Poisson), requests/s: well under its capacity."""
+    serve_features: int = 32
+    """Input features of the served MLP (one row per request)."""
+    serve_hidden: int = 64
+    """Width of the served MLP's two hidden layers."""
+    window_s: float = 1.0
+    """Seconds per latency window."""
+    segment_s: float = 10.0
+    """Seconds of arrivals per load-generator process (they run back to back)."""
+    alone: bool = True
+    """Also run each training job alone under idla's policy (alone_s)."""
+    job_timeout_s: float = 900.0
+    """A run whose jobs have not all ended by then is stopped (the figures say which)."""
+    seed: int = 0
+    """Seeds the arrivals of the load and the jobs' data order."""
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.policies if p not in POLICIES]
+        if unknown:
+            raise ConfigError(f"--live-policies: unknown policy {unknown[0]!r}; choose from "
+                              f"{', '.join(POLICIES)}")
+        if not self.policies or not self.jobs:
+            raise ConfigError("the live bench needs at least one policy and one job")
+        if not self.base_cores > 0 or any(not s > 0 for s in self.speeds):
+            raise ConfigError("--base-cores and every speed must be positive")
+        if not 0 < self.window_s <= self.segment_s:
+            raise ConfigError("window_s must be positive and at most segment_s")
+
+
+def quick_config(**overrides: Any) -> PoolLiveConfig:
+    """A short run for smoke tests: two devices, two short jobs, idla only, no alone runs."""
+    settings: dict[str, Any] = {
+        "speeds": [1.0, 1.0], "policies": ("idla",), "alone": False, "segment_s": 4.0,
+        "jobs": [LiveJob(name="first", priority=1, arrival_s=0.0, epochs=2, max_workers=1),
+                 LiveJob(name="urgent", priority=4, arrival_s=2.0, epochs=1, max_workers=1)],
+        **overrides}
+    return PoolLiveConfig(**settings)
+
+
+class _Agent:
+    """`idla pool start` as a process, and its API."""
+
+    def __init__(self, home: Path, config: PoolLiveConfig, policy: str, emulate: bool) -> None:
+        self.home = home
+        command = [sys.executable, "-m", "idla.cli", "pool", "start", "--home", str(home),
+                   "--port", "0", "--policy", policy, "--base-cores", f"{config.base_cores:g}"]
+        command += (["--emulate-speeds", ",".join(f"{s:g}" for s in config.speeds)] if emulate
+                    else ["--devices", str(len(config.speeds))])
+        self.log = open(home / "agent.log", "wb")  # noqa: SIM115  # the process holds it
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL)
+        deadline_s = time.monotonic() + START_TIMEOUT_S
+        while not (home / "agent.json").exists():
+            if self.process.poll() is not None or time.monotonic() > deadline_s:
+                self.close()
+                tail = (home / "agent.log").read_text(errors="replace").strip()[-400:]
+                raise IdlaError(f"idla pool start did not come up: {tail}")
+            time.sleep(0.1)
+        time.sleep(0.2)  # written atomically; the API thread may still be starting
+        state = json.loads((home / "agent.json").read_text())
+        self.url, self.token = state["url"], state["token"]
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers={
+            "Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+def _train_spec(job: LiveJob, config: PoolLiveConfig) -> dict[str, Any]:
+    return {"name": job.name, "kind": "train", "priority": job.priority, "min_workers": 1,
+            "max_workers": job.max_workers,
+            "train": {"script": str(JOB_SCRIPT), "resizable": True,
+                      "args": ["--epochs", str(job.epochs), "--global-batch",
+                               str(config.global_batch), "--seed", str(config.seed)],
+                      "samples": job.epochs * 12 * config.global_batch}}
+
+
+def _serve_spec(model_dir: Path, config: PoolLiveConfig) -> dict[str, Any]:
+    return {"name": "serving", "kind": "serve", "priority": 1, "min_workers": 1,
+            "max_workers": 1,
+            "serve": {"model": str(model_dir), "p99_ms": config.serve_p99_ms,
+                      "offered_requests_per_s": config.serve_requests_per_s}}
+
+
+def _save_serve_model(directory: Path, config: PoolLiveConfig) -> None:
+    import torch
+
+    from idla.serve.model_io import MLP, save_model
+
+    kwargs = {"in_features": config.serve_features, "hidden": config.serve_hidden,
+              "layers": 2, "classes": 10}
+    torch.manual_seed(config.seed)
+    save_model(directory, MLP(**kwargs), "mlp", kwargs, (config.serve_features,), "bench-v1")
+
+
+def _serve_endpoint(run_dir: Path, deadline_s: float) -> tuple[int, str]:
+    """The serving job's port (from its log) and token, once /healthz answers."""
+    while time.monotonic() < deadline_s:
+        log = run_dir / "worker-0.log"
+        found = _URL.search(log.read_text(errors="replace")) if log.exists() else None
+        if found is not None and (run_dir / "token").exists():
+            with contextlib.suppress(OSError), urllib.request.urlopen(
+                    found.group(1) + "/healthz", timeout=5):
+                token = (run_dir / "token").read_text().strip()
+                return int(found.group(1).rsplit(":", 1)[1]), token
+        time.sleep(0.3)
+    raise IdlaError(f"the serving job did not answer within {SERVE_READY_TIMEOUT_S:g} s "
+                    f"(see {run_dir / 'worker-0.log'})")
+
+
+class _Load(threading.Thread):
+    """Open-loop Poisson segments against the serving job, back to back until stopped, from
+    the moment it answers."""
+
+    def __init__(self, run_dir: Path, config: PoolLiveConfig) -> None:
+        super().__init__(name="idla-bench-load", daemon=True)
+        self.run_dir, self.config = run_dir, config
+        self.segments: list[list[dict[str, Any]]] = []
+        self.errors: list[str] = []
+        self.ready_s: float | None = None
+        """Seconds from the thread's start until the serving job answered."""
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        started_s = time.monotonic()
+        try:
+            self.port, self.token = _serve_endpoint(self.run_dir,
+                                                    started_s + SERVE_READY_TIMEOUT_S)
+        except IdlaError as error:
+            self.errors.append(str(error))
+            return
+        self.ready_s = time.monotonic() - started_s
+        index = 0
+        while not self.stop.is_set():
+            config = self.config
+            times_s = poisson_arrivals_s(config.serve_requests_per_s, config.segment_s,
+                                         config.seed + index)
+            command = [sys.executable, "-I", str(LOADGEN), "--port", str(self.port),
+                       "--duration", f"{config.segment_s:g}", "--rows", "1",
+                       "--features", str(config.serve_features), "--seed", str(index)]
+            with tempfile.TemporaryFile() as stdin:
+                stdin.write(json.dumps(times_s).encode())
+                stdin.seek(0)
+                done = subprocess.run(command, stdin=stdin, capture_output=True,
+                                      env=os.environ | {"IDLA_TOKEN": self.token},
+                                      timeout=config.segment_s + 120)
+            if done.returncode != 0:
+                self.errors.append(done.stderr.decode(errors="replace").strip()[-300:])
+                return
+            self.segments.append(json.loads(done.stdout)["records"])
+            index += 1
+
+
+def _store_events(db: Path) -> list[dict[str, Any]]:
+    """The agent's events, read from its SQLite database without writing to it."""
+    connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        rows = connection.execute("SELECT time_s, job, kind FROM events ORDER BY seq").fetchall()
+    finally:
+        connection.close()
+    return [{"time_s": t, "job": job, "kind": kind} for t, job, kind in rows]
+
+
+def _reports(run_dir: Path) -> list[dict[str, Any]]:
+    reports = []
+    for path in sorted(run_dir.glob("report-*.json")):
+        with contextlib.suppress(OSError, json.JSONDecodeError):
+            reports.append(json.loads(path.read_text()))
+    return reports
+
+
+def _wait_done(agent: _Agent, ids: Sequence[str], deadline_s: float) -> None:
+    while time.monotonic() < deadline_s:
+        rows = {r["id"]: r for r in agent.call("GET", "/jobs")["jobs"]}
+        if all(rows[i]["state"] in ("done", "failed", "cancelled") for i in ids):
+            return
+        time.sleep(0.5)
+
+
+def run_policy(config: PoolLiveConfig, policy: str, jobs: Sequence[LiveJob], home: Path,
+               model_dir: Path, emulate: bool, one_by_one: bool = False) -> dict[str, Any]:
+    """One agent under ``policy``: the serving job and ``jobs`` at their arrival times (with
+    ``one_by_one``, each once the one before it ended: the alone runs), the load until every
+    job ended; the figures of `idla.bench.pool_live_report`."""
+    agent = _Agent(home, config, policy, emulate)
+    load: _Load | None = None
+    ids: list[str] = []
+    try:
+        t0_s = time.time()
+        start_s = time.monotonic()
+        deadline_s = start_s + config.job_timeout_s
+        serve_id = agent.call("POST", "/jobs", _serve_spec(model_dir, config))["id"]
+        load = _Load(home / "runs" / serve_id, config)
+        load.start()
+        for job in sorted(jobs, key=lambda j: j.arrival_s):
+            if one_by_one:
+                _wait_done(agent, ids, deadline_s)
+            else:
+                time.sleep(max(0.0, start_s + job.arrival_s - time.monotonic()))
+            ids.append(agent.call("POST", "/jobs", _train_spec(job, config))["id"])
+        _wait_done(agent, ids, deadline_s)
+        load.stop.set()
+        load.join(timeout=config.segment_s + 150)
+        with contextlib.suppress(OSError):
+            agent.call("DELETE", f"/jobs/{serve_id}")
+        rows = {r["id"]: r for r in agent.call("GET", "/jobs")["jobs"]}
+    finally:
+        if load is not None:
+            load.stop.set()
+        agent.close()
+    events = _store_events(home / "pool.db")
+    summaries = [job_summary(rows[i], [e for e in events if e["job"] == i],
+                             _reports(home / "runs" / i), t0_s) for i in ids]
+    serving = serving_summary(load.segments, config.serve_p99_ms, config.window_s)
+    serving.update(ready_s=load.ready_s, load_errors=load.errors)
+    return {"jobs": summaries, "makespan_s": makespan_s(summaries), "serving": serving}
+
+
+def run_pool_live(config: PoolLiveConfig, work_dir: Path | None = None) -> dict[str, Any]:
+    """Every policy of ``config`` on a fresh agent, then the alone runs; the ``live`` dict."""
+    from idla.bench.machine import machine_info
+    from idla.bench.pool_live_report import print_live
+
+    emulate = cgroups_available()
+    if not emulate:
+        print("idla bench pool: the cgroup v1 cpu controller is not writable here; the "
+              f"{len(config.speeds)} devices run unthrottled (speeds not emulated)", flush=True)
+    live: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="idla-bench-pool-", dir=work_dir) as tmp:
+        root = Path(tmp)
+        _save_serve_model(root / "model", config)
+        settings = {**asdict(config), "emulated_speeds": emulate, "python": sys.executable}
+        _print_settings(settings)
+        for policy in config.policies:
+            print(f"live: {policy} ...", flush=True)
+            (root / policy).mkdir()
+            live[policy] = run_policy(config, policy, config.jobs, root / policy,
+                                      root / "model", emulate)
+        if config.alone:
+            print("live: each job alone (idla) ...", flush=True)
+            (root / "alone").mkdir()
+            alone = run_policy(config, "idla", config.jobs, root / "alone", root / "model",
+                               emulate, one_by_one=True)
+            live["alone"] = alone
+            times = {j["name"]: j["jct_s"] for j in alone["jobs"]}
+            for policy in config.policies:
+                for job in live[policy]["jobs"]:
+                    job["alone_s"] = times.get(job["name"])
+    live["targets"] = live_targets(live)
+    live["settings"] = settings
+    live["machine"] = machine_info()
+    print_live(live)
+    return live
+
+
+def _print_settings(settings: dict[str, Any]) -> None:
+    speeds = ", ".join(f"{s:g}" for s in settings["speeds"])
+    quota = settings["base_cores"] * sum(settings["speeds"])
+    how = "cgroup quotas" if settings["emulated_speeds"] else "NOT throttled"
+    print(f"idla bench pool (live): devices at speeds {speeds} x {settings['base_cores']:g} "
+          f"cores = {quota:.3g} cores ({how}), {os.cpu_count()} CPUs; policies "
+          f"{', '.join(settings['policies'])}")
+    for job in settings["jobs"]:
+        print(f"  {job['name']}: p={job['priority']:g}, arrives at {job['arrival_s']:g} s, "
+              f"{job['epochs']} epochs of digits at a global batch of "
+              f"{settings['global_batch']}, 1..{job['max_workers']} workers")
+    print(f"  serving: MLP {settings['serve_features']}-{settings['serve_hidden']}x2-10, "
+          f"Poisson {settings['serve_requests_per_s']:g} req/s, p99 target "
+          f"{settings['serve_p99_ms']:g} ms per {settings['window_s']:g} s window", flush=True)
