@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -66,9 +67,9 @@ class LiveJob:
 
 
 def _default_jobs() -> list[LiveJob]:
-    return [LiveJob(name="sweep", priority=1, arrival_s=0.0, epochs=30),
-            LiveJob(name="finetune", priority=4, arrival_s=20.0, epochs=12),
-            LiveJob(name="eval-train", priority=2, arrival_s=40.0, epochs=12)]
+    return [LiveJob(name="sweep", priority=1, arrival_s=0.0, epochs=60),
+            LiveJob(name="finetune", priority=4, arrival_s=20.0, epochs=25),
+            LiveJob(name="eval-train", priority=2, arrival_s=40.0, epochs=25)]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -154,10 +155,19 @@ class _Agent:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.url + path, data=data, method=method, headers={
             "Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            reason = error.read().decode(errors="replace")[:300]
+            raise IdlaError(f"the pool agent answered {method} {path} with {error.code}: "
+                            f"{reason}") from None
+        except (urllib.error.URLError, OSError) as error:
+            raise IdlaError(f"the pool agent does not answer {method} {path} ({error}); see "
+                            f"{self.home / 'agent.log'}") from None
 
-    def close(self) -> None:
+    def close(self) -> int:
+        """Stop the agent; returns how many of its workers outlived it (then killed)."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -166,15 +176,32 @@ class _Agent:
                 self.process.kill()
                 self.process.wait()
         self.log.close()
+        return _kill_leftovers(self.home / "runs")
+
+
+def _kill_leftovers(runs: Path) -> int:
+    """SIGKILL every process still working in a job's run dir under ``runs`` (the agent stops
+    its workers as it exits; this is the bench's safety net, counted in the results)."""
+    import psutil
+
+    killed = 0
+    for process in psutil.process_iter(["cwd"]):
+        cwd = process.info.get("cwd") or ""
+        if cwd.startswith(f"{runs}{os.sep}"):
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+                killed += 1
+    return killed
 
 
 def _train_spec(job: LiveJob, config: PoolLiveConfig) -> dict[str, Any]:
+    # No train.samples: the spec caps it at 4096 (MAX_WORKERS), below these jobs' work, so the
+    # policy sees every job's work as unknown.
     return {"name": job.name, "kind": "train", "priority": job.priority, "min_workers": 1,
             "max_workers": job.max_workers,
             "train": {"script": str(JOB_SCRIPT), "resizable": True,
                       "args": ["--epochs", str(job.epochs), "--global-batch",
-                               str(config.global_batch), "--seed", str(config.seed)],
-                      "samples": job.epochs * 12 * config.global_batch}}
+                               str(config.global_batch), "--seed", str(config.seed)]}}
 
 
 def _serve_spec(model_dir: Path, config: PoolLiveConfig) -> dict[str, Any]:
@@ -253,14 +280,19 @@ class _Load(threading.Thread):
             index += 1
 
 
-def _store_events(db: Path) -> list[dict[str, Any]]:
-    """The agent's events, read from its SQLite database without writing to it."""
+def _store_history(db: Path) -> tuple[list[dict[str, Any]], list[tuple[float, str, list[str]]]]:
+    """The agent's events and allocation history (time, job, devices from then on), read from
+    its SQLite database without writing to it."""
     connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        rows = connection.execute("SELECT time_s, job, kind FROM events ORDER BY seq").fetchall()
+        events = connection.execute("SELECT time_s, job, kind FROM events ORDER BY seq")
+        event_rows = events.fetchall()
+        held = connection.execute("SELECT time_s, job, devices FROM allocations ORDER BY seq")
+        allocation_rows = held.fetchall()
     finally:
         connection.close()
-    return [{"time_s": t, "job": job, "kind": kind} for t, job, kind in rows]
+    return ([{"time_s": t, "job": job, "kind": kind} for t, job, kind in event_rows],
+            [(t, job, json.loads(devices)) for t, job, devices in allocation_rows])
 
 
 def _reports(run_dir: Path) -> list[dict[str, Any]]:
@@ -287,6 +319,7 @@ def run_policy(config: PoolLiveConfig, policy: str, jobs: Sequence[LiveJob], hom
     agent = _Agent(home, config, policy, emulate)
     load: _Load | None = None
     ids: list[str] = []
+    leftovers = 0
     try:
         t0_s = time.time()
         start_s = time.monotonic()
@@ -309,13 +342,17 @@ def run_policy(config: PoolLiveConfig, policy: str, jobs: Sequence[LiveJob], hom
     finally:
         if load is not None:
             load.stop.set()
-        agent.close()
-    events = _store_events(home / "pool.db")
+        leftovers = agent.close()
+    events, history = _store_history(home / "pool.db")
+    names = {i: rows[i]["name"] for i in rows}
     summaries = [job_summary(rows[i], [e for e in events if e["job"] == i],
                              _reports(home / "runs" / i), t0_s) for i in ids]
     serving = serving_summary(load.segments, config.serve_p99_ms, config.window_s)
     serving.update(ready_s=load.ready_s, load_errors=load.errors)
-    return {"jobs": summaries, "makespan_s": makespan_s(summaries), "serving": serving}
+    return {"jobs": summaries, "makespan_s": makespan_s(summaries), "serving": serving,
+            "workers_left_running": leftovers,
+            "allocations": [[round(t - t0_s, 2), names.get(job, job), devices]
+                            for t, job, devices in history]}
 
 
 def run_pool_live(config: PoolLiveConfig, work_dir: Path | None = None) -> dict[str, Any]:

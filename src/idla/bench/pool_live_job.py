@@ -30,6 +30,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, required=True)
     parser.add_argument("--global-batch", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--collective-timeout-s", type=float, default=60.0,
+                        help="how long a collective (the group's first one too) waits for a "
+                        "peer: a worker on a slow emulated device imports torch in tens of s")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -46,7 +49,8 @@ def main() -> None:
             state.commit()
 
     report = idla.run_elastic(
-        train, model, optimizer, train_set, idla.AgentConfig(global_batch_size=args.global_batch))
+        train, model, optimizer, train_set, idla.AgentConfig(global_batch_size=args.global_batch),
+        idla.ElasticConfig(collective_timeout_s=args.collective_timeout_s))
     row = report.as_dict()
     del row["agent"]  # per-step statistics: large, and not what the bench reads
     row.update(joined=os.environ.get("IDLA_JOIN") == "1", started_s=started_s,
