@@ -8,6 +8,7 @@ from idla.bench.pool_live_report import (
     job_summary,
     live_targets,
     makespan_s,
+    preempted_steps,
     reform_losses,
     serving_summary,
     window_p99s_ms,
@@ -33,11 +34,21 @@ def test_serving_summary_counts_held_windows_failures_and_refusals() -> None:
     assert math.isclose(summary["p99_ms"], 300.0)  # answered ones only
 
 
-def test_reform_losses_take_the_worst_member_per_generation() -> None:
-    reports = [{"events": [{"generation": 1, "steps_lost": 0}, {"generation": 2,
-                                                                 "steps_lost": 1}]},
-               {"events": [{"generation": 2, "steps_lost": 0}]}, {"events": []}]
-    assert reform_losses(reports) == {1: 0, 2: 1}
+def test_reform_losses_take_the_worst_member_per_generation_of_each_attempt() -> None:
+    reports = [{"rendezvous": "r1", "events": [{"generation": 1, "steps_lost": 0},
+                                               {"generation": 2, "steps_lost": 1}]},
+               {"rendezvous": "r1", "events": [{"generation": 2, "steps_lost": 0}]},
+               {"rendezvous": "r2", "events": [{"generation": 1, "steps_lost": 1}]},
+               {"rendezvous": "r2", "events": []}]
+    assert reform_losses(reports) == {("r1", 1): 0, ("r1", 2): 1, ("r2", 1): 1}
+
+
+def test_preempted_steps_are_the_earlier_attempts_progress() -> None:
+    reports = [{"rendezvous": "r1", "step": 30, "ended_s": 20.0},
+               {"rendezvous": "r1", "step": 31, "ended_s": 21.0},
+               {"rendezvous": "r2", "step": 100, "ended_s": 90.0}]
+    assert preempted_steps(reports) == 31
+    assert preempted_steps(reports[2:]) == 0 and preempted_steps([]) == 0
 
 
 def _row(name: str, priority: float, submitted_s: float, finished_s: float | None,

@@ -67,9 +67,9 @@ class LiveJob:
 
 
 def _default_jobs() -> list[LiveJob]:
-    return [LiveJob(name="sweep", priority=1, arrival_s=0.0, epochs=60),
-            LiveJob(name="finetune", priority=4, arrival_s=20.0, epochs=25),
-            LiveJob(name="eval-train", priority=2, arrival_s=40.0, epochs=25)]
+    return [LiveJob(name="sweep", priority=1, arrival_s=0.0, epochs=30),
+            LiveJob(name="finetune", priority=4, arrival_s=20.0, epochs=15),
+            LiveJob(name="eval-train", priority=2, arrival_s=40.0, epochs=15)]
 
 
 @dataclass(kw_only=True, slots=True)

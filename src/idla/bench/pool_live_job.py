@@ -3,11 +3,12 @@ pool can resize it in place, written like a user's script (as `examples/pool/tra
 
 The pool runs it as a plain script on each device it gives the job (``RANK``, ``WORLD_SIZE``,
 the rendezvous and the job secret in the environment; ``IDLA_JOIN=1`` for a worker added
-later; SIGTERM for one taken away). Each worker writes ``report-<member>.json`` into its
-working folder (the job's run dir): the elastic report (`ElasticReport.as_dict`: the step it
-ended at, every re-form with the steps it lost, the committed batches) and its wall time, so
-that the bench reads what each resize cost from the job itself. Cost: the training, plus one
-small JSON file per worker at its end.
+later; SIGTERM for one taken away). Each worker writes ``report-<member>-<pid>.json`` into
+its working folder (the job's run dir; a job restarted after a preemption meets in a new
+rendezvous, named in the report, with member ids from 0 again): the elastic report
+(`ElasticReport.as_dict`: the step it ended at, every re-form with the steps it lost, the
+committed batches) and its wall time, so that the bench reads what each resize cost from the
+job itself. Cost: the training, plus one small JSON file per worker at its end.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ def main() -> None:
     row = report.as_dict()
     del row["agent"]  # per-step statistics: large, and not what the bench reads
     row.update(joined=os.environ.get("IDLA_JOIN") == "1", started_s=started_s,
-               ended_s=time.time())
-    path = Path(f"report-{report.member}.json")
+               ended_s=time.time(), rendezvous=os.environ.get("IDLA_RENDEZVOUS", ""))
+    path = Path(f"report-{report.member}-{os.getpid()}.json")  # a restart reuses member ids
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(row) + "\n")
     os.replace(tmp, path)

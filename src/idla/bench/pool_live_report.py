@@ -9,9 +9,12 @@ of windows with requests in which it held. ``failed``: requests answered with ne
 429, or not answered; ``refused``: 429s (the router's admission control said it would miss).
 
 Training: ``jct_s`` = finished − submitted (the agent's store); ``resizes``: the agent's
-``resized`` events; ``steps_lost``: per re-form (a generation of the job's group), the most
-any member reports it lost, summed over the re-forms; ``max_steps_lost_per_resize``: the most
-one re-form lost. Cost: O(requests log requests + jobs × events).
+``resized`` events; ``steps_lost``: per re-form (a generation of the job's group in one
+rendezvous), the most any member reports it lost, summed over the re-forms;
+``max_steps_lost_per_resize``: the most one re-form lost. A preempted job restarts in a new
+rendezvous from its first step (the bench's script keeps no checkpoint):
+``steps_lost_to_preemption`` is the progress its earlier attempts made and threw away. Cost:
+O(requests log requests + jobs × events).
 """
 
 from __future__ import annotations
@@ -51,14 +54,28 @@ def serving_summary(segments: Sequence[Sequence[Mapping[str, Any]]], target_ms: 
     }
 
 
-def reform_losses(reports: Sequence[Mapping[str, Any]]) -> dict[int, int]:
-    """Steps lost per re-form (generation), the most any member's report says."""
-    lost: dict[int, int] = {}
+def reform_losses(reports: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int], int]:
+    """Steps lost per re-form ((rendezvous, generation)), the most any member's report says."""
+    lost: dict[tuple[str, int], int] = {}
     for report in reports:
         for event in report.get("events", ()):
-            generation = int(event["generation"])
-            lost[generation] = max(lost.get(generation, 0), int(event.get("steps_lost", 0)))
+            key = (str(report.get("rendezvous", "")), int(event["generation"]))
+            lost[key] = max(lost.get(key, 0), int(event.get("steps_lost", 0)))
     return lost
+
+
+def preempted_steps(reports: Sequence[Mapping[str, Any]]) -> int:
+    """Steps the attempts before the last made (the last attempt: the rendezvous of the report
+    that ended last), thrown away by a restart from the first step."""
+    if not reports:
+        return 0
+    last = str(max(reports, key=lambda r: float(r.get("ended_s", 0.0))).get("rendezvous", ""))
+    earlier: dict[str, int] = {}
+    for report in reports:
+        key = str(report.get("rendezvous", ""))
+        if key != last:
+            earlier[key] = max(earlier.get(key, 0), int(report.get("step", 0)))
+    return sum(earlier.values())
 
 
 def job_summary(row: Mapping[str, Any], events: Sequence[Mapping[str, Any]],
@@ -76,6 +93,7 @@ def job_summary(row: Mapping[str, Any], events: Sequence[Mapping[str, Any]],
         "preemptions": sum(e["kind"] == "preempted" for e in events),
         "starts": row["starts"], "reforms": len(lost), "steps_lost": sum(lost.values()),
         "max_steps_lost_per_resize": max(lost.values(), default=0),
+        "steps_lost_to_preemption": preempted_steps(reports),
         "steps": max((int(r.get("step", 0)) for r in reports), default=0),
         "message": row.get("message", ""),
     }
@@ -128,7 +146,7 @@ def print_live(live: Mapping[str, Any]) -> None:
     """The table: one row per policy × job, then each policy's makespan and serving figures,
     then the targets."""
     print(f"{'policy':<7} {'job':<10} {'p':>3} {'arrive s':>8} {'JCT s':>7} {'alone s':>7} "
-          f"{'resizes':>7} {'preempt':>7} {'lost':>4}")
+          f"{'resizes':>7} {'preempt':>7} {'lost':>4} {'redone':>6}")
     for policy, run in live.items():
         if policy in ("targets", "settings", "machine", "alone"):
             continue
@@ -136,7 +154,8 @@ def print_live(live: Mapping[str, Any]) -> None:
             print(f"{policy:<7} {job['name']:<10} {job['priority']:>3g} "
                   f"{job['arrival_s']:>8.1f} {_fmt(job['jct_s']):>7} "
                   f"{_fmt(job.get('alone_s')):>7} {job['resizes']:>7} "
-                  f"{job['preemptions']:>7} {job['steps_lost']:>4}")
+                  f"{job['preemptions']:>7} {job['steps_lost']:>4} "
+                  f"{job['steps_lost_to_preemption']:>6}")
         s = run["serving"]
         print(f"{policy:<7} makespan {_fmt(run['makespan_s'])} s; serving p99 "
               f"{_fmt(s['p99_ms'])} ms (target {s['target_ms']:g}), held "
