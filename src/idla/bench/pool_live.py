@@ -22,13 +22,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -37,17 +35,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from idla.bench.arrivals import poisson_arrivals_s
 from idla.bench.pool_live_report import job_summary, live_targets, makespan_s, serving_summary
+from idla.bench.pool_live_serving import LoadSegments, save_serve_model, serve_spec
 from idla.emulate.cgroup import cgroups_available
 from idla.errors import ConfigError, IdlaError
 
 JOB_SCRIPT = Path(__file__).with_name("pool_live_job.py")
-LOADGEN = Path(__file__).with_name("loadgen.py")
 POLICIES = ("idla", "fifo", "static")
 START_TIMEOUT_S = 60.0  # the agent's process until its API answers
-SERVE_READY_TIMEOUT_S = 120.0  # the serving job's `idla serve` until /healthz answers
-_URL = re.compile(r"idla serve: (http://127\.0\.0\.1:\d+)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -204,82 +199,6 @@ def _train_spec(job: LiveJob, config: PoolLiveConfig) -> dict[str, Any]:
                                str(config.global_batch), "--seed", str(config.seed)]}}
 
 
-def _serve_spec(model_dir: Path, config: PoolLiveConfig) -> dict[str, Any]:
-    return {"name": "serving", "kind": "serve", "priority": 1, "min_workers": 1,
-            "max_workers": 1,
-            "serve": {"model": str(model_dir), "p99_ms": config.serve_p99_ms,
-                      "offered_requests_per_s": config.serve_requests_per_s}}
-
-
-def _save_serve_model(directory: Path, config: PoolLiveConfig) -> None:
-    import torch
-
-    from idla.serve.model_io import MLP, save_model
-
-    kwargs = {"in_features": config.serve_features, "hidden": config.serve_hidden,
-              "layers": 2, "classes": 10}
-    torch.manual_seed(config.seed)
-    save_model(directory, MLP(**kwargs), "mlp", kwargs, (config.serve_features,), "bench-v1")
-
-
-def _serve_endpoint(run_dir: Path, deadline_s: float) -> tuple[int, str]:
-    """The serving job's port (from its log) and token, once /healthz answers."""
-    while time.monotonic() < deadline_s:
-        log = run_dir / "worker-0.log"
-        found = _URL.search(log.read_text(errors="replace")) if log.exists() else None
-        if found is not None and (run_dir / "token").exists():
-            with contextlib.suppress(OSError), urllib.request.urlopen(
-                    found.group(1) + "/healthz", timeout=5):
-                token = (run_dir / "token").read_text().strip()
-                return int(found.group(1).rsplit(":", 1)[1]), token
-        time.sleep(0.3)
-    raise IdlaError(f"the serving job did not answer within {SERVE_READY_TIMEOUT_S:g} s "
-                    f"(see {run_dir / 'worker-0.log'})")
-
-
-class _Load(threading.Thread):
-    """Open-loop Poisson segments against the serving job, back to back until stopped, from
-    the moment it answers."""
-
-    def __init__(self, run_dir: Path, config: PoolLiveConfig) -> None:
-        super().__init__(name="idla-bench-load", daemon=True)
-        self.run_dir, self.config = run_dir, config
-        self.segments: list[list[dict[str, Any]]] = []
-        self.errors: list[str] = []
-        self.ready_s: float | None = None
-        """Seconds from the thread's start until the serving job answered."""
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        started_s = time.monotonic()
-        try:
-            self.port, self.token = _serve_endpoint(self.run_dir,
-                                                    started_s + SERVE_READY_TIMEOUT_S)
-        except IdlaError as error:
-            self.errors.append(str(error))
-            return
-        self.ready_s = time.monotonic() - started_s
-        index = 0
-        while not self.stop.is_set():
-            config = self.config
-            times_s = poisson_arrivals_s(config.serve_requests_per_s, config.segment_s,
-                                         config.seed + index)
-            command = [sys.executable, "-I", str(LOADGEN), "--port", str(self.port),
-                       "--duration", f"{config.segment_s:g}", "--rows", "1",
-                       "--features", str(config.serve_features), "--seed", str(index)]
-            with tempfile.TemporaryFile() as stdin:
-                stdin.write(json.dumps(times_s).encode())
-                stdin.seek(0)
-                done = subprocess.run(command, stdin=stdin, capture_output=True,
-                                      env=os.environ | {"IDLA_TOKEN": self.token},
-                                      timeout=config.segment_s + 120)
-            if done.returncode != 0:
-                self.errors.append(done.stderr.decode(errors="replace").strip()[-300:])
-                return
-            self.segments.append(json.loads(done.stdout)["records"])
-            index += 1
-
-
 def _store_history(db: Path) -> tuple[list[dict[str, Any]], list[tuple[float, str, list[str]]]]:
     """The agent's events and allocation history (time, job, devices from then on), read from
     its SQLite database without writing to it."""
@@ -317,15 +236,15 @@ def run_policy(config: PoolLiveConfig, policy: str, jobs: Sequence[LiveJob], hom
     ``one_by_one``, each once the one before it ended: the alone runs), the load until every
     job ended; the figures of `idla.bench.pool_live_report`."""
     agent = _Agent(home, config, policy, emulate)
-    load: _Load | None = None
+    load: LoadSegments | None = None
     ids: list[str] = []
     leftovers = 0
     try:
         t0_s = time.time()
         start_s = time.monotonic()
         deadline_s = start_s + config.job_timeout_s
-        serve_id = agent.call("POST", "/jobs", _serve_spec(model_dir, config))["id"]
-        load = _Load(home / "runs" / serve_id, config)
+        serve_id = agent.call("POST", "/jobs", serve_spec(model_dir, config))["id"]
+        load = LoadSegments(home / "runs" / serve_id, config)
         load.start()
         for job in sorted(jobs, key=lambda j: j.arrival_s):
             if one_by_one:
@@ -336,7 +255,7 @@ def run_policy(config: PoolLiveConfig, policy: str, jobs: Sequence[LiveJob], hom
         _wait_done(agent, ids, deadline_s)
         load.stop.set()
         load.join(timeout=config.segment_s + 150)
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(IdlaError):
             agent.call("DELETE", f"/jobs/{serve_id}")
         rows = {r["id"]: r for r in agent.call("GET", "/jobs")["jobs"]}
     finally:
@@ -367,7 +286,7 @@ def run_pool_live(config: PoolLiveConfig, work_dir: Path | None = None) -> dict[
     live: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="idla-bench-pool-", dir=work_dir) as tmp:
         root = Path(tmp)
-        _save_serve_model(root / "model", config)
+        save_serve_model(root / "model", config)
         settings = {**asdict(config), "emulated_speeds": emulate, "python": sys.executable}
         _print_settings(settings)
         for policy in config.policies:
