@@ -64,6 +64,9 @@ def test_job_summary_and_makespan() -> None:
     job = job_summary(_row("a", 4, 110.0, 150.0), events, reports, t0_s=100.0)
     assert job["jct_s"] == 40.0 and job["arrival_s"] == 10.0 and job["finished_s"] == 50.0
     assert job["resizes"] == 2 and job["preemptions"] == 1 and job["steps_lost"] == 1
+    assert job["steps_lost_to_preemption"] == 0  # one start, one attempt's reports
+    restarted = job_summary({**_row("a", 4, 110.0, 150.0), "starts": 2}, events, reports, 100.0)
+    assert restarted["steps_lost_to_preemption"] is None  # the first attempt left no report
     failed = job_summary(_row("b", 1, 100.0, 120.0, "failed"), [], [], t0_s=100.0)
     assert failed["jct_s"] is None and failed["steps"] == 0
     assert makespan_s([job]) == 50.0 and makespan_s([job, failed]) is None

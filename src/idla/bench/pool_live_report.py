@@ -13,7 +13,8 @@ Training: ``jct_s`` = finished − submitted (the agent's store); ``resizes``: t
 rendezvous), the most any member reports it lost, summed over the re-forms;
 ``max_steps_lost_per_resize``: the most one re-form lost. A preempted job restarts in a new
 rendezvous from its first step (the bench's script keeps no checkpoint):
-``steps_lost_to_preemption`` is the progress its earlier attempts made and threw away. Cost:
+``steps_lost_to_preemption`` is the progress its earlier attempts made and threw away (None
+when an attempt left no report: its workers were killed before they could write one). Cost:
 O(requests log requests + jobs × events).
 """
 
@@ -93,7 +94,8 @@ def job_summary(row: Mapping[str, Any], events: Sequence[Mapping[str, Any]],
         "preemptions": sum(e["kind"] == "preempted" for e in events),
         "starts": row["starts"], "reforms": len(lost), "steps_lost": sum(lost.values()),
         "max_steps_lost_per_resize": max(lost.values(), default=0),
-        "steps_lost_to_preemption": preempted_steps(reports),
+        "steps_lost_to_preemption": preempted_steps(reports) if len(
+            {str(r.get("rendezvous", "")) for r in reports}) >= row["starts"] else None,
         "steps": max((int(r.get("step", 0)) for r in reports), default=0),
         "message": row.get("message", ""),
     }
@@ -155,7 +157,7 @@ def print_live(live: Mapping[str, Any]) -> None:
                   f"{job['arrival_s']:>8.1f} {_fmt(job['jct_s']):>7} "
                   f"{_fmt(job.get('alone_s')):>7} {job['resizes']:>7} "
                   f"{job['preemptions']:>7} {job['steps_lost']:>4} "
-                  f"{job['steps_lost_to_preemption']:>6}")
+                  f"{_fmt(job['steps_lost_to_preemption'], 'd'):>6}")
         s = run["serving"]
         print(f"{policy:<7} makespan {_fmt(run['makespan_s'])} s; serving p99 "
               f"{_fmt(s['p99_ms'])} ms (target {s['target_ms']:g}), held "
