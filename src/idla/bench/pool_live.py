@@ -56,15 +56,22 @@ class LiveJob:
     arrival_s: float
     """Seconds after the run's start at which it is submitted."""
     epochs: int
-    """Epochs of the digits training set (12 steps each at a global batch of 128)."""
+    """Epochs of the workload's training set (digits: 12 steps each at a global batch of 128;
+    resnet: 16 at 256)."""
     max_workers: int = 3
     """Devices it may use at most (its minimum is 1)."""
 
 
-def _default_jobs() -> list[LiveJob]:
-    return [LiveJob(name="sweep", priority=1, arrival_s=0.0, epochs=30),
-            LiveJob(name="finetune", priority=4, arrival_s=20.0, epochs=15),
-            LiveJob(name="eval-train", priority=2, arrival_s=40.0, epochs=15)]
+MODELS = {"digits": (128, (30, 15, 15)), "resnet": (256, (15, 8, 8))}
+"""Per workload: its global batch and the three jobs' epochs (the p=1 job about 60 s alone)."""
+
+
+def default_jobs(model: str = "digits") -> list[LiveJob]:
+    """The issue's three training jobs (priorities 1, 4, 2 arriving at 0, 20 and 40 s)."""
+    epochs = MODELS[model][1]
+    return [LiveJob(name="sweep", priority=1, arrival_s=0.0, epochs=epochs[0]),
+            LiveJob(name="finetune", priority=4, arrival_s=20.0, epochs=epochs[1]),
+            LiveJob(name="eval-train", priority=2, arrival_s=40.0, epochs=epochs[2])]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -77,10 +84,13 @@ class PoolLiveConfig:
     """CPU cores of a speed-1 device (the quotas sum to base_cores × Σ speeds)."""
     policies: Sequence[str] = POLICIES
     """Policies compared, each on a fresh agent."""
-    jobs: list[LiveJob] = field(default_factory=_default_jobs)
-    """The training jobs, arriving at their times."""
-    global_batch: int = 128
-    """Samples per step of every training job."""
+    model: str = "digits"
+    """The training jobs' workload (`idla.demo.workloads`): digits (mostly fixed per-step
+    costs, so more devices barely help) or resnet (mostly compute)."""
+    jobs: list[LiveJob] | None = None
+    """The training jobs, arriving at their times (None: `default_jobs` of the model)."""
+    global_batch: int | None = None
+    """Samples per step of every training job (None: the model's in `MODELS`)."""
     serve_p99_ms: float = 250.0
     """The serving job's latency target (p99 per window), milliseconds."""
     serve_requests_per_s: float = 10.0
@@ -101,6 +111,10 @@ class PoolLiveConfig:
     """Seeds the arrivals of the load and the jobs' data order."""
 
     def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ConfigError(f"--live-model: {self.model!r} is not one of {', '.join(MODELS)}")
+        self.jobs = default_jobs(self.model) if self.jobs is None else self.jobs
+        self.global_batch = self.global_batch or MODELS[self.model][0]
         unknown = [p for p in self.policies if p not in POLICIES]
         if unknown:
             raise ConfigError(f"--live-policies: unknown policy {unknown[0]!r}; choose from "
@@ -195,7 +209,8 @@ def _train_spec(job: LiveJob, config: PoolLiveConfig) -> dict[str, Any]:
     return {"name": job.name, "kind": "train", "priority": job.priority, "min_workers": 1,
             "max_workers": job.max_workers,
             "train": {"script": str(JOB_SCRIPT), "resizable": True,
-                      "args": ["--epochs", str(job.epochs), "--global-batch",
+                      "args": ["--model", config.model, "--epochs", str(job.epochs),
+                               "--global-batch",
                                str(config.global_batch), "--seed", str(config.seed)]}}
 
 
@@ -288,16 +303,17 @@ def run_pool_live(config: PoolLiveConfig, work_dir: Path | None = None) -> dict[
         root = Path(tmp)
         save_serve_model(root / "model", config)
         settings = {**asdict(config), "emulated_speeds": emulate, "python": sys.executable}
+        jobs = config.jobs or []
         _print_settings(settings)
         for policy in config.policies:
             print(f"live: {policy} ...", flush=True)
             (root / policy).mkdir()
-            live[policy] = run_policy(config, policy, config.jobs, root / policy,
+            live[policy] = run_policy(config, policy, jobs, root / policy,
                                       root / "model", emulate)
         if config.alone:
             print("live: each job alone (idla) ...", flush=True)
             (root / "alone").mkdir()
-            alone = run_policy(config, "idla", config.jobs, root / "alone", root / "model",
+            alone = run_policy(config, "idla", jobs, root / "alone", root / "model",
                                emulate, one_by_one=True)
             live["alone"] = alone
             times = {j["name"]: j["jct_s"] for j in alone["jobs"]}
@@ -320,7 +336,7 @@ def _print_settings(settings: dict[str, Any]) -> None:
           f"{', '.join(settings['policies'])}")
     for job in settings["jobs"]:
         print(f"  {job['name']}: p={job['priority']:g}, arrives at {job['arrival_s']:g} s, "
-              f"{job['epochs']} epochs of digits at a global batch of "
+              f"{job['epochs']} epochs of {settings['model']} at a global batch of "
               f"{settings['global_batch']}, 1..{job['max_workers']} workers")
     print(f"  serving: MLP {settings['serve_features']}-{settings['serve_hidden']}x2-10, "
           f"Poisson {settings['serve_requests_per_s']:g} req/s, p99 target "

@@ -1,5 +1,7 @@
-"""The training job of `idla bench pool`'s live part: the digits CNN under `run_elastic`, so the
-pool can resize it in place, written like a user's script (as `examples/pool/train_pool.py`).
+"""The training job of `idla bench pool`'s live part: a benchmark workload (`idla.demo.workloads`:
+the digits CNN, whose step is mostly fixed costs, or the small ResNet, mostly compute) under
+`run_elastic`, so the pool can resize it in place, written like a user's script (as
+`examples/pool/train_pool.py`).
 
 The pool runs it as a plain script on each device it gives the job (``RANK``, ``WORLD_SIZE``,
 the rendezvous and the job secret in the environment; ``IDLA_JOIN=1`` for a worker added
@@ -20,16 +22,17 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import idla
-from idla.demo import DigitsCNN, load_digits_split
+from idla.demo.workloads import WORKLOADS
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", choices=sorted(WORKLOADS), default="digits")
     parser.add_argument("--epochs", type=int, required=True)
-    parser.add_argument("--global-batch", type=int, default=128)
+    parser.add_argument("--global-batch", type=int, default=None,
+                        help="samples per step (default: the workload's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--collective-timeout-s", type=float, default=60.0,
                         help="how long a collective (the group's first one too) waits for a "
@@ -37,20 +40,22 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    train_set, _ = load_digits_split(seed=args.seed)
+    workload = WORKLOADS[args.model]
+    train_set, _ = workload.split(args.seed)
     torch.manual_seed(args.seed)
-    model = DigitsCNN()
+    model = workload.model()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     started_s = time.time()
 
     def train(agent: idla.Agent, state: idla.ElasticState) -> None:
         for x, y in state.batches(args.epochs):
-            agent.backward(F.cross_entropy(model(x), y))
+            agent.backward(workload.loss(model, x, y))
             optimizer.step()
             state.commit()
 
     report = idla.run_elastic(
-        train, model, optimizer, train_set, idla.AgentConfig(global_batch_size=args.global_batch),
+        train, model, optimizer, train_set, idla.AgentConfig(
+            global_batch_size=args.global_batch or workload.global_batch_size),
         idla.ElasticConfig(collective_timeout_s=args.collective_timeout_s))
     row = report.as_dict()
     del row["agent"]  # per-step statistics: large, and not what the bench reads

@@ -82,6 +82,8 @@ def add_commands(commands: Any, benches: Any) -> None:
                        help="live: policies, of idla, fifo, static (default: all three)")
     bench.add_argument("--live-speeds", default=None, metavar="LIST",
                        help="live: relative speed per emulated device (default: 1,1,0.5,0.25)")
+    bench.add_argument("--live-model", choices=("digits", "resnet"), default="digits",
+                       help="live: the training jobs' model (default: digits)")
     bench.add_argument("--workloads", type=_names, default=(), metavar="SET/NAME[,..]",
                        help="workloads to replay (default: every one under the traces)")
     bench.add_argument("--policies", type=_names, default=_POLICIES, metavar="NAME[,..]",
@@ -135,7 +137,9 @@ def _live(args: argparse.Namespace) -> dict[str, Any]:
     from idla.bench.pool_live import PoolLiveConfig, quick_config, run_pool_live
     from idla.cli.args import optional_speeds
 
-    overrides: dict[str, Any] = {"alone": False} if args.no_alone else {}
+    overrides: dict[str, Any] = {"model": args.live_model}
+    if args.no_alone:
+        overrides["alone"] = False
     if args.live_policies is not None:
         overrides["policies"] = args.live_policies
     if args.live_speeds is not None:
