@@ -61,6 +61,9 @@ def add_commands(commands: Any, benches: Any) -> None:
                        help="CPUs a slot of speed 1 gets when throttled (default: 0.5)")
     start.add_argument("--token-file", metavar="PATH",
                        help="file holding the API token (default: $IDLA_TOKEN, else random)")
+    start.add_argument("--policy", choices=("idla", "fifo", "static"), default="idla",
+                       help="who gets which devices: idla (priorities, resizes; default), fifo "
+                       "or static (one fixed device per job), the baselines of idla bench pool")
     start.set_defaults(handler=_start)
     for parsers in (verbs, commands):
         _add_client_verbs(parsers)
@@ -102,6 +105,7 @@ def _start(args: argparse.Namespace) -> int:
     from idla.cli.token import resolve_token
     from idla.pool.agent import PoolAgent, PoolConfig
     from idla.pool.api import serving
+    from idla.pool.baselines_live import live_policy
     from idla.pool.local import LocalBackend, LocalConfig
     from idla.pool.store import Store
 
@@ -114,7 +118,8 @@ def _start(args: argparse.Namespace) -> int:
     store = Store(args.db or home / "pool.db")
     backend = LocalBackend(LocalConfig(devices=args.devices, speeds=speeds,
                                        base_cores=args.base_cores))
-    agent = PoolAgent(store, backend, PoolConfig(run_root=home / "runs"))
+    agent = PoolAgent(store, backend, PoolConfig(run_root=home / "runs"),
+                      policy=live_policy(args.policy))
     signal.signal(signal.SIGTERM, _exit_quietly)
     try:
         with serving(agent, token, args.host, args.port) as server:

@@ -67,10 +67,23 @@ def add_commands(commands: Any, benches: Any) -> None:
         "pool", help="the device-pool policy: simulated cluster replays vs baselines",
         description="Replay every Pollux/Sia workload (philly, saturn) under idla and four "
         "baselines on a simulated 64-GPU cluster and time allocate at 1,000 devices x 200 "
-        "jobs; report the issue's targets. --simulate-only skips the live part.",
+        "jobs; then, live on this machine, run three training jobs and a serving job on "
+        "emulated devices under idla, FIFO and a static partition (a fresh `idla pool start` "
+        "each); report the issue's targets. --simulate-only skips the live part, --live-only "
+        "the replays; --no-alone skips the alone runs of both.",
     )
     bench.add_argument("--simulate-only", action="store_true",
                        help="only the simulated replays (the live part is not run)")
+    bench.add_argument("--live-only", action="store_true",
+                       help="only the live part on this machine (no replays)")
+    bench.add_argument("--quick", action="store_true",
+                       help="live: a short smoke run (2 devices, 2 short jobs, idla only)")
+    bench.add_argument("--live-policies", type=_names, default=None, metavar="NAME[,..]",
+                       help="live: policies, of idla, fifo, static (default: all three)")
+    bench.add_argument("--live-speeds", default=None, metavar="LIST",
+                       help="live: relative speed per emulated device (default: 1,1,0.5,0.25)")
+    bench.add_argument("--live-model", choices=("digits", "resnet"), default="digits",
+                       help="live: the training jobs' model (default: digits)")
     bench.add_argument("--workloads", type=_names, default=(), metavar="SET/NAME[,..]",
                        help="workloads to replay (default: every one under the traces)")
     bench.add_argument("--policies", type=_names, default=_POLICIES, metavar="NAME[,..]",
@@ -107,11 +120,31 @@ def _progress(workload: str, policy: str, entry: dict[str, Any]) -> None:
 def _bench(args: argparse.Namespace) -> dict[str, Any]:
     from idla.pool.sim.run import print_pool_simulations, run_pool_simulations, time_policy
 
+    if args.simulate_only and args.live_only:
+        raise ConfigError("--simulate-only and --live-only: give at most one")
+    result: dict[str, Any] = {}
+    if not args.live_only:
+        result = run_pool_simulations(_config(args, args.workloads, args.policies),
+                                      on_result=_progress)
+        result["policy_timing"] = time_policy()
+        print_pool_simulations(result)
     if not args.simulate_only:
-        raise ConfigError("the live part of idla bench pool is not built yet; "
-                          "run it with --simulate-only")
-    result = run_pool_simulations(_config(args, args.workloads, args.policies),
-                                  on_result=_progress)
-    result["policy_timing"] = time_policy()
-    print_pool_simulations(result)
+        result["live"] = _live(args)
     return result
+
+
+def _live(args: argparse.Namespace) -> dict[str, Any]:
+    from idla.bench.pool_live import PoolLiveConfig, quick_config, run_pool_live
+    from idla.cli.args import optional_speeds
+
+    overrides: dict[str, Any] = {"model": args.live_model}
+    if args.no_alone:
+        overrides["alone"] = False
+    if args.live_policies is not None:
+        overrides["policies"] = args.live_policies
+    if args.live_speeds is not None:
+        overrides["speeds"] = optional_speeds(args.live_speeds, "--live-speeds")
+        if overrides["speeds"] is None:
+            raise ConfigError("--live-speeds: give one speed per device, e.g. 1,1,0.5,0.25")
+    config = quick_config(**overrides) if args.quick else PoolLiveConfig(**overrides)
+    return run_pool_live(config)
