@@ -55,6 +55,7 @@ from idla.elastic.membership import (
     FailureEvent,
     LeftGroup,
     MembershipChange,
+    PeerMissing,
     env_int,
     is_peer_failure,
     membership_check,
@@ -68,6 +69,7 @@ from idla.elastic.state_transfer import (
 )
 from idla.errors import IdlaError
 from idla.runtime.collectives import all_gather_json
+from idla.runtime.devices import ReportTimeout
 from idla.runtime.group import Group
 from idla.runtime.loader import Data
 
@@ -258,6 +260,20 @@ def run_elastic(
             rdzv.close()
 
 
+def _open_group(elastic: ElasticConfig, rdzv: Rendezvous | None, membership: Membership
+                ) -> Group:
+    """This generation's group; a peer that never reports is a lost peer, not a mistake,
+    once a rendezvous can re-form without it."""
+    try:
+        return Group(elastic.collective_timeout_s,
+                     store=rdzv.pg_store(membership) if rdzv else None,
+                     rank=membership.rank, world_size=membership.world_size)
+    except ReportTimeout as error:
+        if rdzv is None:
+            raise
+        raise PeerMissing(f"generation {membership.generation}: {error}") from None
+
+
 def _generations(
     train_fn: Callable[[Agent, ElasticState], None], model: nn.Module,
     optimizer: torch.optim.Optimizer | None, dataset: Data, config: AgentConfig,
@@ -267,14 +283,11 @@ def _generations(
     """One group after another, until `train_fn` returns or this worker leaves."""
     events: list[FailureEvent] = []
     while True:
-        group = Group(
-            elastic.collective_timeout_s,
-            store=rdzv.pg_store(membership) if rdzv else None,
-            rank=membership.rank, world_size=membership.world_size,
-        )
-        state.membership_check = membership_check(rdzv, group, elastic,
-                                                  lambda: state.leaving)
+        group: Group | None = None
         try:
+            group = _open_group(elastic, rdzv, membership)
+            state.membership_check = membership_check(rdzv, group, elastic,
+                                                      lambda: state.leaving)
             label = rdzv.key(f"g{membership.generation}/claim") if rdzv else "claim"
             adoption = _choose_source(state, model, optimizer, group, membership, auth,
                                       label)
@@ -303,7 +316,7 @@ def _generations(
             return ElasticReport(state, events, agent.report(), membership.member,
                                  group.world_size, len(auth.refused))
         except LeftGroup:
-            assert state.agent is not None  # only a step boundary raises it
+            assert state.agent is not None and group is not None  # only a step boundary raises it
             mark_closed(state.agent)  # the others re-form without it; nothing in flight
             group.close()
             if state.agent.pool_metrics is not None:
@@ -316,7 +329,8 @@ def _generations(
             if state.agent is not None:
                 mark_closed(state.agent)  # its group is gone; the next generation takes over
             failed_at = time.time()
-            group.close()
+            if group is not None:
+                group.close()
             before = set(membership.members)
             leaving = error.leaving if isinstance(error, MembershipChange) else ()
             membership, lost_members = rdzv.next(state.step, leaving)

@@ -28,6 +28,11 @@ _PEER_FAILURE_MARKS = (
 )
 
 
+class PeerMissing(RuntimeError):
+    """A member of a new generation never reported its device (it died or was stopped before
+    the group formed): the others re-form without it."""
+
+
 class MembershipChange(RuntimeError):
     """Raised at a step boundary on every rank that stays when a newcomer asks to join or a
     member asks to leave."""
@@ -49,7 +54,7 @@ def is_peer_failure(error: BaseException) -> bool:
     a planned membership change)."""
     if isinstance(error, IdlaError) or not isinstance(error, RuntimeError):
         return False
-    if isinstance(error, dist.DistError | MembershipChange):
+    if isinstance(error, dist.DistError | MembershipChange | PeerMissing):
         return True
     text = str(error).lower()
     return any(mark in text for mark in _PEER_FAILURE_MARKS)

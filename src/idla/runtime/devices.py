@@ -140,6 +140,11 @@ def describe_fleet(reports: Sequence[DeviceReport]) -> str:
     return " ".join(f"{rank}:{r.device}" for rank, r in enumerate(reports))
 
 
+class ReportTimeout(ConfigError):
+    """A peer did not report its device in time: a user's mistake at a job's start (a rank
+    not started), a lost peer when an elastic generation re-forms."""
+
+
 def agree_on_reports(
     store: dist.Store, rank: int, world_size: int, mine: DeviceReport, timeout_s: float
 ) -> list[DeviceReport]:
@@ -147,14 +152,14 @@ def agree_on_reports(
     every rank calls it once per store). Cost: one set and world_size gets of ~100 bytes.
 
     Raises:
-        ConfigError: A peer did not report within `timeout_s`.
+        ReportTimeout: A peer did not report within `timeout_s`.
     """
     store.set(f"{REPORT_PREFIX}{rank}", mine.to_json())
     keys = [f"{REPORT_PREFIX}{r}" for r in range(world_size)]
     try:
         store.wait(keys, timedelta(seconds=timeout_s))
     except (RuntimeError, dist.DistStoreError) as error:
-        raise ConfigError(
+        raise ReportTimeout(
             f"rank {rank}: not every rank reported its device within {timeout_s:g} s "
             f"({error}); are all {world_size} ranks started?") from None
     return [DeviceReport.from_json(store.get(key).decode("utf-8")) for key in keys]
