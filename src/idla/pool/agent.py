@@ -1,10 +1,13 @@
 """The pool agent: the controller loop that keeps every job on the devices the policy chose.
 
-    observe (workers' exits, lost devices, arrivals, cancels) → plan (the policy, a pure
-    function) → act (start, grow, shrink, stop) → record (SQLite)
+    observe (workers' exits and metrics, lost devices, arrivals, cancels) → plan (the policy,
+    a pure function) → act (start, grow, shrink, stop) → record (SQLite)
 
-A plan is made on every event (arrival, completion, cancel, a worker or device lost) and every
-``replan_s`` (a measured speed change). Acting on it, per job:
+A plan is made on every event (arrival, completion, cancel, a worker or device lost, a job
+formed) and every ``replan_s`` (measured speeds change). The policy is
+`idla.pool.policy.allocate` over `idla.pool.perf.OnlineModels`, fed every tick from each job's
+metrics (`idla.pool.progress`: rates per device kind, the measured cost of each resize, the
+samples done, so the policy sees the work left). Acting on a plan, per job:
 - a queued job given devices starts: one worker per device, ranks 0..n-1, meeting in a fresh
   file rendezvous under its run dir, signed with a job secret of its own;
 - a running resizable job given more devices grows: a worker per new device with
@@ -13,41 +16,41 @@ A plan is made on every event (arrival, completion, cancel, a worker or device l
   (SIGTERM; `run_elastic` leaves at the step boundary after the commit);
 - one given none is preempted: all its workers stop and it waits in the queue.
 A job that is not resizable (a script without `run_elastic`, serving, inference) keeps its
-devices while it runs, as does a job whose membership changed less than ``resize_hold_s`` ago
-(a re-form must finish before the next). Cost per plan: the policy's, plus O(J + D).
+devices while it runs, as does one that is not *formed* — every worker has stepped at the
+current world size since its start or last change (`JobProgress.formed`; ``form_timeout_s``
+at most, for a script that writes no metrics) — and one changed less than ``resize_hold_s`` ago.
+
+Faults: an exception in a tick goes to the agent log (one line and its traceback) and is
+counted (``tick_errors``); the loop goes on. A job whose workers fail ``max_failures`` times
+with no step of the job between is stopped and marked failed, with the reasons. A device
+drained (`drain`) leaves the pool: its worker departs at a step boundary and the job shrinks
+in place; a device lost (``drain(..., lost=True)``, or gone from the backend) has its worker
+killed and the others re-form without it. Cost per plan: the policy's, plus O(J + D).
 """
 
 from __future__ import annotations
 
-import importlib
 import secrets
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from idla.pool.backend import Backend, WorkerHandle, WorkerLaunch
 from idla.pool.model import Allocation, Device, JobView, PerfModels, check_allocation
+from idla.pool.perf import OnlineModels
+from idla.pool.policy import allocate
+from idla.pool.progress import JobProgress, SpeedPrior
 from idla.pool.spec import JobSpec
 from idla.pool.store import JobRecord, Store
-from idla.pool.workers import processes_per_device, worker_command
+from idla.pool.workers import processes_per_device, worker_command, worker_env
 
 Policy = Callable[[Sequence[JobView], Sequence[Device], PerfModels, Allocation],
                   Mapping[str, Sequence[str]]]
-
-
-def default_policy() -> Policy:
-    """`idla.pool.policy.allocate` when it is installed, else the stand-in priority fill."""
-    try:
-        module = importlib.import_module("idla.pool.policy")
-    except ImportError:
-        from idla.pool.fill import priority_fill
-
-        return priority_fill
-    return cast(Policy, module.allocate)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -60,15 +63,19 @@ class PoolConfig:
     """Seconds between two looks at the workers."""
     replan_s: float = 5.0
     """Seconds between two plans when nothing happened (measured speeds change)."""
-    resize_hold_s: float = 6.0
-    """A job is not resized again within this many seconds of a start or resize."""
-    start_hold_s: float = 20.0
-    """A new job is not resized within this many seconds of its start: its workers must import
-    and form their first group (a worker stopped before that fails the others' start)."""
+    resize_hold_s: float = 2.0
+    """A job is not resized again within this many seconds of a change, even once formed."""
+    form_timeout_s: float = 60.0
+    """A job not formed this many seconds after a change counts as formed (its script writes
+    no metrics, or a worker hangs): it may be resized again."""
+    max_failures: int = 3
+    """Worker failures with no step of the job between them after which it is marked failed."""
     finish_grace_s: float = 15.0
     """Once a worker of a job finished (exit 0), the others get this long to finish too."""
     python: str = sys.executable
     """The interpreter that runs training scripts and `idla serve`/`idla infer`."""
+    log_path: Path | None = None
+    """The agent log (errors with their tracebacks); None: ``run_root/agent.log``."""
 
 
 @dataclass
@@ -79,14 +86,18 @@ class _Run:
     attempt: int
     run_dir: Path
     secret: str
+    progress: JobProgress
     workers: dict[str, WorkerHandle] = field(default_factory=dict)
     leaving: list[WorkerHandle] = field(default_factory=list)
     """Workers the agent stopped that have not exited yet (their exit is no failure)."""
     failed_last: bool = False
     """The last worker left by failing (not stopped, not finished)."""
+    gave_up: bool = False
+    """Its workers failed ``max_failures`` times in a row: it ends as failed."""
+    failures_in_row: int = 0
+    step_at_failure: int = 0
     next_member: int = 0
     changed_s: float = 0.0
-    started_s: float = 0.0
     finished_s: float | None = None
     failures: list[str] = field(default_factory=list)
     resizes: int = 0
@@ -96,15 +107,15 @@ class PoolAgent:
     """Runs the pool: the store says what is asked, the backend does it, the policy decides."""
 
     def __init__(self, store: Store, backend: Backend, config: PoolConfig,
-                 policy: Policy | None = None, models: PerfModels | None = None) -> None:
+                 policy: Policy | None = None, models: OnlineModels | None = None) -> None:
         self.store, self.backend, self.config = store, backend, config
-        self.policy = policy or default_policy()
-        if models is None:
-            from idla.pool.fill import CountModels
-
-            speeds = getattr(backend, "speeds", None)
-            models = CountModels(speeds() if callable(speeds) else None)
-        self.models = models
+        self.policy: Policy = policy or allocate
+        self.online = models or OnlineModels()
+        self.models = SpeedPrior(self.online)
+        self.log_path = config.log_path or config.run_root / "agent.log"
+        self.tick_errors = 0
+        """Ticks that raised (each logged with its traceback); the loop went on."""
+        self._drained: dict[str, bool] = {}  # device id → lost (True) or drained (False)
         self._runs: dict[str, _Run] = {}
         self._lock = threading.RLock()
         self._wake = threading.Event()
@@ -130,20 +141,66 @@ class PoolAgent:
         assert updated is not None
         return updated
 
+    def devices(self) -> list[Device]:
+        """The backend's devices that are neither drained nor lost."""
+        return [d for d in self.backend.devices() if d.device_id not in self._drained]
+
+    def device_states(self) -> dict[str, str]:
+        """Every backend device: ``up``, ``drained`` or ``lost``."""
+        return {d.device_id: ("up" if d.device_id not in self._drained else
+                              "lost" if self._drained[d.device_id] else "drained")
+                for d in self.backend.devices()}
+
+    def drain(self, device_id: str, lost: bool = False) -> None:
+        """Take ``device_id`` out of the pool (KeyError when unknown): its worker leaves at a
+        step boundary, or, ``lost``, is killed as if the device had died."""
+        with self._lock:
+            if device_id not in self.device_states():
+                raise KeyError(device_id)
+            self._drained[device_id] = lost
+        self.store.add_event(None, "device_lost" if lost else "device_drained",
+                             {"device": device_id})
+        self._poke()
+
+    def restore(self, device_id: str) -> None:
+        """Give a drained or lost device back to the pool (KeyError when unknown)."""
+        with self._lock:
+            if device_id not in self.device_states():
+                raise KeyError(device_id)
+            self._drained.pop(device_id, None)
+        self.store.add_event(None, "device_restored", {"device": device_id})
+        self._poke()
+
     def _poke(self) -> None:
         with self._lock:
             self._dirty = True
         self._wake.set()
 
     def run(self, stop: threading.Event) -> None:
-        """The loop, until ``stop`` is set; then every worker is stopped."""
+        """The loop, until ``stop`` is set; then every worker is stopped. A tick that raises is
+        logged and counted, and the loop goes on."""
         try:
             while not stop.is_set():
-                self.tick()
+                try:
+                    self.tick()
+                except Exception as error:  # logged; one bad tick is no outage
+                    self._log_error(error)
                 self._wake.wait(self.config.tick_s)
                 self._wake.clear()
         finally:
             self.close()
+
+    def _log_error(self, error: BaseException) -> None:
+        self.tick_errors += 1
+        line = (f"{time.strftime('%Y-%m-%d %H:%M:%S')} idla pool: tick {self.tick_errors} "
+                f"failed: {type(error).__name__}: {error}")
+        print(line, file=sys.stderr, flush=True)
+        try:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "a", encoding="utf-8") as log:
+                log.write(line + "\n" + traceback.format_exc())
+        except OSError:
+            pass  # the line went to stderr; a full disk must not stop the loop
 
     def close(self) -> None:
         with self._lock:
@@ -161,6 +218,8 @@ class PoolAgent:
                 return None
             return {"devices": sorted(run.workers), "attempt": run.attempt,
                     "run_dir": str(run.run_dir), "resizes": run.resizes,
+                    "formed": run.progress.formed, "step": run.progress.step,
+                    "samples_done": run.progress.samples_done,
                     "failures": list(run.failures)}
 
     def tick(self) -> None:
@@ -178,16 +237,24 @@ class PoolAgent:
             self.store.record_allocation(self.allocation())
 
     def _observe(self, now: float) -> None:
-        alive = {d.device_id for d in self.backend.devices()}
+        alive = {d.device_id: d for d in self.devices()}
         for job_id, run in list(self._runs.items()):
             record = self.store.job(job_id)
             cancelled = record is not None and record.state == "cancelled"
             grace_over = (run.finished_s is not None
                           and now - run.finished_s > self.config.finish_grace_s)
-            for device_id, handle in list(run.workers.items()):
+            changed = False
+            for device_id in list(run.workers):
+                handle = run.workers.get(device_id)
+                if handle is None:
+                    continue  # stopped with another device of the same process
                 if device_id not in alive:
-                    run.failures.append(f"device {device_id} lost")
-                if cancelled or grace_over or device_id not in alive:
+                    lost = self._drained.get(device_id, True)
+                    run.failures.append(f"device {device_id} {'lost' if lost else 'drained'}")
+                    self._stop(run, device_id, graceful=not lost)
+                    changed = True
+                    continue
+                if cancelled or grace_over or run.gave_up:
                     self._stop(run, device_id, graceful=False)
                     continue
                 code = handle.poll()
@@ -198,13 +265,44 @@ class PoolAgent:
                 if code == 0:
                     run.finished_s = run.finished_s or now
                 else:
-                    run.failures.append(f"worker on {device_id} exited with code {code}")
-                    run.failed_last = not run.workers
-                    self.store.add_event(job_id, "worker_failed",
-                                         {"device": device_id, "code": code})
+                    changed = True
+                    self._failed(run, device_id, code)
+            if processes_per_device(run.record.spec) and run.workers:
+                self._follow(run, alive, changed, now)
             run.leaving = [h for h in run.leaving if h.poll() is None]
             if not run.workers and not run.leaving:
                 self._end(job_id, run, record)
+
+    def _failed(self, run: _Run, device_id: str, code: int) -> None:
+        run.failures.append(f"worker on {device_id} exited with code {code}")
+        run.failed_last = not run.workers
+        if run.progress.step > run.step_at_failure:
+            run.failures_in_row = 0
+        run.failures_in_row += 1
+        run.step_at_failure = run.progress.step
+        self.store.add_event(run.record.job_id, "worker_failed",
+                             {"device": device_id, "code": code})
+        if run.failures_in_row >= self.config.max_failures:
+            run.gave_up = True
+            for other in list(run.workers):
+                if other in run.workers:
+                    self._stop(run, other, graceful=False)
+
+    def _follow(self, run: _Run, alive: Mapping[str, Device], changed: bool,
+                now: float) -> None:
+        """Read the job's metrics: models, formation, the cost of its last resize."""
+        if changed:  # its world shrank under it; it re-forms before any resize
+            run.progress.changed(time.time())
+            run.changed_s = now
+        was_formed = run.progress.formed
+        workers = {d: alive[d] for d in run.workers if d in alive}
+        cost_s = run.progress.update(workers, self.online)
+        if run.progress.formed and not was_formed:
+            self._dirty = True
+            self.store.add_event(run.record.job_id, "formed", {"devices": sorted(workers),
+                                                               "step": run.progress.step})
+        if cost_s is not None:
+            self.store.add_event(run.record.job_id, "resize_cost", {"lost_s": round(cost_s, 3)})
 
     def _end(self, job_id: str, run: _Run, record: JobRecord | None) -> None:
         del self._runs[job_id]
@@ -212,27 +310,30 @@ class PoolAgent:
             return
         if run.finished_s is not None:
             self.store.set_state(job_id, "done")
-        elif run.failed_last:
+        elif run.failed_last or run.gave_up:
             log_tail = _tail(run.run_dir / "worker-0.log")
             self.store.set_state(job_id, "failed",
                                  message="; ".join(run.failures[-3:]) + log_tail)
         else:
             self.store.set_state(job_id, "queued")  # preempted: the agent stopped every worker
 
+    def _held(self, run: _Run, record: JobRecord, now: float) -> bool:
+        since_s = now - run.changed_s
+        return (not record.spec.view(record.job_id, 0.0).resizable
+                or run.finished_s is not None or since_s < self.config.resize_hold_s
+                or (not run.progress.formed and since_s < self.config.form_timeout_s))
+
     def _plan(self, now: float) -> None:
         draining = {j for j, r in self._runs.items() if not r.workers}
         records = {r.job_id: r for r in self.store.jobs(("queued", "running"))
                    if r.job_id not in draining}
-        devices = list(self.backend.devices())
+        devices = self.devices()
         current = self.allocation()
-        held = {j for j, r in self._runs.items()
-                if j in records and (not records[j].spec.view(j, 0.0).resizable
-                                     or now - r.changed_s < self.config.resize_hold_s
-                                     or now - r.started_s < self.config.start_hold_s
-                                     or r.finished_s is not None)}
+        held = {j for j, r in self._runs.items() if j in records and self._held(r, records[j],
+                                                                                now)}
         views = [self._view(r, current, held) for r in records.values()]
-        holds_end = [max(r.changed_s + self.config.resize_hold_s,
-                         r.started_s + self.config.start_hold_s)
+        holds_end = [r.changed_s + (self.config.resize_hold_s if r.progress.formed
+                                    else self.config.form_timeout_s)
                      for j, r in self._runs.items() if j in held and r.finished_s is None]
         self._next_plan_s = min([self._next_plan_s, *[t for t in holds_end if t > now]])
         target = {j: tuple(d) for j, d in self.policy(views, devices, self.models,
@@ -245,7 +346,11 @@ class PoolAgent:
                 self._act(record, tuple(sorted(target.get(job_id, ()))), devices, now)
 
     def _view(self, record: JobRecord, current: Allocation, held: set[str]) -> JobView:
-        view = record.spec.view(record.job_id, record.submitted_s - self.started_s)
+        run = self._runs.get(record.job_id)
+        remaining = None
+        if record.spec.samples is not None and run is not None:
+            remaining = max(0.0, record.spec.samples - run.progress.samples_done)
+        view = record.spec.view(record.job_id, record.submitted_s - self.started_s, remaining)
         if record.job_id in held:
             count = len(current.get(record.job_id, ()))
             return JobView(**{**_fields(view), "min_workers": count, "max_workers": count,
@@ -272,6 +377,7 @@ class PoolAgent:
             for device_id in sorted(new):
                 self._launch(run, by_id[device_id], rank=0, world=1, joining=True)
         run.changed_s = now
+        run.progress.changed(time.time())
         if target:
             run.resizes += 1
             self.store.add_event(record.job_id, "resized", {"devices": list(target)})
@@ -281,8 +387,10 @@ class PoolAgent:
     def _start(self, record: JobRecord, devices: Sequence[Device], now: float) -> None:
         run_dir = self.config.run_root / record.job_id
         (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
+        progress = JobProgress(record.job_id, run_dir / "metrics", time.time(),
+                               [d.kind for d in self.backend.devices()])
         run = _Run(record=record, attempt=record.starts + 1, run_dir=run_dir,
-                   secret=secrets.token_hex(16), changed_s=now, started_s=now)
+                   secret=secrets.token_hex(16), progress=progress, changed_s=now)
         self.store.set_state(record.job_id, "running")
         self._runs[record.job_id] = run
         if not processes_per_device(record.spec):
@@ -294,26 +402,16 @@ class PoolAgent:
 
     def _launch(self, run: _Run, device: Device, rank: int, world: int, joining: bool
                 ) -> WorkerHandle:
-        spec = run.record.spec
+        spec, job_id = run.record.spec, run.record.job_id
         member = run.next_member
         run.next_member += 1
-        env = {
-            "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-            "IDLA_RENDEZVOUS": f"file:{run.run_dir / f'rendezvous-{run.attempt}'}",
-            "IDLA_JOB_SECRET": run.secret, "IDLA_POOL_JOB": run.record.job_id,
-            "IDLA_POOL_RUN_DIR": str(run.run_dir),
-            "IDLA_POOL_METRICS_DIR": str(run.run_dir / "metrics"),
-            "IDLA_POOL_DEVICE": device.device_id, "MASTER_ADDR": "127.0.0.1",
-            "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", **spec.env,
-        }
-        if device.kind == "cpu":
-            env["IDLA_DEVICE"] = "cpu"
-        if joining:
-            env["IDLA_JOIN"] = "1"
-        launch = WorkerLaunch(job_id=run.record.job_id, member=member, device=device,
-                              argv=worker_command(spec, self.config.python, world, run.run_dir),
-                              env=env, cwd=str(run.run_dir),
-                              log_path=str(run.run_dir / f"worker-{member}.log"))
+        rendezvous = f"file:{run.run_dir / f'rendezvous-{run.attempt}'}"
+        launch = WorkerLaunch(
+            job_id=job_id, member=member, device=device,
+            argv=worker_command(spec, self.config.python, world, run.run_dir),
+            env=worker_env(spec, job_id, run.run_dir, rendezvous, run.secret, device, rank,
+                           world, joining),
+            cwd=str(run.run_dir), log_path=str(run.run_dir / f"worker-{member}.log"))
         handle = self.backend.start(launch)
         run.workers[device.device_id] = handle
         return handle

@@ -14,13 +14,34 @@ import os
 import secrets
 from pathlib import Path
 
-from idla.pool.model import JobKind
+from idla.agent.pool_metrics import JOB_ID_ENV, METRICS_DIR_ENV, WORKER_ENV
+from idla.pool.model import Device, JobKind
 from idla.pool.spec import JobSpec
 
 
 def processes_per_device(spec: JobSpec) -> bool:
     """True when the job runs one process per device (training); else one for all."""
     return spec.kind is JobKind.TRAIN
+
+
+def worker_env(spec: JobSpec, job_id: str, run_dir: Path, rendezvous: str, secret: str,
+               device: Device, rank: int, world: int, joining: bool) -> dict[str, str]:
+    """The environment a worker gets on ``device`` (beside the backend's own): its rank and
+    world as under torchrun, the job's rendezvous and secret, and where its metrics go
+    (`idla.agent.pool_metrics`, its row naming the device it runs on)."""
+    env = {
+        "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+        "IDLA_RENDEZVOUS": rendezvous, "IDLA_JOB_SECRET": secret, "IDLA_POOL_JOB": job_id,
+        JOB_ID_ENV: job_id, WORKER_ENV: device.device_id, "IDLA_POOL_RUN_DIR": str(run_dir),
+        METRICS_DIR_ENV: str(run_dir / "metrics"), "IDLA_POOL_DEVICE": device.device_id,
+        "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
+        **spec.env,
+    }
+    if device.kind.partition("@")[0] == "cpu":
+        env["IDLA_DEVICE"] = "cpu"
+    if joining:
+        env["IDLA_JOIN"] = "1"
+    return env
 
 
 def worker_command(spec: JobSpec, python: str, world: int, run_dir: Path) -> list[str]:
