@@ -120,9 +120,38 @@ def test_the_api_refuses_bad_calls_and_changes_nothing(agent: tuple[Path, dict[s
     assert _http(state, "DELETE", "/jobs/job-999")[0] == 404
     assert _http(state, "PUT", "/jobs")[0] == 405
 
+    assert _http(state, "POST", "/devices/cpu9/drain")[0] == 404
+    assert _http(state, "POST", "/devices/cpu1/drain", b"lost", token=None)[0] == 401
+    assert _http(state, "POST", "/devices/cpu1/drain", b"lost",
+                 content_type="application/json")[0] == 400
+    assert _http(state, "POST", "/devices/cpu1/drain", b'{"lost": 1}',
+                 content_type="application/json")[0] == 400
+    assert _http(state, "POST", "/devices/cpu1/explode")[0] == 405
+
     assert _http(state, "GET", "/jobs")[1] == before
     status, devices = _http(state, "GET", "/devices")
     assert status == 200 and [d["id"] for d in devices["devices"]] == ["cpu0", "cpu1"]
+    assert {d["state"] for d in devices["devices"]} == {"up"}
+    status, health = _http(state, "GET", "/agent")
+    assert status == 200 and health["tick_errors"] == 0
+
+
+def test_a_device_is_drained_lost_and_restored_through_the_api_and_the_cli(
+        agent: tuple[Path, dict[str, Any]]) -> None:
+    home, state = agent
+
+    drained = _idla(home, "pool", "drain", "cpu1")
+    lost = _http(state, "POST", "/devices/cpu0/drain", b'{"lost": true}',
+                 content_type="application/json")
+    listed = {d["id"]: d["state"] for d in _http(state, "GET", "/devices")[1]["devices"]}
+    restored = [_idla(home, "pool", "restore", d) for d in ("cpu0", "cpu1")]
+    unknown = _idla(home, "pool", "drain", "gpu7")
+
+    assert drained.returncode == 0 and drained.stdout.strip() == "cpu1: drained"
+    assert lost == (200, {"id": "cpu0", "state": "lost"})
+    assert listed == {"cpu0": "lost", "cpu1": "drained"}
+    assert [r.stdout.strip() for r in restored] == ["cpu0: up", "cpu1: up"]
+    assert unknown.returncode == 2 and "404 no device 'gpu7'" in unknown.stderr
 
 
 def test_the_status_page_needs_the_token_and_renders(agent: tuple[Path, dict[str, Any]],

@@ -1,4 +1,5 @@
-"""`idla pool start | submit | status | cancel`, and `idla submit | status | cancel` for short.
+"""`idla pool start | submit | status | cancel | drain | restore`, and `idla submit | status |
+cancel` for short.
 
 `idla pool start` runs the agent in the foreground (Ctrl-C or SIGTERM stops it and its
 workers). Its state lives in ``--home`` (default ``$IDLA_POOL_HOME``, else ``~/.idla/pool``):
@@ -64,6 +65,17 @@ def add_commands(commands: Any, benches: Any) -> None:
     start.set_defaults(handler=_start)
     for parsers in (verbs, commands):
         _add_client_verbs(parsers)
+    drain = verbs.add_parser("drain", help="take a device out of the pool (its worker leaves "
+                             "at a step boundary; the job shrinks in place)")
+    drain.add_argument("device", metavar="DEVICE")
+    drain.add_argument("--lost", action="store_true",
+                       help="kill its worker instead, as if the device had died")
+    _client_options(drain)
+    drain.set_defaults(handler=_drain)
+    restore = verbs.add_parser("restore", help="give a drained or lost device back to the pool")
+    restore.add_argument("device", metavar="DEVICE")
+    _client_options(restore)
+    restore.set_defaults(handler=_drain)
     pool_sim.add_simulate(verbs)
 
 
@@ -183,6 +195,14 @@ def _submit(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)  # checked here, with paths resolved from its folder
     answer = _call(args, "POST", "/jobs", json.dumps(spec.as_json()).encode())
     print(answer["id"])
+    return 0
+
+
+def _drain(args: argparse.Namespace) -> int:
+    verb = "drain" if hasattr(args, "lost") else "restore"
+    body = json.dumps({"lost": bool(getattr(args, "lost", False))}).encode()
+    answer = _call(args, "POST", f"/devices/{args.device}/{verb}", body)
+    print(f"{answer['id']}: {answer['state']}")
     return 0
 
 

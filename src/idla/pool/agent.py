@@ -36,7 +36,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from idla.pool.model import Allocation, Device, JobView, PerfModels, check_alloc
 from idla.pool.perf import OnlineModels
 from idla.pool.policy import allocate
 from idla.pool.progress import JobProgress, SpeedPrior
+from idla.pool.run import JobRun, held_view, log_tail, respect
 from idla.pool.spec import JobSpec
 from idla.pool.store import JobRecord, Store
 from idla.pool.workers import processes_per_device, worker_command, worker_env
@@ -78,31 +79,6 @@ class PoolConfig:
     """The agent log (errors with their tracebacks); None: ``run_root/agent.log``."""
 
 
-@dataclass
-class _Run:
-    """A job the agent has started: its workers by device, and what it is going through."""
-
-    record: JobRecord
-    attempt: int
-    run_dir: Path
-    secret: str
-    progress: JobProgress
-    workers: dict[str, WorkerHandle] = field(default_factory=dict)
-    leaving: list[WorkerHandle] = field(default_factory=list)
-    """Workers the agent stopped that have not exited yet (their exit is no failure)."""
-    failed_last: bool = False
-    """The last worker left by failing (not stopped, not finished)."""
-    gave_up: bool = False
-    """Its workers failed ``max_failures`` times in a row: it ends as failed."""
-    failures_in_row: int = 0
-    step_at_failure: int = 0
-    next_member: int = 0
-    changed_s: float = 0.0
-    finished_s: float | None = None
-    failures: list[str] = field(default_factory=list)
-    resizes: int = 0
-
-
 class PoolAgent:
     """Runs the pool: the store says what is asked, the backend does it, the policy decides."""
 
@@ -116,7 +92,7 @@ class PoolAgent:
         self.tick_errors = 0
         """Ticks that raised (each logged with its traceback); the loop went on."""
         self._drained: dict[str, bool] = {}  # device id → lost (True) or drained (False)
-        self._runs: dict[str, _Run] = {}
+        self._runs: dict[str, JobRun] = {}
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._dirty = True
@@ -273,22 +249,15 @@ class PoolAgent:
             if not run.workers and not run.leaving:
                 self._end(job_id, run, record)
 
-    def _failed(self, run: _Run, device_id: str, code: int) -> None:
-        run.failures.append(f"worker on {device_id} exited with code {code}")
-        run.failed_last = not run.workers
-        if run.progress.step > run.step_at_failure:
-            run.failures_in_row = 0
-        run.failures_in_row += 1
-        run.step_at_failure = run.progress.step
+    def _failed(self, run: JobRun, device_id: str, code: int) -> None:
         self.store.add_event(run.record.job_id, "worker_failed",
                              {"device": device_id, "code": code})
-        if run.failures_in_row >= self.config.max_failures:
-            run.gave_up = True
+        if run.count_failure(device_id, code, self.config.max_failures):
             for other in list(run.workers):
                 if other in run.workers:
                     self._stop(run, other, graceful=False)
 
-    def _follow(self, run: _Run, alive: Mapping[str, Device], changed: bool,
+    def _follow(self, run: JobRun, alive: Mapping[str, Device], changed: bool,
                 now: float) -> None:
         """Read the job's metrics: models, formation, the cost of its last resize."""
         if changed:  # its world shrank under it; it re-forms before any resize
@@ -304,20 +273,19 @@ class PoolAgent:
         if cost_s is not None:
             self.store.add_event(run.record.job_id, "resize_cost", {"lost_s": round(cost_s, 3)})
 
-    def _end(self, job_id: str, run: _Run, record: JobRecord | None) -> None:
+    def _end(self, job_id: str, run: JobRun, record: JobRecord | None) -> None:
         del self._runs[job_id]
         if record is None or record.state != "running":
             return
         if run.finished_s is not None:
             self.store.set_state(job_id, "done")
         elif run.failed_last or run.gave_up:
-            log_tail = _tail(run.run_dir / "worker-0.log")
-            self.store.set_state(job_id, "failed",
-                                 message="; ".join(run.failures[-3:]) + log_tail)
+            self.store.set_state(job_id, "failed", message="; ".join(run.failures[-3:])
+                                 + log_tail(run.run_dir / "worker-0.log"))
         else:
             self.store.set_state(job_id, "queued")  # preempted: the agent stopped every worker
 
-    def _held(self, run: _Run, record: JobRecord, now: float) -> bool:
+    def _held(self, run: JobRun, record: JobRecord, now: float) -> bool:
         since_s = now - run.changed_s
         return (not record.spec.view(record.job_id, 0.0).resizable
                 or run.finished_s is not None or since_s < self.config.resize_hold_s
@@ -338,7 +306,7 @@ class PoolAgent:
         self._next_plan_s = min([self._next_plan_s, *[t for t in holds_end if t > now]])
         target = {j: tuple(d) for j, d in self.policy(views, devices, self.models,
                                                        current).items()}
-        target = _respect(target, current, held, {v.job_id: v for v in views})
+        target = respect(target, current, held, {v.job_id: v for v in views})
         check_allocation(target, views, devices)
         for job_id in sorted(set(target) | set(current), key=lambda j: j not in current):
             record = records.get(job_id)
@@ -352,9 +320,7 @@ class PoolAgent:
             remaining = max(0.0, record.spec.samples - run.progress.samples_done)
         view = record.spec.view(record.job_id, record.submitted_s - self.started_s, remaining)
         if record.job_id in held:
-            count = len(current.get(record.job_id, ()))
-            return JobView(**{**_fields(view), "min_workers": count, "max_workers": count,
-                              "resizable": False})
+            return held_view(view, len(current.get(record.job_id, ())))
         return view
 
     def _act(self, record: JobRecord, target: tuple[str, ...], devices: Sequence[Device],
@@ -389,7 +355,7 @@ class PoolAgent:
         (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
         progress = JobProgress(record.job_id, run_dir / "metrics", time.time(),
                                [d.kind for d in self.backend.devices()])
-        run = _Run(record=record, attempt=record.starts + 1, run_dir=run_dir,
+        run = JobRun(record=record, attempt=record.starts + 1, run_dir=run_dir,
                    secret=secrets.token_hex(16), progress=progress, changed_s=now)
         self.store.set_state(record.job_id, "running")
         self._runs[record.job_id] = run
@@ -400,7 +366,7 @@ class PoolAgent:
         for rank, device in enumerate(devices):
             self._launch(run, device, rank=rank, world=len(devices), joining=False)
 
-    def _launch(self, run: _Run, device: Device, rank: int, world: int, joining: bool
+    def _launch(self, run: JobRun, device: Device, rank: int, world: int, joining: bool
                 ) -> WorkerHandle:
         spec, job_id = run.record.spec, run.record.job_id
         member = run.next_member
@@ -416,7 +382,7 @@ class PoolAgent:
         run.workers[device.device_id] = handle
         return handle
 
-    def _stop(self, run: _Run, device_id: str, graceful: bool) -> None:
+    def _stop(self, run: JobRun, device_id: str, graceful: bool) -> None:
         """Take the worker off ``device_id`` (one process holding several devices stops with
         the first of them)."""
         handle = run.workers.pop(device_id)
@@ -426,36 +392,3 @@ class PoolAgent:
             run.leaving.append(handle)
             self.backend.stop(handle, graceful=graceful)
         self._dirty = True
-
-
-def _fields(view: JobView) -> dict[str, Any]:
-    return {name: getattr(view, name) for name in JobView.__slots__}
-
-
-def _respect(target: Mapping[str, Sequence[str]],
-             current: Allocation, held: set[str], views: Mapping[str, JobView]
-             ) -> dict[str, tuple[str, ...]]:
-    """The policy's target, with every held job on exactly its current devices and no other
-    job on them; a job left below its minimum by that keeps what it has, or waits."""
-    result = {j: tuple(current.get(j, ())) for j in held if current.get(j)}
-    reserved = {d for held_devices in result.values() for d in held_devices}
-    for job_id, devices in target.items():
-        if job_id in held or job_id not in views:
-            continue
-        mine = tuple(d for d in devices if d not in reserved)
-        if len(mine) < views[job_id].min_workers:
-            mine = tuple(d for d in current.get(job_id, ()) if d not in reserved)
-            if len(mine) < views[job_id].min_workers:
-                continue
-        result[job_id] = mine
-        reserved.update(mine)
-    return result
-
-
-def _tail(path: Path, max_chars: int = 300) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace").strip()
-    except OSError:
-        return ""
-    last = text.splitlines()[-1] if text else ""
-    return f" (worker-0.log: {last[-max_chars:]})" if last else ""

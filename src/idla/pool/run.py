@@ -1,0 +1,90 @@
+"""A job the pool agent has started (`JobRun`), and how the agent keeps held jobs in place.
+
+A job is *held* while it must not be resized (rigid, not formed yet, just changed, finishing):
+the policy sees it pinned to its current worker count (`held_view`), and `respect` makes the
+policy's target leave it exactly on its devices. Cost: O(J + D) per plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from idla.pool.backend import WorkerHandle
+from idla.pool.model import Allocation, JobView
+from idla.pool.progress import JobProgress
+from idla.pool.store import JobRecord
+
+
+@dataclass
+class JobRun:
+    """A job the agent has started: its workers by device, and what it is going through."""
+
+    record: JobRecord
+    attempt: int
+    run_dir: Path
+    secret: str
+    progress: JobProgress
+    workers: dict[str, WorkerHandle] = field(default_factory=dict)
+    leaving: list[WorkerHandle] = field(default_factory=list)
+    """Workers the agent stopped that have not exited yet (their exit is no failure)."""
+    failed_last: bool = False
+    """The last worker left by failing (not stopped, not finished)."""
+    gave_up: bool = False
+    """Its workers failed ``max_failures`` times in a row: it ends as failed."""
+    failures_in_row: int = 0
+    step_at_failure: int = 0
+    next_member: int = 0
+    changed_s: float = 0.0
+    finished_s: float | None = None
+    failures: list[str] = field(default_factory=list)
+    resizes: int = 0
+
+    def count_failure(self, device_id: str, code: int, max_failures: int) -> bool:
+        """A worker failed; True when that makes ``max_failures`` in a row with no step of
+        the job between them (the job is given up)."""
+        self.failures.append(f"worker on {device_id} exited with code {code}")
+        self.failed_last = not self.workers
+        if self.progress.step > self.step_at_failure:
+            self.failures_in_row = 0
+        self.failures_in_row += 1
+        self.step_at_failure = self.progress.step
+        self.gave_up = self.gave_up or self.failures_in_row >= max_failures
+        return self.gave_up
+
+
+def held_view(view: JobView, count: int) -> JobView:
+    """``view`` pinned to exactly ``count`` workers, not resizable (a held job)."""
+    fields = {name: getattr(view, name) for name in JobView.__slots__}
+    return JobView(**{**fields, "min_workers": count, "max_workers": count,
+                      "resizable": False})
+
+
+def respect(target: Mapping[str, Sequence[str]],
+             current: Allocation, held: set[str], views: Mapping[str, JobView]
+             ) -> dict[str, tuple[str, ...]]:
+    """The policy's target, with every held job on exactly its current devices and no other
+    job on them; a job left below its minimum by that keeps what it has, or waits."""
+    result = {j: tuple(current.get(j, ())) for j in held if current.get(j)}
+    reserved = {d for held_devices in result.values() for d in held_devices}
+    for job_id, devices in target.items():
+        if job_id in held or job_id not in views:
+            continue
+        mine = tuple(d for d in devices if d not in reserved)
+        if len(mine) < views[job_id].min_workers:
+            mine = tuple(d for d in current.get(job_id, ()) if d not in reserved)
+            if len(mine) < views[job_id].min_workers:
+                continue
+        result[job_id] = mine
+        reserved.update(mine)
+    return result
+
+
+def log_tail(path: Path, max_chars: int = 300) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return ""
+    last = text.splitlines()[-1] if text else ""
+    return f" (worker-0.log: {last[-max_chars:]})" if last else ""
