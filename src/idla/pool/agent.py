@@ -4,17 +4,14 @@
     a pure function) → act (start, grow, shrink, stop) → record (SQLite)
 
 A plan is made on every event (arrival, completion, cancel, a worker or device lost, a job
-formed) and every ``replan_s`` (measured speeds change). The policy is
-`idla.pool.policy.allocate` over `idla.pool.perf.OnlineModels`, fed every tick from each job's
-metrics (`idla.pool.progress`: rates per device kind, the measured cost of each resize, the
-samples done, so the policy sees the work left). Acting on a plan, per job:
-- a queued job given devices starts: one worker per device, ranks 0..n-1, meeting in a fresh
-  file rendezvous under its run dir, signed with a job secret of its own;
-- a running resizable job given more devices grows: a worker per new device with
-  ``IDLA_JOIN=1`` (`run_elastic` takes it in at a step boundary and it adopts the state);
-- one given fewer shrinks: the worker on each device taken away is stopped gracefully
-  (SIGTERM; `run_elastic` leaves at the step boundary after the commit);
-- one given none is preempted: all its workers stop and it waits in the queue.
+formed) and every ``replan_s``, by `idla.pool.policy.allocate` over `OnlineModels` fed every
+tick from each job's metrics (`idla.pool.progress`: rates per device kind, measured resize
+costs, samples done so that the policy sees the work left). Acting on it, per job: a queued
+job given devices starts (one worker per device, ranks 0..n-1, a fresh file rendezvous under
+its run dir, a job secret of its own); a running resizable one given more grows (a worker
+per new device with ``IDLA_JOIN=1``: `run_elastic` takes it in at a step boundary and it
+adopts the state); one given fewer shrinks (SIGTERM to the worker on each device taken away:
+it leaves at the step boundary after the commit); one given none is preempted (queued).
 A job that is not resizable (a script without `run_elastic`, serving, inference) keeps its
 devices while it runs, as does one that is not *formed* — every worker has stepped at the
 current world size since its start or last change (`JobProgress.formed`; ``form_timeout_s``
@@ -30,6 +27,7 @@ killed and the others re-form without it. Cost per plan: the policy's, plus O(J 
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import sys
 import threading
@@ -46,9 +44,10 @@ from idla.pool.perf import OnlineModels
 from idla.pool.policy import allocate
 from idla.pool.progress import JobProgress, SpeedPrior
 from idla.pool.run import JobRun, held_view, log_tail, respect
+from idla.pool.serving import ServeWatch
 from idla.pool.spec import JobSpec
 from idla.pool.store import JobRecord, Store
-from idla.pool.workers import processes_per_device, worker_command, worker_env
+from idla.pool.workers import processes_per_device, token_file, worker_command, worker_env
 
 Policy = Callable[[Sequence[JobView], Sequence[Device], PerfModels, Allocation],
                   Mapping[str, Sequence[str]]]
@@ -130,21 +129,21 @@ class PoolAgent:
     def drain(self, device_id: str, lost: bool = False) -> None:
         """Take ``device_id`` out of the pool (KeyError when unknown): its worker leaves at a
         step boundary, or, ``lost``, is killed as if the device had died."""
-        with self._lock:
-            if device_id not in self.device_states():
-                raise KeyError(device_id)
-            self._drained[device_id] = lost
-        self.store.add_event(None, "device_lost" if lost else "device_drained",
-                             {"device": device_id})
-        self._poke()
+        self._set_device(device_id, lost, "device_lost" if lost else "device_drained")
 
     def restore(self, device_id: str) -> None:
         """Give a drained or lost device back to the pool (KeyError when unknown)."""
+        self._set_device(device_id, None, "device_restored")
+
+    def _set_device(self, device_id: str, lost: bool | None, event: str) -> None:
         with self._lock:
             if device_id not in self.device_states():
                 raise KeyError(device_id)
-            self._drained.pop(device_id, None)
-        self.store.add_event(None, "device_restored", {"device": device_id})
+            if lost is None:
+                self._drained.pop(device_id, None)
+            else:
+                self._drained[device_id] = lost
+        self.store.add_event(None, event, {"device": device_id})
         self._poke()
 
     def _poke(self) -> None:
@@ -171,16 +170,17 @@ class PoolAgent:
         line = (f"{time.strftime('%Y-%m-%d %H:%M:%S')} idla pool: tick {self.tick_errors} "
                 f"failed: {type(error).__name__}: {error}")
         print(line, file=sys.stderr, flush=True)
-        try:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):  # the line went to stderr; a full disk must not
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)  # stop the loop
             with open(self.log_path, "a", encoding="utf-8") as log:
                 log.write(line + "\n" + traceback.format_exc())
-        except OSError:
-            pass  # the line went to stderr; a full disk must not stop the loop
 
     def close(self) -> None:
         with self._lock:
             self.backend.close()
+            for run in self._runs.values():
+                if run.watch is not None:
+                    run.watch.close()
             self._runs.clear()
 
     def allocation(self) -> dict[str, tuple[str, ...]]:
@@ -190,13 +190,7 @@ class PoolAgent:
     def run_info(self, job_id: str) -> dict[str, Any] | None:
         with self._lock:
             run = self._runs.get(job_id)
-            if run is None:
-                return None
-            return {"devices": sorted(run.workers), "attempt": run.attempt,
-                    "run_dir": str(run.run_dir), "resizes": run.resizes,
-                    "formed": run.progress.formed, "step": run.progress.step,
-                    "samples_done": run.progress.samples_done,
-                    "failures": list(run.failures)}
+            return None if run is None else run.info()
 
     def tick(self) -> None:
         """One look: reap exits, drop cancelled jobs, plan when needed, act, record."""
@@ -245,6 +239,7 @@ class PoolAgent:
                     self._failed(run, device_id, code)
             if processes_per_device(run.record.spec) and run.workers:
                 self._follow(run, alive, changed, now)
+            self._record_metrics(run, now)
             run.leaving = [h for h in run.leaving if h.poll() is None]
             if not run.workers and not run.leaving:
                 self._end(job_id, run, record)
@@ -273,8 +268,18 @@ class PoolAgent:
         if cost_s is not None:
             self.store.add_event(run.record.job_id, "resize_cost", {"lost_s": round(cost_s, 3)})
 
+    def _record_metrics(self, run: JobRun, now: float, force: bool = False) -> None:
+        """The job's latest measurements to the store, at most once a second."""
+        if not force and now - run.metrics_written_s < 1.0:
+            return
+        run.metrics_written_s = now
+        self.store.set_metrics(run.record.job_id, run.measurements())
+
     def _end(self, job_id: str, run: JobRun, record: JobRecord | None) -> None:
         del self._runs[job_id]
+        if run.watch is not None:
+            run.watch.close()
+        self._record_metrics(run, time.monotonic(), force=True)
         if record is None or record.state != "running":
             return
         if run.finished_s is not None:
@@ -360,8 +365,12 @@ class PoolAgent:
         self.store.set_state(record.job_id, "running")
         self._runs[record.job_id] = run
         if not processes_per_device(record.spec):
+            log = run_dir / "worker-0.log"  # member 0: the one process
+            offset = log.stat().st_size if log.exists() else 0  # earlier attempts wrote before
             handle = self._launch(run, devices[0], rank=0, world=len(devices), joining=False)
             run.workers.update({d.device_id: handle for d in devices})
+            if record.spec.p99_ms is not None:
+                run.watch = ServeWatch(log, token_file(run_dir), record.spec.p99_ms, offset)
             return
         for rank, device in enumerate(devices):
             self._launch(run, device, rank=rank, world=len(devices), joining=False)

@@ -45,6 +45,7 @@ def job_row(agent: PoolAgent, record: JobRecord) -> dict[str, Any]:
     row["formed"] = info.get("formed", False)
     row["step"] = info.get("step", 0)
     row["samples_done"] = info.get("samples_done", 0.0)
+    row["metrics"] = agent.store.metrics(record.job_id)
     return row
 
 

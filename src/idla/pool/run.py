@@ -10,10 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from idla.pool.backend import WorkerHandle
 from idla.pool.model import Allocation, JobView
 from idla.pool.progress import JobProgress
+from idla.pool.serving import ServeWatch
 from idla.pool.store import JobRecord
 
 
@@ -40,6 +42,25 @@ class JobRun:
     finished_s: float | None = None
     failures: list[str] = field(default_factory=list)
     resizes: int = 0
+    watch: ServeWatch | None = None
+    """A serving job's router, followed through its /metrics."""
+    metrics_written_s: float = -1e9
+    """When its measurements last went to the store (monotonic seconds)."""
+
+    def info(self) -> dict[str, Any]:
+        """What the API shows of it while it runs."""
+        return {"devices": sorted(self.workers), "attempt": self.attempt,
+                "run_dir": str(self.run_dir), "resizes": self.resizes,
+                "formed": self.progress.formed, "step": self.progress.step,
+                "samples_done": self.progress.samples_done, "failures": list(self.failures)}
+
+    def measurements(self) -> dict[str, Any]:
+        """Its latest measurements, for the store: training progress, or the serving router's
+        latency (`ServeWatch.snapshot`)."""
+        if self.watch is not None:
+            return {"resizes": self.resizes, **self.watch.snapshot()}
+        return {"step": self.progress.step, "samples_done": self.progress.samples_done,
+                "formed": self.progress.formed, "resizes": self.resizes}
 
     def count_failure(self, device_id: str, code: int, max_failures: int) -> bool:
         """A worker failed; True when that makes ``max_failures`` in a row with no step of

@@ -3,7 +3,8 @@
 - train: the user's script with its arguments, one process per device (``RANK``,
   ``WORLD_SIZE`` and the rendezvous come in the environment, as under torchrun);
 - serve: one `idla serve` router process with ``--workers n`` for the job's n devices, on a free
-  port (printed in the job's log), its bearer token in ``token`` under the run dir (mode 600);
+  port (printed in the job's log), its bearer token in ``token`` under the run dir (mode 600),
+  admitting requests against the spec's p99 target (``--latency-target-ms``);
 - infer: one `idla infer` process with ``--workers n``.
 A serve or infer job is one process holding all its devices: it is placed rigidly.
 """
@@ -50,14 +51,16 @@ def worker_command(spec: JobSpec, python: str, world: int, run_dir: Path) -> lis
         return [python, spec.script, *spec.args]
     assert spec.model is not None
     if spec.kind is JobKind.SERVE:
+        assert spec.p99_ms is not None
         return [python, "-m", "idla.cli", "serve", "--model", spec.model, "--workers", str(world),
-                "--port", "0", "--token-file", str(_token_file(run_dir))]
+                "--port", "0", "--token-file", str(token_file(run_dir)),
+                "--latency-target-ms", f"{spec.p99_ms:g}"]
     assert spec.input is not None and spec.output is not None
     return [python, "-m", "idla.cli", "infer", "--model", spec.model, "--input", spec.input,
             "--output", spec.output, "--workers", str(world)]
 
 
-def _token_file(run_dir: Path) -> Path:
+def token_file(run_dir: Path) -> Path:
     path = run_dir / "token"
     if not path.exists():
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
