@@ -12,7 +12,9 @@ its run dir, a job secret of its own); a running resizable one given more grows 
 per new device with ``IDLA_JOIN=1``: `run_elastic` takes it in at a step boundary and it
 adopts the state); one given fewer shrinks (SIGTERM to the worker on each device taken away:
 it leaves at the step boundary after the commit); one given none is preempted (queued).
-A job that is not resizable (a script without `run_elastic`, serving, inference) keeps its
+A serving job grows and shrinks through its router's membership (`idla.pool.serving`: a new
+device's worker is added once ready, a leaving one retired before it stops: no request fails).
+A job that is not resizable (a script without `run_elastic`, inference) keeps its
 devices while it runs, as does one that is not *formed* — every worker has stepped at the
 current world size since its start or last change (`JobProgress.formed`; ``form_timeout_s``
 at most, for a script that writes no metrics) — and one changed less than ``resize_hold_s`` ago.
@@ -28,6 +30,7 @@ killed and the others re-form without it. Cost per plan: the policy's, plus O(J 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import secrets
 import sys
 import threading
@@ -39,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from idla.pool.backend import Backend, WorkerHandle, WorkerLaunch
+from idla.pool.inventory import Inventory
 from idla.pool.model import Allocation, Device, JobView, PerfModels, check_allocation
 from idla.pool.perf import OnlineModels
 from idla.pool.policy import allocate
@@ -47,7 +51,15 @@ from idla.pool.run import JobRun, held_view, log_tail, respect
 from idla.pool.serving import ServeWatch
 from idla.pool.spec import JobSpec
 from idla.pool.store import JobRecord, Store
-from idla.pool.workers import processes_per_device, token_file, worker_command, worker_env
+from idla.pool.workers import (
+    link_secret_file,
+    processes_per_device,
+    resizable,
+    serve_worker_command,
+    token_file,
+    worker_command,
+    worker_env,
+)
 
 Policy = Callable[[Sequence[JobView], Sequence[Device], PerfModels, Allocation],
                   Mapping[str, Sequence[str]]]
@@ -90,7 +102,7 @@ class PoolAgent:
         self.log_path = config.log_path or config.run_root / "agent.log"
         self.tick_errors = 0
         """Ticks that raised (each logged with its traceback); the loop went on."""
-        self._drained: dict[str, bool] = {}  # device id → lost (True) or drained (False)
+        self.inventory = Inventory(backend)
         self._runs: dict[str, JobRun] = {}
         self._lock = threading.RLock()
         self._wake = threading.Event()
@@ -118,32 +130,21 @@ class PoolAgent:
 
     def devices(self) -> list[Device]:
         """The backend's devices that are neither drained nor lost."""
-        return [d for d in self.backend.devices() if d.device_id not in self._drained]
+        return self.inventory.up()
 
     def device_states(self) -> dict[str, str]:
         """Every backend device: ``up``, ``drained`` or ``lost``."""
-        return {d.device_id: ("up" if d.device_id not in self._drained else
-                              "lost" if self._drained[d.device_id] else "drained")
-                for d in self.backend.devices()}
+        return self.inventory.states()
 
     def drain(self, device_id: str, lost: bool = False) -> None:
         """Take ``device_id`` out of the pool (KeyError when unknown): its worker leaves at a
         step boundary, or, ``lost``, is killed as if the device had died."""
-        self._set_device(device_id, lost, "device_lost" if lost else "device_drained")
+        self.store.add_event(None, self.inventory.set(device_id, lost), {"device": device_id})
+        self._poke()
 
     def restore(self, device_id: str) -> None:
         """Give a drained or lost device back to the pool (KeyError when unknown)."""
-        self._set_device(device_id, None, "device_restored")
-
-    def _set_device(self, device_id: str, lost: bool | None, event: str) -> None:
-        with self._lock:
-            if device_id not in self.device_states():
-                raise KeyError(device_id)
-            if lost is None:
-                self._drained.pop(device_id, None)
-            else:
-                self._drained[device_id] = lost
-        self.store.add_event(None, event, {"device": device_id})
+        self.store.add_event(None, self.inventory.set(device_id, None), {"device": device_id})
         self._poke()
 
     def _poke(self) -> None:
@@ -219,7 +220,7 @@ class PoolAgent:
                 if handle is None:
                     continue  # stopped with another device of the same process
                 if device_id not in alive:
-                    lost = self._drained.get(device_id, True)
+                    lost = self.inventory.lost(device_id)
                     run.failures.append(f"device {device_id} {'lost' if lost else 'drained'}")
                     self._stop(run, device_id, graceful=not lost)
                     changed = True
@@ -237,8 +238,14 @@ class PoolAgent:
                 else:
                     changed = True
                     self._failed(run, device_id, code)
-            if processes_per_device(run.record.spec) and run.workers:
-                self._follow(run, alive, changed, now)
+            if run.watch is not None and run.anchor not in run.workers:
+                for device_id in list(run.workers):  # its router is gone: so is the job
+                    self._stop(run, device_id, graceful=False)
+            elif run.workers and (run.watch is not None or processes_per_device(run.record.spec)):
+                was_formed = run.progress.formed
+                for kind, detail in run.follow(alive, self.online, self.models, changed, now):
+                    self.store.add_event(job_id, kind, detail)
+                self._dirty = self._dirty or run.progress.formed != was_formed
             self._record_metrics(run, now)
             run.leaving = [h for h in run.leaving if h.poll() is None]
             if not run.workers and not run.leaving:
@@ -252,28 +259,11 @@ class PoolAgent:
                 if other in run.workers:
                     self._stop(run, other, graceful=False)
 
-    def _follow(self, run: JobRun, alive: Mapping[str, Device], changed: bool,
-                now: float) -> None:
-        """Read the job's metrics: models, formation, the cost of its last resize."""
-        if changed:  # its world shrank under it; it re-forms before any resize
-            run.progress.changed(time.time())
-            run.changed_s = now
-        was_formed = run.progress.formed
-        workers = {d: alive[d] for d in run.workers if d in alive}
-        cost_s = run.progress.update(workers, self.online)
-        if run.progress.formed and not was_formed:
-            self._dirty = True
-            self.store.add_event(run.record.job_id, "formed", {"devices": sorted(workers),
-                                                               "step": run.progress.step})
-        if cost_s is not None:
-            self.store.add_event(run.record.job_id, "resize_cost", {"lost_s": round(cost_s, 3)})
-
     def _record_metrics(self, run: JobRun, now: float, force: bool = False) -> None:
         """The job's latest measurements to the store, at most once a second."""
-        if not force and now - run.metrics_written_s < 1.0:
-            return
-        run.metrics_written_s = now
-        self.store.set_metrics(run.record.job_id, run.measurements())
+        if force or now - run.metrics_written_s >= 1.0:
+            run.metrics_written_s = now
+            self.store.set_metrics(run.record.job_id, run.measurements())
 
     def _end(self, job_id: str, run: JobRun, record: JobRecord | None) -> None:
         del self._runs[job_id]
@@ -292,7 +282,7 @@ class PoolAgent:
 
     def _held(self, run: JobRun, record: JobRecord, now: float) -> bool:
         since_s = now - run.changed_s
-        return (not record.spec.view(record.job_id, 0.0).resizable
+        return (not resizable(record.spec)
                 or run.finished_s is not None or since_s < self.config.resize_hold_s
                 or (not run.progress.formed and since_s < self.config.form_timeout_s))
 
@@ -311,7 +301,9 @@ class PoolAgent:
         self._next_plan_s = min([self._next_plan_s, *[t for t in holds_end if t > now]])
         target = {j: tuple(d) for j, d in self.policy(views, devices, self.models,
                                                        current).items()}
-        target = respect(target, current, held, {v.job_id: v for v in views})
+        anchored = {j for j, r in self._runs.items() if r.anchor is not None
+                    and target.get(j) and r.anchor not in target[j]}  # the router stays
+        target = respect(target, current, held | anchored, {v.job_id: v for v in views})
         check_allocation(target, views, devices)
         for job_id in sorted(set(target) | set(current), key=lambda j: j not in current):
             record = records.get(job_id)
@@ -326,7 +318,7 @@ class PoolAgent:
         view = record.spec.view(record.job_id, record.submitted_s - self.started_s, remaining)
         if record.job_id in held:
             return held_view(view, len(current.get(record.job_id, ())))
-        return view
+        return dataclasses.replace(view, resizable=resizable(record.spec))
 
     def _act(self, record: JobRecord, target: tuple[str, ...], devices: Sequence[Device],
              now: float) -> None:
@@ -346,7 +338,10 @@ class PoolAgent:
             self._stop(run, device_id, graceful=True)
         if target and new:
             for device_id in sorted(new):
-                self._launch(run, by_id[device_id], rank=0, world=1, joining=True)
+                if run.watch is not None:
+                    self._add_serving(run, by_id[device_id])
+                else:
+                    self._launch(run, by_id[device_id], rank=0, world=1, joining=True)
         run.changed_s = now
         run.progress.changed(time.time())
         if target:
@@ -364,18 +359,35 @@ class PoolAgent:
                    secret=secrets.token_hex(16), progress=progress, changed_s=now)
         self.store.set_state(record.job_id, "running")
         self._runs[record.job_id] = run
-        if not processes_per_device(record.spec):
-            log = run_dir / "worker-0.log"  # member 0: the one process
+        if record.spec.p99_ms is not None:  # serving: the router on the first device
+            log = run_dir / "worker-0.log"
             offset = log.stat().st_size if log.exists() else 0  # earlier attempts wrote before
+            run.anchor = devices[0].device_id
+            self._launch(run, devices[0], rank=0, world=1, joining=False)
+            run.watch = ServeWatch(log, token_file(run_dir), record.spec.p99_ms, run.anchor,
+                                   offset)
+            for device in devices[1:]:
+                self._add_serving(run, device)
+            return
+        if not processes_per_device(record.spec):
             handle = self._launch(run, devices[0], rank=0, world=len(devices), joining=False)
             run.workers.update({d.device_id: handle for d in devices})
-            if record.spec.p99_ms is not None:
-                run.watch = ServeWatch(log, token_file(run_dir), record.spec.p99_ms, offset)
             return
         for rank, device in enumerate(devices):
             self._launch(run, device, rank=rank, world=len(devices), joining=False)
 
-    def _launch(self, run: JobRun, device: Device, rank: int, world: int, joining: bool
+    def _add_serving(self, run: JobRun, device: Device) -> None:
+        """A standalone serving worker on ``device``, added to the router once ready."""
+        assert run.watch is not None
+        spec = run.record.spec
+        handle = self._launch(run, device, rank=0, world=1, joining=False,
+                              argv=serve_worker_command(spec, self.config.python),
+                              stdin_path=str(link_secret_file(run.run_dir)))
+        assert handle.launch.log_path is not None
+        run.watch.add(device.device_id, Path(handle.launch.log_path))
+
+    def _launch(self, run: JobRun, device: Device, rank: int, world: int, joining: bool,
+                argv: Sequence[str] | None = None, stdin_path: str | None = None
                 ) -> WorkerHandle:
         spec, job_id = run.record.spec, run.record.job_id
         member = run.next_member
@@ -383,10 +395,11 @@ class PoolAgent:
         rendezvous = f"file:{run.run_dir / f'rendezvous-{run.attempt}'}"
         launch = WorkerLaunch(
             job_id=job_id, member=member, device=device,
-            argv=worker_command(spec, self.config.python, world, run.run_dir),
+            argv=argv or worker_command(spec, self.config.python, world, run.run_dir),
             env=worker_env(spec, job_id, run.run_dir, rendezvous, run.secret, device, rank,
                            world, joining),
-            cwd=str(run.run_dir), log_path=str(run.run_dir / f"worker-{member}.log"))
+            cwd=str(run.run_dir), log_path=str(run.run_dir / f"worker-{member}.log"),
+            stdin_path=stdin_path)
         handle = self.backend.start(launch)
         run.workers[device.device_id] = handle
         return handle
@@ -399,5 +412,10 @@ class PoolAgent:
             del run.workers[other]
         if not any(h is handle for h in run.leaving):
             run.leaving.append(handle)
-            self.backend.stop(handle, graceful=graceful)
+            if run.watch is not None and graceful and device_id != run.anchor:
+                run.watch.retire(device_id, lambda: self.backend.stop(handle, graceful=True))
+            else:
+                if run.watch is not None:
+                    run.watch.forget(device_id)
+                self.backend.stop(handle, graceful=graceful)
         self._dirty = True

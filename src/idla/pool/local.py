@@ -111,14 +111,17 @@ class LocalBackend:
         log: IO[bytes] | int = subprocess.DEVNULL
         if launch.log_path is not None:
             log = open(launch.log_path, "ab")  # noqa: SIM115  # the child holds it open
+        stdin: IO[bytes] | int = subprocess.DEVNULL
         try:
+            if launch.stdin_path is not None:
+                stdin = open(launch.stdin_path, "rb")  # noqa: SIM115  # closed below
             process = subprocess.Popen(
                 list(launch.argv), cwd=launch.cwd, env={**os.environ, **launch.env},
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                stdin=stdin, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         finally:
-            if not isinstance(log, int):
-                log.close()
+            for file in (log, stdin):
+                if not isinstance(file, int):
+                    file.close()
         worker = LocalWorker(launch, process)
         if self._throttle is not None:
             self._throttle.attach(index, process.pid)

@@ -17,7 +17,8 @@ one small JSON file per worker, rewritten at most once a second) and `JobProgres
   re-form, counted generously; it goes to `OnlineModels.observe_resize`;
 - counts the samples done (newest row), so the policy sees the spec's samples minus those.
 
-`SpeedPrior` rates a job nothing has been measured for by its devices' emulated speeds.
+`SpeedPrior` rates a job nothing has been measured for by its devices' emulated speeds, and a
+serving job by its workers' measured capacities.
 Cost per tick and job: one read of each worker's file (~0.5 kB), O(workers) arithmetic.
 """
 
@@ -168,10 +169,23 @@ class SpeedPrior:
 
     def __init__(self, online: OnlineModels, prior_rate_per_s: float = 1.0) -> None:
         self.online, self.prior_rate_per_s = online, prior_rate_per_s
+        self._capacity: dict[str, dict[str, float]] = {}
+
+    def set_capacity(self, job_id: str, kind: str, requests_per_s: float) -> None:
+        """A serving job's measured capacity on a device of ``kind`` (its router's meter)."""
+        self._capacity.setdefault(job_id, {})[kind] = requests_per_s
 
     def rate_per_s(self, job_id: str, devices: Sequence[Device]) -> float:
         if not devices:
             return 0.0
+        capacity = self._capacity.get(job_id)
+        if capacity:  # a serving job: the sum of its workers' capacities, unknown kinds scaled
+            def per_device(kind: str) -> float:
+                if kind in capacity:
+                    return capacity[kind]
+                return sum(c * kind_speed(kind) / kind_speed(k)
+                           for k, c in capacity.items()) / len(capacity)
+            return sum(per_device(d.kind) for d in devices)
         if math.isinf(self.online.step_s(job_id, devices)):
             return self.prior_rate_per_s * sum(kind_speed(d.kind) for d in devices)
         return self.online.rate_per_s(job_id, devices)

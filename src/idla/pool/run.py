@@ -7,14 +7,16 @@ policy's target leave it exactly on its devices. Cost: O(J + D) per plan.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from idla.pool.backend import WorkerHandle
-from idla.pool.model import Allocation, JobView
-from idla.pool.progress import JobProgress
+from idla.pool.model import Allocation, Device, JobView
+from idla.pool.perf import OnlineModels
+from idla.pool.progress import JobProgress, SpeedPrior
 from idla.pool.serving import ServeWatch
 from idla.pool.store import JobRecord
 
@@ -44,8 +46,36 @@ class JobRun:
     resizes: int = 0
     watch: ServeWatch | None = None
     """A serving job's router, followed through its /metrics."""
+    anchor: str | None = None
+    """A serving job's first device: its router's own worker, which stays while it runs."""
     metrics_written_s: float = -1e9
     """When its measurements last went to the store (monotonic seconds)."""
+
+    def follow(self, alive: Mapping[str, Device], online: OnlineModels, prior: SpeedPrior,
+               changed: bool, now: float) -> list[tuple[str, dict[str, Any]]]:
+        """Read what the job reports — a training job its workers' metrics (models, formation,
+        the cost of its last resize), a serving job its router (formed once it serves with a
+        worker on every device; capacities) — and return the events to record. ``changed``:
+        its world changed under it (a worker or a device lost), so it must re-form."""
+        if changed:
+            self.progress.changed(time.time())
+            self.changed_s = now
+        workers = {d: alive[d] for d in self.workers if d in alive}
+        if self.watch is not None:
+            self.progress.formed = self.watch.joined(self.workers)
+            for device_id, requests_per_s in self.watch.capacities().items():
+                if device_id in workers:
+                    prior.set_capacity(self.record.job_id, workers[device_id].kind,
+                                       requests_per_s)
+            return self.watch.events()
+        was_formed = self.progress.formed
+        cost_s = self.progress.update(workers, online)
+        events: list[tuple[str, dict[str, Any]]] = []
+        if self.progress.formed and not was_formed:
+            events.append(("formed", {"devices": sorted(workers), "step": self.progress.step}))
+        if cost_s is not None:
+            events.append(("resize_cost", {"lost_s": round(cost_s, 3)}))
+        return events
 
     def info(self) -> dict[str, Any]:
         """What the API shows of it while it runs."""

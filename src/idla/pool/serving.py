@@ -13,20 +13,26 @@ histogram (``idla_request_latency_seconds``) and of the request counters:
   predict requests were refused (429: predicted to miss the target) or failed (5xx);
 - ``target_held_fraction``: the time-weighted fraction of intervals with requests that held.
 
-Serving jobs are placed rigidly: the router's own `POST /admin/workers` can grow and shrink it
-with no failed request, but a worker started by the pool would need the router's link secret,
-which `idla serve` draws for itself. Cost: one HTTP GET and O(metric lines) parsing per scrape.
+It also resizes the deployment: a worker the pool started on a new device (`add`) is added to
+the router with ``POST /admin/workers {"add": "host:port"}`` once its log says it is ready; a
+worker to take away (`retire`) is retired with ``{"retire": index}`` first — the router stops
+sending it requests and its queue goes to the others, so no request fails — and only then
+stopped. Each worker's measured capacity (``idla_worker_capacity_requests_per_second``) is
+kept per device for the pool's models. Cost: one HTTP GET and O(metric lines) parsing per
+scrape; one POST per membership change.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import re
 import threading
 import time
+import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,25 +115,32 @@ def interval_summary(before: Mapping[tuple[str, tuple[tuple[str, str], ...]], fl
 
 
 class ServeWatch:
-    """Follows one serving job's router (module docstring); `snapshot` is safe from any thread.
+    """Follows one serving job's router and changes its membership (module docstring); every
+    method is safe from any thread, the HTTP calls run on the watch's own.
 
     Args:
-        log_path: The job's log, where `idla serve` prints its URL.
+        log_path: The router's log, where `idla serve` prints its URL.
         token_path: The job's token file.
         target_ms: The spec's p99 target.
+        anchor: The device of the router's own worker (slot 0).
         log_offset: Where this attempt's output starts in the log (bytes).
         interval_s: Seconds between two scrapes.
     """
 
-    def __init__(self, log_path: Path, token_path: Path, target_ms: float, log_offset: int = 0,
-                 interval_s: float = 1.0) -> None:
+    def __init__(self, log_path: Path, token_path: Path, target_ms: float, anchor: str,
+                 log_offset: int = 0, interval_s: float = 1.0) -> None:
         self.log_path, self.token_path, self.log_offset = log_path, token_path, log_offset
         self.target_ms, self.interval_s = target_ms, interval_s
         self._lock = threading.Lock()
         self._state: dict[str, Any] = {"url": None, "requests": 0.0, "refused": 0.0,
-                                       "failed": 0.0, "p99_ms": None,
+                                       "failed": 0.0, "p99_ms": None, "workers_up": 0,
                                        "target_held_fraction": None, "p99_target_ms": target_ms}
         self._held_s = self._observed_s = 0.0
+        self._slots: dict[str, int] = {anchor: 0}  # device → the router's worker index
+        self._joining: dict[str, tuple[Path, int]] = {}  # device → (its log, tries left)
+        self._retiring: list[tuple[str, Callable[[], None]]] = []
+        self._capacity: dict[str, float] = {}  # device → requests/s (1-row requests)
+        self._events: list[tuple[str, dict[str, Any]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="idla-pool-serve-watch",
                                         daemon=True)
@@ -137,9 +150,43 @@ class ServeWatch:
         with self._lock:
             return dict(self._state)
 
+    def add(self, device_id: str, log_path: Path) -> None:
+        """Add the worker started on ``device_id`` once its log says it is ready."""
+        with self._lock:
+            self._joining[device_id] = (log_path, _JOIN_TRIES)
+
+    def retire(self, device_id: str, stop: Callable[[], None]) -> None:
+        """Retire the worker on ``device_id`` from the router, then call ``stop``."""
+        with self._lock:
+            self._joining.pop(device_id, None)
+            self._retiring.append((device_id, stop))
+
+    def forget(self, device_id: str) -> None:
+        """The worker on ``device_id`` is gone (killed with its device)."""
+        with self._lock:
+            self._joining.pop(device_id, None)
+            self._slots.pop(device_id, None)
+            self._capacity.pop(device_id, None)
+
+    def joined(self, devices: Iterable[str]) -> bool:
+        """The router is up and serves with a worker on each of ``devices``."""
+        with self._lock:
+            return self._state["url"] is not None and all(d in self._slots for d in devices)
+
+    def capacities(self) -> dict[str, float]:
+        """Measured capacity (requests/s) of each device's worker."""
+        with self._lock:
+            return dict(self._capacity)
+
+    def events(self) -> list[tuple[str, dict[str, Any]]]:
+        """Membership changes since the last call (for the store's history)."""
+        with self._lock:
+            events, self._events = self._events, []
+        return events
+
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=10)
 
     def _url(self) -> str | None:
         with contextlib.suppress(OSError):
@@ -150,33 +197,89 @@ class ServeWatch:
                 return found.group(1)
         return None
 
-    def _scrape(self, url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+    def _call(self, url: str, path: str, body: Mapping[str, Any] | None = None
+              ) -> tuple[int, bytes]:
+        """(status, body) of one call to the router with the job's token; (0, b"") when it
+        cannot be reached."""
         try:
             token = self.token_path.read_text(encoding="utf-8").strip()
-            request = urllib.request.Request(f"{url}/metrics",
-                                             headers={"Authorization": f"Bearer {token}"})
-            with urllib.request.urlopen(request, timeout=2.0) as answer:
-                text = answer.read(MAX_METRICS_BYTES + 1)
+            request = urllib.request.Request(
+                f"{url}{path}", data=None if body is None else json.dumps(body).encode(),
+                headers={"Authorization": f"Bearer {token}",
+                         "Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=30.0) as answer:
+                return int(answer.status), answer.read(MAX_METRICS_BYTES + 1)
+        except urllib.error.HTTPError as error:
+            return int(error.code), error.read(4096)
         except (OSError, ValueError):
-            return None
-        if len(text) > MAX_METRICS_BYTES:
-            return None
-        return parse_metrics(text.decode("utf-8", errors="replace"))
+            return 0, b""
 
     def _run(self) -> None:
         url: str | None = None
         last: tuple[float, dict[tuple[str, tuple[tuple[str, str], ...]], float]] | None = None
-        while not self._stop.wait(self.interval_s):
+        next_scrape_s = 0.0
+        while not self._stop.wait(0.2):
             url = url or self._url()
-            values = self._scrape(url) if url else None
-            if values is None:
+            if url is None:
                 continue
+            with self._lock:
+                self._state["url"] = url
+            self._membership(url)
+            if time.monotonic() < next_scrape_s:
+                continue
+            next_scrape_s = time.monotonic() + self.interval_s
+            status, text = self._call(url, "/metrics")
+            if status != 200 or len(text) > MAX_METRICS_BYTES:
+                continue
+            values = parse_metrics(text.decode("utf-8", errors="replace"))
             now_s = time.monotonic()
             if last is not None:
                 self._count(now_s - last[0], interval_summary(last[1], values, self.target_ms))
             last = (now_s, values)
+            self._measure(values)
+
+    def _membership(self, url: str) -> None:
+        with self._lock:
+            retiring, self._retiring = self._retiring, []
+            joining = dict(self._joining)
+        for device_id, stop in retiring:
             with self._lock:
-                self._state["url"] = url
+                slot = self._slots.pop(device_id, None)
+                self._capacity.pop(device_id, None)
+            if slot is not None:
+                status, _ = self._call(url, "/admin/workers", {"retire": slot})
+                self._note("serve_worker_retired", device_id, slot, status)
+            stop()
+        for device_id, (log_path, tries) in joining.items():
+            port = _ready_port(log_path)
+            if port is None:
+                continue
+            status, body = self._call(url, "/admin/workers", {"add": f"127.0.0.1:{port}"})
+            with self._lock:
+                if device_id not in self._joining:
+                    continue  # retired meanwhile
+                if status == 200:
+                    del self._joining[device_id]
+                    self._slots[device_id] = int(json.loads(body)["worker"])
+                elif tries <= 1:
+                    del self._joining[device_id]
+                else:
+                    self._joining[device_id] = (log_path, tries - 1)
+            self._note("serve_worker_joined" if status == 200 else "serve_join_refused",
+                       device_id, self._slots.get(device_id), status)
+
+    def _note(self, kind: str, device_id: str, slot: int | None, status: int) -> None:
+        with self._lock:
+            self._events.append((kind, {"device": device_id, "slot": slot, "status": status}))
+
+    def _measure(self, values: Mapping[tuple[str, tuple[tuple[str, str], ...]], float]) -> None:
+        with self._lock:
+            for device_id, slot in self._slots.items():
+                capacity = values.get(("idla_worker_capacity_requests_per_second",
+                                       (("worker", str(slot)),)))
+                if capacity is not None and capacity > 0:
+                    self._capacity[device_id] = capacity
+            self._state["workers_up"] = int(values.get(("idla_workers_up", ()), 0))
 
     def _count(self, seconds: float, summary: Mapping[str, Any]) -> None:
         with self._lock:
@@ -187,3 +290,18 @@ class ServeWatch:
                 self._held_s += seconds if summary["held"] else 0.0
                 self._state["p99_ms"] = summary["p99_ms"]
                 self._state["target_held_fraction"] = self._held_s / self._observed_s
+
+
+_JOIN_TRIES = 5
+"""Calls to add a ready worker before the pool gives up on it (the router may be rolling out)."""
+
+
+def _ready_port(log_path: Path) -> int | None:
+    """The port a standalone serving worker printed (``{"ready": true, "port": P}``)."""
+    with contextlib.suppress(OSError), open(log_path, "rb") as log:
+        for line in log.read(64 << 10).splitlines():
+            with contextlib.suppress(ValueError, AttributeError):
+                message = json.loads(line)
+                if message.get("ready") is True and isinstance(message.get("port"), int):
+                    return int(message["port"])
+    return None
