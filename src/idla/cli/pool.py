@@ -62,6 +62,12 @@ def add_commands(commands: Any, benches: Any) -> None:
                        help="CPUs a slot of speed 1 gets when throttled (default: 0.5)")
     start.add_argument("--token-file", metavar="PATH",
                        help="file holding the API token (default: $IDLA_TOKEN, else random)")
+    start.add_argument("--policy", choices=("idla", "fifo", "static"), default="idla",
+                       help="idla: maximise the priority-weighted utility, resizing in place "
+                       "(default); fifo: first come first served, rigid; static: fifo with "
+                       "each job capped at --static-share devices (for comparisons)")
+    start.add_argument("--static-share", type=positive_int, metavar="N",
+                       help="devices per job under --policy static (default: 1)")
     start.set_defaults(handler=_start)
     for parsers in (verbs, commands):
         _add_client_verbs(parsers)
@@ -117,6 +123,7 @@ def _start(args: argparse.Namespace) -> int:
     from idla.pool.local import LocalBackend, LocalConfig
     from idla.pool.store import Store
 
+    policy = _policy(args)
     token, source, warnings = resolve_token(None, args.token_file, os.environ)
     for warning in warnings:
         print(warning.replace("idla serve", "idla pool"), file=sys.stderr)
@@ -126,7 +133,8 @@ def _start(args: argparse.Namespace) -> int:
     store = Store(args.db or home / "pool.db")
     backend = LocalBackend(LocalConfig(devices=args.devices, speeds=speeds,
                                        base_cores=args.base_cores))
-    agent = PoolAgent(store, backend, PoolConfig(run_root=home / "runs"))
+    agent = PoolAgent(store, backend, PoolConfig(run_root=home / "runs"),
+                      policy=policy)
     signal.signal(signal.SIGTERM, _exit_quietly)
     try:
         with serving(agent, token, args.host, args.port) as server:
@@ -145,6 +153,19 @@ def _start(args: argparse.Namespace) -> int:
         (home / "agent.json").unlink(missing_ok=True)
         store.close()
     return 0
+
+
+def _policy(args: argparse.Namespace) -> Any:
+    """None (the agent's default, `idla.pool.policy.allocate`) or a rigid comparison."""
+    from idla.pool.rigid import fifo, static_partition
+
+    if args.policy == "fifo":
+        return fifo
+    if args.policy == "static":
+        return static_partition(args.static_share or 1)
+    if args.static_share is not None:
+        raise ConfigError("--static-share applies to --policy static only")
+    return None
 
 
 def _exit_quietly(signum: int, frame: Any) -> None:
