@@ -220,11 +220,11 @@ class ServeWatch:
         next_scrape_s = 0.0
         while not self._stop.wait(0.2):
             url = url or self._url()
+            self._membership(url)
             if url is None:
                 continue
             with self._lock:
                 self._state["url"] = url
-            self._membership(url)
             if time.monotonic() < next_scrape_s:
                 continue
             next_scrape_s = time.monotonic() + self.interval_s
@@ -238,7 +238,8 @@ class ServeWatch:
             last = (now_s, values)
             self._measure(values)
 
-    def _membership(self, url: str) -> None:
+    def _membership(self, url: str | None) -> None:
+        """Retire, then add; a router not up yet has nothing to retire (stop at once)."""
         with self._lock:
             retiring, self._retiring = self._retiring, []
             joining = dict(self._joining)
@@ -246,10 +247,12 @@ class ServeWatch:
             with self._lock:
                 slot = self._slots.pop(device_id, None)
                 self._capacity.pop(device_id, None)
-            if slot is not None:
+            if slot is not None and url is not None:
                 status, _ = self._call(url, "/admin/workers", {"retire": slot})
                 self._note("serve_worker_retired", device_id, slot, status)
             stop()
+        if url is None:
+            return
         for device_id, (log_path, tries) in joining.items():
             port = _ready_port(log_path)
             if port is None:
