@@ -38,14 +38,18 @@ from idla.pool.store import FINAL_STATES, JobRecord
 
 
 def job_row(agent: PoolAgent, record: JobRecord) -> dict[str, Any]:
+    """A job as the API shows it: the stored record, where it runs now, its latest
+    measurements (``metrics``: kept after it ends) and its run dir (logs, reports)."""
     row = record.as_json()
     info = agent.run_info(record.job_id) or {}
+    metrics = agent.store.metrics(record.job_id)
     row["devices"] = info.get("devices", [])
-    row["resizes"] = info.get("resizes", 0)
+    row["resizes"] = info.get("resizes", metrics.get("resizes", 0))
     row["formed"] = info.get("formed", False)
-    row["step"] = info.get("step", 0)
-    row["samples_done"] = info.get("samples_done", 0.0)
-    row["metrics"] = agent.store.metrics(record.job_id)
+    row["step"] = info.get("step", metrics.get("step", 0))
+    row["samples_done"] = info.get("samples_done", metrics.get("samples_done", 0.0))
+    row["metrics"] = metrics
+    row["run_dir"] = str(agent.config.run_root / record.job_id)
     return row
 
 
