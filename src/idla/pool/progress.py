@@ -6,8 +6,9 @@ one small JSON file per worker, rewritten at most once a second) and `JobProgres
 - feeds each new row to the performance models (`OnlineModels.observe`: the kind of the device
   the pool put the worker on, its local batch, compute and communication seconds per step) and
   the job's global batch (`OnlineModels.set_job`);
-- seeds a device kind the job has not run on from one it has, scaled by their emulated speeds
-  (`kind_speed`: ``cpu@0.5`` is taken to be half as fast as ``cpu@1`` until it is measured);
+- seeds each device kind the job has not run on with every observation of one it has, scaled
+  by their emulated speeds (`kind_speed`: ``cpu@0.5`` is taken to be half as fast as ``cpu@1``
+  until it is measured), so the seed follows the measured kind past its warm-up steps;
 - says whether the job is *formed*: every worker the pool runs for it has reported a step at
   the job's current world size since its workers last changed (the pool resizes only a formed
   job: a worker stopped while the group forms fails the others' start);
@@ -72,7 +73,7 @@ class JobProgress:
         job_id: The job.
         metrics_dir: The folder its workers write to (``IDLA_POOL_METRICS_DIR``).
         started_wall_s: When this attempt started (Unix seconds); older rows are ignored.
-        pool_kinds: The kinds of the pool's devices (seeded from the first one measured).
+        pool_kinds: The kinds of the pool's devices (seeded from those measured).
     """
 
     def __init__(self, job_id: str, metrics_dir: Path, started_wall_s: float,
@@ -91,7 +92,6 @@ class JobProgress:
         self._resize_pending = False
         self._seen: dict[int, float] = {}
         self._kinds: set[str] = set()
-        self._seeded: set[str] = set()
         self._pool_kinds = set(pool_kinds)
 
     def changed(self, now_wall_s: float) -> None:
@@ -149,17 +149,10 @@ class JobProgress:
             return
         models.observe(self.job_id, device.kind, local_batch, compute_s,
                        _number(row.get("comm_s")))
-        if device.kind not in self._kinds:
-            self._kinds.add(device.kind)
-            self._seed_others(device.kind, local_batch, compute_s, models)
-
-    def _seed_others(self, kind: str, local_batch: int, compute_s: float,
-                     models: OnlineModels) -> None:
-        """The pool's kinds this job has not run on: one point scaled from ``kind``."""
-        for other in self._pool_kinds - self._kinds - self._seeded:
-            self._seeded.add(other)
+        self._kinds.add(device.kind)
+        for other in self._pool_kinds - self._kinds:  # scaled, until it is measured itself
             models.seed(self.job_id, other,
-                        [(local_batch, compute_s * kind_speed(kind) / kind_speed(other))])
+                        [(local_batch, compute_s * kind_speed(device.kind) / kind_speed(other))])
 
 
 class SpeedPrior:
