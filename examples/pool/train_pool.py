@@ -30,6 +30,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--global-batch", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--collective-timeout-s", type=float, default=30.0,
+                        help="how long a rank waits for a peer: above the slowest device's "
+                        "start (a throttled slot imports torch slowly) and step")
     parser.add_argument("--step-s", type=float, default=0.0,
                         help="least seconds a step takes (it sleeps the rest): a slower model")
     args = parser.parse_args()
@@ -50,7 +53,8 @@ def main() -> None:
             state.commit()
 
     report = idla.run_elastic(
-        train, model, optimizer, train_set, idla.AgentConfig(global_batch_size=args.global_batch))
+        train, model, optimizer, train_set, idla.AgentConfig(global_batch_size=args.global_batch),
+        idla.ElasticConfig(collective_timeout_s=args.collective_timeout_s))
     summary = {
         "member": report.member, "world_size": report.world_size, "steps": report.state.step,
         "left": report.left,

@@ -87,3 +87,19 @@ def test_a_worker_that_left_does_not_count_and_an_unmeasured_job_goes_by_speed(
 
     assert prior.rate_per_s("j", [FAST, SLOW]) == pytest.approx(2.0 * 1.25)
     assert prior.rate_per_s("j", []) == 0.0
+
+
+def test_an_unmeasured_job_is_rated_like_the_measured_ones_per_unit_of_speed(
+        tmp_path: Path) -> None:
+    models = OnlineModels()
+    progress = JobProgress("old", tmp_path, started_wall_s=0.0, pool_kinds=["cpu@1", "cpu@0.25"])
+    _row(tmp_path, 0, FAST, time_s=1.0, world=1, step=3, samples=384, compute_s=0.5,
+         local_batch=128)
+    progress.update({"cpu0": FAST}, models)
+    prior = SpeedPrior(models)
+    assert prior.rate_per_s("new", [FAST]) == 1.0  # nothing measured: the configured prior
+
+    prior.refresh(["old", "new"], ["cpu@1", "cpu@0.25"])
+
+    assert prior.rate_per_s("new", [FAST]) == pytest.approx(128 / 0.5)
+    assert prior.rate_per_s("new", [SLOW]) == pytest.approx(128 / 0.5 * 0.25)

@@ -46,8 +46,8 @@ from idla.pool.inventory import Inventory
 from idla.pool.model import Allocation, Device, JobView, PerfModels, check_allocation
 from idla.pool.perf import OnlineModels
 from idla.pool.policy import allocate
-from idla.pool.progress import JobProgress, SpeedPrior
-from idla.pool.run import JobRun, held_view, log_tail, respect
+from idla.pool.progress import JobProgress, SpeedPrior, kind_speed
+from idla.pool.run import JobRun, held_view, keep_anchors, log_tail, respect
 from idla.pool.serving import ServeWatch
 from idla.pool.spec import JobSpec
 from idla.pool.store import JobRecord, Store
@@ -168,13 +168,16 @@ class PoolAgent:
 
     def _log_error(self, error: BaseException) -> None:
         self.tick_errors += 1
-        line = (f"{time.strftime('%Y-%m-%d %H:%M:%S')} idla pool: tick {self.tick_errors} "
-                f"failed: {type(error).__name__}: {error}")
+        line = f"idla pool: tick {self.tick_errors} failed: {type(error).__name__}: {error}"
         print(line, file=sys.stderr, flush=True)
-        with contextlib.suppress(OSError):  # the line went to stderr; a full disk must not
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)  # stop the loop
+        self._log(line, traceback.format_exc())
+
+    def _log(self, line: str, detail: str = "") -> None:
+        """A line (and a traceback) to the agent log; a full disk must not stop the loop."""
+        with contextlib.suppress(OSError):
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "a", encoding="utf-8") as log:
-                log.write(line + "\n" + traceback.format_exc())
+                log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n{detail}")
 
     def close(self) -> None:
         with self._lock:
@@ -225,7 +228,9 @@ class PoolAgent:
                     self._stop(run, device_id, graceful=not lost)
                     changed = True
                     continue
-                if cancelled or grace_over or run.gave_up:
+                unjoined = (run.finished_s is not None and bool(run.progress.reported)
+                            and device_id not in run.progress.reported)  # nothing to join
+                if cancelled or grace_over or run.gave_up or unjoined:
                     self._stop(run, device_id, graceful=False)
                     continue
                 code = handle.poll()
@@ -299,12 +304,21 @@ class PoolAgent:
                                     else self.config.form_timeout_s)
                      for j, r in self._runs.items() if j in held and r.finished_s is None]
         self._next_plan_s = min([self._next_plan_s, *[t for t in holds_end if t > now]])
+        self.models.refresh(records, {d.kind for d in devices})
         target = {j: tuple(d) for j, d in self.policy(views, devices, self.models,
                                                        current).items()}
-        anchored = {j for j, r in self._runs.items() if r.anchor is not None
-                    and target.get(j) and r.anchor not in target[j]}  # the router stays
+        chosen = target
+        anchors = {j: r.anchor for j, r in self._runs.items() if r.anchor is not None}
+        swapped, anchored = keep_anchors(target, current, anchors)  # a router stays put
+        try:
+            check_allocation(swapped, views, devices)
+            target = swapped
+        except ValueError:  # the swap broke a memory need: hold those jobs instead
+            anchored = {j for j, a in anchors.items() if target.get(j) and a not in target[j]}
         target = respect(target, current, held | anchored, {v.job_id: v for v in views})
         check_allocation(target, views, devices)
+        if target != current:
+            self._log(f"plan: held {sorted(held | anchored)}; policy {chosen}; acting {target}")
         for job_id in sorted(set(target) | set(current), key=lambda j: j not in current):
             record = records.get(job_id)
             if record is not None:
@@ -373,6 +387,9 @@ class PoolAgent:
             handle = self._launch(run, devices[0], rank=0, world=len(devices), joining=False)
             run.workers.update({d.device_id: handle for d in devices})
             return
+        if resizable(record.spec):  # the slower devices join once it is formed: a group
+            fastest = max(kind_speed(d.kind) for d in devices)  # forms when its slowest
+            devices = [d for d in devices if kind_speed(d.kind) >= fastest]  # has imported
         for rank, device in enumerate(devices):
             self._launch(run, device, rank=rank, world=len(devices), joining=False)
 

@@ -26,10 +26,12 @@ Cost per tick and job: one read of each worker's file (~0.5 kB), O(workers) arit
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from idla.agent.pool_metrics import read_job_metrics
 from idla.pool.model import Device
@@ -87,6 +89,9 @@ class JobProgress:
         """Samples the job has trained (its newest row), this attempt."""
         self.step = 0
         """The job's committed steps (its newest row)."""
+        self.reported: set[str] = set()
+        """Devices whose worker has reported a step this attempt (a newcomer still starting
+        has not)."""
         self._latest: _Mark | None = None
         self._pending: _Mark | None = None
         self._resize_pending = False
@@ -109,6 +114,7 @@ class JobProgress:
                 if float(r["time"]) >= self._since_s and r.get("status") == "running"]
         if not rows:
             return None
+        self.reported.update(str(r.get("worker")) for r in rows)
         newest = max(rows, key=lambda r: float(r["time"]))
         self._latest = _mark(newest)
         self.samples_done = max(self.samples_done, self._latest.samples)
@@ -163,6 +169,25 @@ class SpeedPrior:
     def __init__(self, online: OnlineModels, prior_rate_per_s: float = 1.0) -> None:
         self.online, self.prior_rate_per_s = online, prior_rate_per_s
         self._capacity: dict[str, dict[str, float]] = {}
+
+    def refresh(self, job_ids: Iterable[str], kinds: Iterable[str]) -> None:
+        """Rate a job not measured yet like a typical one: ``prior_rate_per_s`` becomes the
+        median, over the jobs measured so far, of their one-device rate per unit of emulated
+        speed (kept when none is). A prior of a few samples/s against measured thousands would
+        make a new job look worthless to a policy that divides by its work. O(jobs × kinds)."""
+        kinds = list(kinds)
+        rates = []
+        for job_id in job_ids:
+            if job_id in self._capacity:
+                continue
+            per_kind = [self.online.rate_per_s(job_id, [Device("probe", kind, "probe", 0)])
+                        / kind_speed(kind) for kind in kinds
+                        if math.isfinite(self.online.step_s(job_id,
+                                                            [Device("probe", kind, "probe", 0)]))]
+            if per_kind:
+                rates.append(sum(per_kind) / len(per_kind))
+        if rates:
+            self.prior_rate_per_s = float(np.median(rates))
 
     def set_capacity(self, job_id: str, kind: str, requests_per_s: float) -> None:
         """A serving job's measured capacity on a device of ``kind`` (its router's meter)."""

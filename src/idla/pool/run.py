@@ -139,3 +139,26 @@ def log_tail(path: Path, max_chars: int = 300) -> str:
         return ""
     last = text.splitlines()[-1] if text else ""
     return f" (worker-0.log: {last[-max_chars:]})" if last else ""
+
+
+def keep_anchors(target: Mapping[str, Sequence[str]], current: Allocation,
+                 anchors: Mapping[str, str]) -> tuple[dict[str, tuple[str, ...]], set[str]]:
+    """The policy's ``target`` with each serving job (``anchors``: job → its router's device)
+    on its anchor: a job moved off it swaps one of its new devices with whoever was given the
+    anchor, so every job keeps its count. Returns the target and the jobs that could not be
+    swapped (to hold where they are)."""
+    result = {job: tuple(devices) for job, devices in target.items()}
+    stuck: set[str] = set()
+    for job, anchor in anchors.items():
+        mine = result.get(job, ())
+        if not mine or anchor in mine:
+            continue
+        spare = [d for d in mine if d not in current.get(job, ())]
+        holder = next((j for j, held in result.items() if anchor in held), None)
+        if not spare:
+            stuck.add(job)
+            continue
+        result[job] = tuple(sorted({*mine, anchor} - {spare[0]}))
+        if holder is not None:
+            result[holder] = tuple(sorted({*result[holder], spare[0]} - {anchor}))
+    return result, stuck
