@@ -30,6 +30,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--global-batch", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--collective-timeout-s", type=float, default=30.0,
+                        help="how long a rank waits for a peer: above the slowest device's "
+                        "start (a throttled slot imports torch slowly) and step")
+    parser.add_argument("--step-s", type=float, default=0.0,
+                        help="least seconds a step takes (it sleeps the rest): a slower model")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -41,14 +46,18 @@ def main() -> None:
 
     def train(agent: idla.Agent, state: idla.ElasticState) -> None:
         for x, y in state.batches(args.epochs):  # continues at the committed cursor
+            began_s = time.monotonic()
             agent.backward(F.cross_entropy(model(x), y))
             optimizer.step()
+            time.sleep(max(0.0, args.step_s - (time.monotonic() - began_s)))
             state.commit()
 
     report = idla.run_elastic(
-        train, model, optimizer, train_set, idla.AgentConfig(global_batch_size=args.global_batch))
+        train, model, optimizer, train_set, idla.AgentConfig(global_batch_size=args.global_batch),
+        idla.ElasticConfig(collective_timeout_s=args.collective_timeout_s))
     summary = {
         "member": report.member, "world_size": report.world_size, "steps": report.state.step,
+        "left": report.left,
         "steps_lost": sum(e.steps_lost for e in report.events),
         "committed": [list(c) for c in report.state.committed],
         "joined": os.environ.get("IDLA_JOIN") == "1", "wall_s": time.time() - started_s,

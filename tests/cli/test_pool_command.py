@@ -120,9 +120,40 @@ def test_the_api_refuses_bad_calls_and_changes_nothing(agent: tuple[Path, dict[s
     assert _http(state, "DELETE", "/jobs/job-999")[0] == 404
     assert _http(state, "PUT", "/jobs")[0] == 405
 
+    assert _http(state, "POST", "/devices/cpu9/drain")[0] == 404
+    assert _http(state, "POST", "/devices/cpu1/drain", b"lost", token=None)[0] == 401
+    assert _http(state, "POST", "/devices/cpu1/drain", b"lost",
+                 content_type="application/json")[0] == 400
+    assert _http(state, "POST", "/devices/cpu1/drain", b'{"lost": 1}',
+                 content_type="application/json")[0] == 400
+    assert _http(state, "POST", "/devices/cpu1/explode")[0] == 405
+
     assert _http(state, "GET", "/jobs")[1] == before
     status, devices = _http(state, "GET", "/devices")
     assert status == 200 and [d["id"] for d in devices["devices"]] == ["cpu0", "cpu1"]
+    assert {d["state"] for d in devices["devices"]} == {"up"}
+    status, health = _http(state, "GET", "/agent")
+    assert status == 200 and health["tick_errors"] == 0
+
+
+def test_a_device_is_drained_lost_and_restored_through_the_api_and_the_cli(
+        agent: tuple[Path, dict[str, Any]]) -> None:
+    home, state = agent
+
+    drained = _idla(home, "pool", "drain", "cpu1")
+    lost = _http(state, "POST", "/devices/cpu0/drain", b'{"lost": true}',
+                 content_type="application/json")
+    listed = {d["id"]: d["state"] for d in _http(state, "GET", "/devices")[1]["devices"]}
+    restored = _idla(home, "pool", "restore", "cpu1")
+    back = _http(state, "POST", "/devices/cpu0/restore")
+    unknown = _http(state, "POST", "/devices/gpu7/restore")
+
+    assert drained.returncode == 0 and drained.stdout.strip() == "cpu1: drained"
+    assert lost == (200, {"id": "cpu0", "state": "lost"})
+    assert listed == {"cpu0": "lost", "cpu1": "drained"}
+    assert restored.returncode == 0 and restored.stdout.strip() == "cpu1: up"
+    assert back == (200, {"id": "cpu0", "state": "up"})
+    assert unknown == (404, {"error": "no device 'gpu7'"})
 
 
 def test_the_status_page_needs_the_token_and_renders(agent: tuple[Path, dict[str, Any]],
@@ -143,3 +174,14 @@ def test_the_status_page_needs_the_token_and_renders(agent: tuple[Path, dict[str
                     f"{state['url']}/?token={state['token']}"],
                    capture_output=True, timeout=60, check=False)
     assert shot.exists() and shot.stat().st_size > 5_000  # a page, not a blank error
+
+
+def test_ray_options_are_checked_before_anything_starts(tmp_path: Path) -> None:
+    unreachable = _idla(tmp_path, "pool", "start", "--ray", "127.0.0.1:1")
+    mixed = _idla(tmp_path, "pool", "start", "--ray", "auto", "--emulate-speeds", "1,0.5")
+    for result, says in ((unreachable, "cannot reach the Ray cluster at 127.0.0.1:1"),
+                         (mixed, "--ray takes its devices from the cluster's nodes")):
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1 and says in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "agent.json").exists()

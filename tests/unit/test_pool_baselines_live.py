@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from idla.pool.fill import CountModels
 
 from idla.pool.baselines_live import fifo, live_policy, partition, static_partition
-from idla.pool.fill import CountModels
 from idla.pool.model import Device, JobKind, JobView, check_allocation
 
 SPEEDS = {"cpu0": 1.0, "cpu1": 1.0, "cpu2": 0.5, "cpu3": 0.25}

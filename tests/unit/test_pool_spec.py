@@ -39,6 +39,17 @@ def test_a_train_spec_resolves_its_script_from_the_spec_folder(tmp_path: Path) -
     assert view.remaining_samples == 4000.0 and view.resizable
 
 
+def test_samples_and_memory_are_not_capped_at_the_worker_limit(tmp_path: Path) -> None:
+    text = TRAIN.replace("samples = 4000", "samples = 57480").replace(
+        "deadline_s = 600", "deadline_s = 600\nmemory_bytes_per_worker = 2_000_000_000")
+
+    spec = parse_spec(text, "job.toml", tmp_path)
+
+    assert spec.samples == 57480 and spec.memory_bytes_per_worker == 2_000_000_000
+    with pytest.raises(ConfigError, match=r"train\.samples: must be a whole number in 1\.\."):
+        parse_spec(TRAIN.replace("samples = 4000", "samples = 0"), "job.toml", tmp_path)
+
+
 def test_the_json_form_gives_the_same_spec_back(tmp_path: Path) -> None:
     spec = parse_spec(TRAIN, "job.toml", tmp_path)
 

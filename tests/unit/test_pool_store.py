@@ -82,3 +82,17 @@ def test_a_file_that_is_not_a_database_is_one_line(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="not a usable SQLite database"):
         Store(path)
+
+
+def test_a_job_s_latest_measurements_replace_the_last_and_survive_a_reopen(
+        tmp_path: Path) -> None:
+    store = Store(tmp_path / "pool.db")
+    job = store.submit(parse_spec(SPEC, "a.toml"))
+    store.set_metrics(job, {"step": 3, "samples_done": 384.0}, now_s=5.0)
+    store.set_metrics(job, {"step": 9, "samples_done": 1152.0}, now_s=6.0)
+    store.close()
+
+    reopened = Store(tmp_path / "pool.db")
+
+    assert reopened.metrics(job) == {"time_s": 6.0, "step": 9, "samples_done": 1152.0}
+    assert reopened.metrics("job-99") == {}

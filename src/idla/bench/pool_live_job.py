@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-import idla
+from idla.agent import Agent, AgentConfig, ElasticState, run_elastic
 from idla.demo.workloads import WORKLOADS
+from idla.elastic.membership import ElasticConfig
 
 
 def main() -> None:
@@ -47,16 +48,16 @@ def main() -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     started_s = time.time()
 
-    def train(agent: idla.Agent, state: idla.ElasticState) -> None:
+    def train(agent: Agent, state: ElasticState) -> None:
         for x, y in state.batches(args.epochs):
             agent.backward(workload.loss(model, x, y))
             optimizer.step()
             state.commit()
 
-    report = idla.run_elastic(
-        train, model, optimizer, train_set, idla.AgentConfig(
+    report = run_elastic(
+        train, model, optimizer, train_set, AgentConfig(
             global_batch_size=args.global_batch or workload.global_batch_size),
-        idla.ElasticConfig(collective_timeout_s=args.collective_timeout_s))
+        ElasticConfig(collective_timeout_s=args.collective_timeout_s))
     row = report.as_dict()
     del row["agent"]  # per-step statistics: large, and not what the bench reads
     row.update(joined=os.environ.get("IDLA_JOIN") == "1", started_s=started_s,

@@ -28,7 +28,7 @@ from idla.bench.arrivals import poisson_arrivals_s
 from idla.errors import IdlaError
 
 if TYPE_CHECKING:
-    from idla.bench.pool_live import PoolLiveConfig
+    from idla.bench.pool_live_config import PoolLiveConfig
 
 LOADGEN = Path(__file__).with_name("loadgen.py")
 SERVE_READY_TIMEOUT_S = 120.0  # the serving job's `idla serve` until /healthz answers

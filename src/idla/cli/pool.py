@@ -1,4 +1,5 @@
-"""`idla pool start | submit | status | cancel`, and `idla submit | status | cancel` for short.
+"""`idla pool start | submit | status | cancel | drain | restore`, and `idla submit | status |
+cancel` for short.
 
 `idla pool start` runs the agent in the foreground (Ctrl-C or SIGTERM stops it and its
 workers). Its state lives in ``--home`` (default ``$IDLA_POOL_HOME``, else ``~/.idla/pool``):
@@ -61,12 +62,26 @@ def add_commands(commands: Any, benches: Any) -> None:
                        help="CPUs a slot of speed 1 gets when throttled (default: 0.5)")
     start.add_argument("--token-file", metavar="PATH",
                        help="file holding the API token (default: $IDLA_TOKEN, else random)")
+    start.add_argument("--ray", metavar="ADDRESS",
+                       help="place workers on a Ray cluster's nodes (ray://HOST:10001, HOST:6379, "
+                       "auto, or local for a new one here) instead of local processes")
     start.add_argument("--policy", choices=("idla", "fifo", "static"), default="idla",
                        help="who gets which devices: idla (priorities, resizes; default), fifo "
                        "or static (one fixed device per job), the baselines of idla bench pool")
     start.set_defaults(handler=_start)
     for parsers in (verbs, commands):
         _add_client_verbs(parsers)
+    drain = verbs.add_parser("drain", help="take a device out of the pool (its worker leaves "
+                             "at a step boundary; the job shrinks in place)")
+    drain.add_argument("device", metavar="DEVICE")
+    drain.add_argument("--lost", action="store_true",
+                       help="kill its worker instead, as if the device had died")
+    _client_options(drain)
+    drain.set_defaults(handler=_drain)
+    restore = verbs.add_parser("restore", help="give a drained or lost device back to the pool")
+    restore.add_argument("device", metavar="DEVICE")
+    _client_options(restore)
+    restore.set_defaults(handler=_drain)
     pool_sim.add_simulate(verbs)
 
 
@@ -106,7 +121,6 @@ def _start(args: argparse.Namespace) -> int:
     from idla.pool.agent import PoolAgent, PoolConfig
     from idla.pool.api import serving
     from idla.pool.baselines_live import live_policy
-    from idla.pool.local import LocalBackend, LocalConfig
     from idla.pool.store import Store
 
     token, source, warnings = resolve_token(None, args.token_file, os.environ)
@@ -116,8 +130,7 @@ def _start(args: argparse.Namespace) -> int:
     home.mkdir(parents=True, exist_ok=True)
     speeds = optional_speeds(args.emulate_speeds, "--emulate-speeds")
     store = Store(args.db or home / "pool.db")
-    backend = LocalBackend(LocalConfig(devices=args.devices, speeds=speeds,
-                                       base_cores=args.base_cores))
+    backend = _backend(args, speeds)
     agent = PoolAgent(store, backend, PoolConfig(run_root=home / "runs"),
                       policy=live_policy(args.policy))
     signal.signal(signal.SIGTERM, _exit_quietly)
@@ -138,6 +151,24 @@ def _start(args: argparse.Namespace) -> int:
         (home / "agent.json").unlink(missing_ok=True)
         store.close()
     return 0
+
+
+
+def _backend(args: argparse.Namespace, speeds: list[float] | None) -> Any:
+    """Local processes (cgroup-throttled slots with --emulate-speeds), or Ray actors."""
+    if args.ray is None:
+        from idla.pool.local import LocalBackend, LocalConfig
+
+        return LocalBackend(LocalConfig(devices=args.devices, speeds=speeds,
+                                        base_cores=args.base_cores))
+    if speeds is not None or args.devices is not None:
+        raise ConfigError("--ray takes its devices from the cluster's nodes: drop --devices "
+                          "and --emulate-speeds")
+    try:
+        from idla.pool.ray_backend import RayBackend, RayConfig
+    except ImportError:
+        raise ConfigError("--ray needs Ray: pip install 'idla[flower]'") from None
+    return RayBackend(RayConfig(address=args.ray))
 
 
 def _exit_quietly(signum: int, frame: Any) -> None:
@@ -188,6 +219,14 @@ def _submit(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)  # checked here, with paths resolved from its folder
     answer = _call(args, "POST", "/jobs", json.dumps(spec.as_json()).encode())
     print(answer["id"])
+    return 0
+
+
+def _drain(args: argparse.Namespace) -> int:
+    verb = "drain" if hasattr(args, "lost") else "restore"
+    body = json.dumps({"lost": bool(getattr(args, "lost", False))}).encode()
+    answer = _call(args, "POST", f"/devices/{args.device}/{verb}", body)
+    print(f"{answer['id']}: {answer['state']}")
     return 0
 
 

@@ -134,7 +134,8 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _live(args: argparse.Namespace) -> dict[str, Any]:
-    from idla.bench.pool_live import PoolLiveConfig, quick_config, run_pool_live
+    from idla.bench.pool_live import run_pool_live
+    from idla.bench.pool_live_config import PoolLiveConfig, quick_config
     from idla.cli.args import optional_speeds
 
     overrides: dict[str, Any] = {"model": args.live_model}

@@ -55,6 +55,10 @@ def add_commands(commands: Any, benches: Any) -> None:
                        "default: $IDLA_TOKEN, else a random one, printed")
     serve.add_argument("--token", help="the bearer token itself; every user of the machine sees "
                        "it in the process list, so prefer --token-file or IDLA_TOKEN")
+    serve.add_argument("--link-secret-file", metavar="PATH",
+                       help="file (mode 600) holding the workers' link secret, 64 hex digits: "
+                       "workers started elsewhere with it can join via POST /admin/workers "
+                       "(default: a fresh secret)")
     serve.add_argument("--model-root", metavar="DIR",
                        help="POST /admin/model loads only models inside DIR (paths relative to "
                        "it; symlinks resolved); default: any path the server can read")
@@ -160,6 +164,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--emulate-speeds lists {len(speeds)} speeds for {args.workers} "
                           "workers")
     devices = resolve_devices(args.device, args.workers)
+    secret_file = getattr(args, "link_secret_file", None)
+    secret = None if secret_file is None else _link_secret(secret_file)
     options = ServeOptions(token=token, host=args.host, port=args.port,
                            router=_router_config(args, args.policy, 1),
                            limits=HttpLimits(max_request_rows=args.max_request_rows),
@@ -183,13 +189,26 @@ def _serve(args: argparse.Namespace) -> int:
     # SIGTERM ends the server like Ctrl-C, but with exit code 0 and the workers stopped.
     signal.signal(signal.SIGTERM, _exit_quietly)
     with WorkerPool(args.model, args.workers, speeds, args.base_cores,
-                    max_rows=args.max_batch_rows, devices=devices) as pool:
+                    max_rows=args.max_batch_rows, devices=devices, secret=secret) as pool:
         loop = new_event_loop()
         try:
             loop.run_until_complete(serve_until_stopped(pool, options, ready))
         finally:
             loop.close()
     return 0
+
+
+def _link_secret(path: str) -> bytes:
+    from idla.serve.auth import read_secret
+
+    try:
+        with open(path, "rb") as file:
+            return read_secret(file)
+    except OSError as error:
+        raise ConfigError(f"--link-secret-file {path}: cannot be read ({error.strerror})"
+                          ) from None
+    except ConfigError:
+        raise ConfigError(f"--link-secret-file {path}: not one line of 64 hex digits") from None
 
 
 def _exit_quietly(signum: int, frame: Any) -> None:

@@ -4,7 +4,12 @@
   (``application/json``), at most `MAX_SPEC_BYTES`; 201 ``{"id": ...}``. Paths in a spec sent
   over the API must be absolute (the client resolves them against the spec file's folder).
 - ``GET /jobs``, ``GET /jobs/<id>``: jobs with their devices; ``DELETE /jobs/<id>``: cancel.
-- ``GET /devices``; ``GET /``: the status page (`idla.pool.page`).
+- ``GET /devices``: every device with its state (``up``, ``drained``, ``lost``) and job;
+  ``POST /devices/<id>/drain``: take it out of the pool (its worker leaves at a step boundary;
+  a JSON body ``{"lost": true}`` kills the worker instead, as a dead device would);
+  ``POST /devices/<id>/restore``: give it back.
+- ``GET /agent``: the agent's own health (ticks that raised, its log's path).
+- ``GET /``: the status page (`idla.pool.page`).
 
 Every endpoint needs the bearer token (``Authorization: Bearer <token>``; the page also takes
 ``?token=...`` so that a browser can open it), because the page and the job list show what runs
@@ -33,10 +38,18 @@ from idla.pool.store import FINAL_STATES, JobRecord
 
 
 def job_row(agent: PoolAgent, record: JobRecord) -> dict[str, Any]:
+    """A job as the API shows it: the stored record, where it runs now, its latest
+    measurements (``metrics``: kept after it ends) and its run dir (logs, reports)."""
     row = record.as_json()
     info = agent.run_info(record.job_id) or {}
+    metrics = agent.store.metrics(record.job_id)
     row["devices"] = info.get("devices", [])
-    row["resizes"] = info.get("resizes", 0)
+    row["resizes"] = info.get("resizes", metrics.get("resizes", 0))
+    row["formed"] = info.get("formed", False)
+    row["step"] = info.get("step", metrics.get("step", 0))
+    row["samples_done"] = info.get("samples_done", metrics.get("samples_done", 0.0))
+    row["metrics"] = metrics
+    row["run_dir"] = str(agent.config.run_root / record.job_id)
     return row
 
 
@@ -99,10 +112,45 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(409, f"job {record.job_id} is already {record.state}")
             else:
                 self._json(200, job_row(agent, agent.cancel(record.job_id)))
+        elif method == "GET" and parts == ["agent"]:
+            self._json(200, {"tick_errors": agent.tick_errors, "log": str(agent.log_path),
+                             "started_s": agent.started_s})
         elif method == "POST" and parts == ["jobs"]:
             self._submit()
+        elif (method == "POST" and len(parts) == 3 and parts[0] == "devices"
+              and parts[2] in ("drain", "restore")):
+            self._device(parts[1], parts[2])
         else:
             self._error(404 if method == "GET" else 405, f"no {method} {url.path}")
+
+    def _device(self, device_id: str, verb: str) -> None:
+        lost = False
+        text = self.headers.get("Content-Length", "0") or "0"
+        length = int(text) if text.isdigit() else -1
+        if length:
+            if not 0 < length <= 1024:
+                self._error(413, "a drain body is a small JSON object")
+                self.close_connection = True
+                return
+            try:
+                body = json.loads(self.rfile.read(length).decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                self._error(400, 'body must be JSON {"lost": true|false}')
+                return
+            if not isinstance(body, dict) or not isinstance(body.get("lost", False), bool):
+                self._error(400, 'body must be JSON {"lost": true|false}')
+                return
+            lost = bool(body.get("lost", False))
+        agent = self.server.agent
+        try:
+            if verb == "drain":
+                agent.drain(device_id, lost=lost)
+            else:
+                agent.restore(device_id)
+        except KeyError:
+            self._error(404, f"no device {device_id!r}")
+            return
+        self._json(200, {"id": device_id, "state": agent.device_states()[device_id]})
 
     def _submit(self) -> None:
         try:
@@ -166,8 +214,10 @@ class PoolServer(ThreadingHTTPServer):
 
     def devices(self) -> list[dict[str, Any]]:
         held = {d: job for job, devices in self.agent.allocation().items() for d in devices}
+        states = self.agent.device_states()
         return [{"id": d.device_id, "kind": d.kind, "node": d.node,
-                 "memory_bytes": d.memory_bytes, "job": held.get(d.device_id)}
+                 "memory_bytes": d.memory_bytes, "job": held.get(d.device_id),
+                 "state": states.get(d.device_id, "up")}
                 for d in self.agent.backend.devices()]
 
     def page(self) -> str:

@@ -34,6 +34,8 @@ class WorkerLaunch:
     cwd: str | None = None
     log_path: str | None = None
     """Where stdout and stderr go (appended); None discards them."""
+    stdin_path: str | None = None
+    """A file the process reads as its stdin (a serving worker's link secret); None: none."""
 
 
 class WorkerHandle(Protocol):

@@ -1,9 +1,11 @@
 """The local backend: every worker a subprocess on this machine, each device a CPU slot.
 
-A device is one worker slot (``cpu0``, ``cpu1``, ...). With emulated speeds
+A device is one worker slot (``cpu0``, ``cpu1``, ...) of kind ``cpu``. With emulated speeds
 (``idla pool start --emulate-speeds 1,1,0.5,0.25``) each device owns a cgroup whose CPU quota
 is ``base_cores × speed`` (`idla.emulate.cgroup.CpuThrottle`), and a worker placed on the
-device is moved into it as it starts, so its children are throttled too. Without a writable
+device is moved into it as it starts, so its children are throttled too, and its kind carries the
+speed (``cpu@0.25``), so that the pool's per-kind performance models tell fast slots from
+slow ones. Without a writable
 cgroup v1 cpu controller that option fails with one line; without it, slots run at full speed.
 
 Each worker runs in its own session (process group), so a stop reaches the processes it
@@ -83,8 +85,11 @@ class LocalBackend:
         self.config = config or LocalConfig()
         memory_bytes = int(psutil.virtual_memory().total // self.config.count)
         node = socket.gethostname()
-        self._devices = [Device(device_id=f"cpu{i}", kind="cpu", node=node,
-                                memory_bytes=memory_bytes) for i in range(self.config.count)]
+        speeds = self.config.speeds
+        self._devices = [Device(device_id=f"cpu{i}",
+                                kind="cpu" if speeds is None else f"cpu@{speeds[i]:g}",
+                                node=node, memory_bytes=memory_bytes)
+                         for i in range(self.config.count)]
         self._index = {d.device_id: i for i, d in enumerate(self._devices)}
         self._throttle = (CpuThrottle(self.config.speeds, self.config.base_cores).__enter__()
                           if self.config.speeds is not None else None)
@@ -106,14 +111,17 @@ class LocalBackend:
         log: IO[bytes] | int = subprocess.DEVNULL
         if launch.log_path is not None:
             log = open(launch.log_path, "ab")  # noqa: SIM115  # the child holds it open
+        stdin: IO[bytes] | int = subprocess.DEVNULL
         try:
+            if launch.stdin_path is not None:
+                stdin = open(launch.stdin_path, "rb")  # noqa: SIM115  # closed below
             process = subprocess.Popen(
                 list(launch.argv), cwd=launch.cwd, env={**os.environ, **launch.env},
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                stdin=stdin, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         finally:
-            if not isinstance(log, int):
-                log.close()
+            for file in (log, stdin):
+                if not isinstance(file, int):
+                    file.close()
         worker = LocalWorker(launch, process)
         if self._throttle is not None:
             self._throttle.attach(index, process.pid)

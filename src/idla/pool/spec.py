@@ -51,6 +51,10 @@ else:  # the same parser, from PyPI, before 3.11
 MAX_SPEC_BYTES = 64 << 10
 """A spec larger than this is refused before it is parsed (the API caps bodies the same)."""
 MAX_WORKERS = 4096
+MAX_SAMPLES = 10**15
+"""A job's ``samples`` (its total work) above this is refused as a typo."""
+MAX_MEMORY_BYTES = 1 << 50
+"""``memory_bytes_per_worker`` above this (a PiB) is refused as a typo."""
 _TOP = {"name", "kind", "priority", "min_workers", "max_workers", "deadline_s",
         "memory_bytes_per_worker", "train", "serve", "infer"}
 _SECTIONS = {
@@ -155,12 +159,13 @@ class _Fields:
             raise self.fail(name, f"must be a number {bound}, got {json.dumps(value)}")
         return float(value)
 
-    def count(self, name: str, default: int | None, low: int = 1) -> int | None:
+    def count(self, name: str, default: int | None, low: int = 1,
+              high: int = MAX_WORKERS) -> int | None:
         value = self.get(name, default)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_WORKERS:
-            raise self.fail(name, f"must be a whole number in {low}..{MAX_WORKERS}, got "
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self.fail(name, f"must be a whole number in {low}..{high}, got "
                             f"{json.dumps(value)}")
         return value
 
@@ -214,7 +219,7 @@ def _train_fields(section: _Fields, base: Path | None) -> dict[str, Any]:
     if not isinstance(resizable, bool):
         raise section.fail("resizable", f"must be true or false, got {json.dumps(resizable)}")
     return {"script": section.path("script", base), "args": tuple(args), "env": dict(env),
-            "resizable": resizable, "samples": section.count("samples", None)}
+            "resizable": resizable, "samples": section.count("samples", None, high=MAX_SAMPLES)}
 
 
 def spec_from_mapping(table: Mapping[str, Any], where: str, base: Path | None = None) -> JobSpec:
@@ -235,7 +240,7 @@ def spec_from_mapping(table: Mapping[str, Any], where: str, base: Path | None = 
     assert name is not None and priority is not None and min_workers and max_workers
     if max_workers < min_workers:
         raise top.fail("max_workers", f"{max_workers} is below min_workers {min_workers}")
-    memory = top.count("memory_bytes_per_worker", 0, low=0)
+    memory = top.count("memory_bytes_per_worker", 0, low=0, high=MAX_MEMORY_BYTES)
     section = _section(top, kind)
     fields: dict[str, Any]
     if kind is JobKind.TRAIN:

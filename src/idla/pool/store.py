@@ -8,6 +8,10 @@ fresh rendezvous, from its checkpoint when its script keeps one under its run di
 (``IDLA_POOL_RUN_DIR``, the same folder across restarts) and from the start otherwise.
 Nothing is pickled: specs and allocations are JSON.
 
+Each job's latest measurements (training: step, samples done, rate; serving: p99, the
+fraction of time its target held, failed requests) are kept in ``job_metrics``, one row per job
+replaced on each write, so that they outlive the job and the agent.
+
 States: queued → running → done | failed | cancelled (running → queued on preemption or an
 agent restart). Cost: one indexed row write per change; `allocations` reads O(history).
 """
@@ -53,6 +57,11 @@ CREATE TABLE IF NOT EXISTS events (
     time_s REAL NOT NULL,
     job TEXT,
     kind TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS job_metrics (
+    job TEXT PRIMARY KEY,
+    time_s REAL NOT NULL,
     detail TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
@@ -203,6 +212,21 @@ class Store:
                 (job_id,) if job_id is not None else ())
             return [{"time_s": t, "job": job, "kind": kind, **json.loads(detail)}
                     for t, job, kind, detail in rows]
+
+    def set_metrics(self, job_id: str, values: Mapping[str, Any],
+                    now_s: float | None = None) -> None:
+        """Replace ``job_id``'s latest measurements (JSON-ready values)."""
+        now_s = time.time() if now_s is None else now_s
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO job_metrics (job, time_s, detail) "
+                       "VALUES (?, ?, ?)", (job_id, now_s, json.dumps(dict(values))))
+
+    def metrics(self, job_id: str) -> dict[str, Any]:
+        """``job_id``'s latest measurements with their time (``{}`` when none)."""
+        with self._lock:
+            row = self._db.execute("SELECT time_s, detail FROM job_metrics WHERE job = ?",
+                                   (job_id,)).fetchone()
+        return {} if row is None else {"time_s": row[0], **json.loads(row[1])}
 
     def job(self, job_id: str) -> JobRecord | None:
         with self._lock:

@@ -187,14 +187,16 @@ class WorkerPool:
 
     With ``netns``, worker i runs in network namespace ``netns[i]`` (an emulated host) and binds
     ``hosts[i]``, that host's address; otherwise every worker binds ``host``. Every worker gets
-    `secret` (drawn here, per pool) on its stdin; a router needs it to connect (`idla.serve.auth`).
+    `secret` (drawn here, per pool, unless given: a launcher that starts more workers later,
+    such as the device pool, shares it) on its stdin; a router needs it to connect
+    (`idla.serve.auth`).
     """
 
     def __init__(
         self, model_dir: str | Path, count: int, speeds: Sequence[float] | None = None,
         base_cores: float = 0.5, host: str = "127.0.0.1", max_rows: int = DEFAULT_MAX_ROWS,
         netns: Sequence[str] | None = None, hosts: Sequence[str] | None = None,
-        devices: str | Sequence[str] = CPU,
+        devices: str | Sequence[str] = CPU, secret: bytes | None = None,
     ) -> None:
         if count < 1:
             raise ConfigError(f"--workers must be at least 1, got {count}")
@@ -208,7 +210,7 @@ class WorkerPool:
         self.model_dir, self.count, self.speeds = str(model_dir), count, speeds
         self.base_cores, self.max_rows, self.netns = base_cores, max_rows, netns
         self.devices = resolve_devices(devices, count)
-        self.secret = auth.new_secret()
+        self.secret = secret if secret is not None else auth.new_secret()
         self.workers: list[WorkerProcess] = []
         self._stack = ExitStack()
         self._throttle: Any = None
