@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from idla.pool.fill import CountModels
 
 from idla.pool.baselines_live import fifo, live_policy, partition, static_partition
 from idla.pool.model import Device, JobKind, JobView, check_allocation
+from idla.pool.perf import OnlineModels
 
 SPEEDS = {"cpu0": 1.0, "cpu1": 1.0, "cpu2": 0.5, "cpu3": 0.25}
 DEVICES = [Device(device_id=d, kind="cpu", node="n", memory_bytes=1 << 30) for d in SPEEDS]
-MODELS = CountModels(SPEEDS)
+MODELS = OnlineModels()  # the rigid baselines never ask it
 
 
 def _job(job_id: str, arrival_s: float, priority: float = 1.0, max_workers: int = 3,
