@@ -223,6 +223,22 @@ def test_urgent_job_arriving_into_a_full_pool_gets_its_alone_rate_at_once() -> N
     assert _rate(smith, "urgent", devices, models) < alone / config.guarantee_slowdown
 
 
+def test_an_urgent_arrival_never_takes_a_serving_jobs_devices() -> None:
+    devices = _pool("aaaa")
+    models = _models(["serve", "sweep", "urgent"], {"serve": {"a": 1e-3}, "sweep": {"a": 1e-4},
+                                                    "urgent": {"a": 1e-4}})
+    serve = JobView(job_id="serve", kind=JobKind.SERVE, priority=1, min_workers=1,
+                    max_workers=1, offered_requests_per_s=50.0)
+    sweep = _train("sweep", 1, 1e6)
+    urgent = JobView(job_id="urgent", kind=JobKind.TRAIN, priority=4, min_workers=1,
+                     max_workers=4, remaining_samples=1e5)
+    before = allocate([serve, sweep], devices, models, {})
+    plan = allocate([serve, sweep, urgent], devices, models, before)
+    check_allocation(plan, [serve, sweep, urgent], devices)
+    assert plan["serve"] == before["serve"]  # its latency target is a promise
+    assert len(plan["urgent"]) == 3  # every device it may take
+
+
 def test_guarantee_is_stable_under_speed_noise() -> None:
     devices, models, short, urgent = _full_pool_and_urgent()
     jobs = [*short, urgent]
