@@ -27,11 +27,12 @@ check it against brute force on small pools. Cost: O((D + J)·K·(log J + rate c
 devices, J jobs and K device classes.
 
 Urgent jobs (priority ≥ ``guarantee_priority``) are served first, after the devices running
-serving jobs hold: each gets the fewest devices (its current ones when they suffice) giving
-it 1/``guarantee_slowdown`` of its utility alone on the whole pool, while its work left takes
-at most ``guarantee_max_s`` alone; the others then share the rest by Σ pᵢ·Uᵢ. Measured on saturn/workload-1 (Sia's 64 GPUs): strict priority
-classes met the issue's "p=4 within 1.2x alone" for 84 % of p=4 jobs but doubled the average
-JCT; this floor meets it for 75-85 % at +2-5 % average JCT.
+serving jobs hold: each gets the fewest devices (its current ones when they suffice) giving it
+1/``guarantee_slowdown`` of its utility alone on the whole pool, while its work left takes at
+most ``guarantee_max_s`` alone; the others then share the rest by Σ pᵢ·Uᵢ. Measured on
+saturn/workload-1 (Sia's 64 GPUs): strict priority classes met the issue's "p=4 within 1.2x
+alone" for 84 % of p=4 jobs but doubled the average JCT; this floor meets it for 75-85 %
+at +2-5 % average JCT.
 
 Hysteresis: rigid running jobs keep their devices; for the rest, the re-plan is compared with
 "stay" (every running job keeps its devices, free ones are filled) over the horizon, each job
