@@ -10,6 +10,7 @@ import argparse
 import json
 from typing import Any
 
+from idla.cli.args import positive_int
 from idla.errors import ConfigError
 
 _POLICIES = ("fifo", "tiresias", "gavel", "pollux", "idla")
@@ -23,19 +24,11 @@ def _names(text: str) -> tuple[str, ...]:
     return names
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--traces", default="../shared/traces", metavar="DIR", help=_TRACES_HELP)
-    parser.add_argument("--jobs-limit", type=_positive, default=None, metavar="N",
+    parser.add_argument("--jobs-limit", type=positive_int, default=None, metavar="N",
                         help="replay only each workload's first N jobs (quick runs)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the priority assignment (default: 0)")

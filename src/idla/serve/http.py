@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -216,15 +217,20 @@ def create_app(router: Router, token: str, metrics: ServeMetrics | None = None,
     async def admin_model(request: Request) -> Response:
         return await counted("admin_model", lambda: _admin_model(request))
 
-    async def _admin_model(request: Request) -> Response:
+    async def _admin_document(request: Request, form: str) -> Any:
+        """The token-checked JSON body of an admin call, or the Response refusing it."""
         denied = check_token(request.headers.get("authorization"), token)
         if denied is not None:
             return _denied(denied)
         try:
-            body = await _read_body(request, ADMIN_BODY_BYTES, limits.body_timeout_s)
-            document = load_json(body)
+            return load_json(await _read_body(request, ADMIN_BODY_BYTES, limits.body_timeout_s))
         except BadRequest as error:
-            return _error(error.status, f"{error.reason}; {ADMIN_FORM}")
+            return _error(error.status, f"{error.reason}; {form}")
+
+    async def _admin_model(request: Request) -> Response:
+        document = await _admin_document(request, ADMIN_FORM)
+        if isinstance(document, Response):
+            return document
         if not isinstance(document, dict) or not isinstance(document.get("path"), str):
             return _error(422, ADMIN_FORM)
         try:
@@ -244,14 +250,9 @@ def create_app(router: Router, token: str, metrics: ServeMetrics | None = None,
         return await counted("admin_workers", lambda: _admin_workers(request))
 
     async def _admin_workers(request: Request) -> Response:
-        denied = check_token(request.headers.get("authorization"), token)
-        if denied is not None:
-            return _denied(denied)
-        try:
-            body = await _read_body(request, ADMIN_BODY_BYTES, limits.body_timeout_s)
-            document = load_json(body)
-        except BadRequest as error:
-            return _error(error.status, f"{error.reason}; {WORKERS_FORM}")
+        document = await _admin_document(request, WORKERS_FORM)
+        if isinstance(document, Response):
+            return document
         if not isinstance(document, dict) or len(document) != 1:
             return _error(422, WORKERS_FORM)
         try:
