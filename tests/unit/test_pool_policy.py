@@ -223,6 +223,18 @@ def test_urgent_job_arriving_into_a_full_pool_gets_its_alone_rate_at_once() -> N
     assert _rate(smith, "urgent", devices, models) < alone / config.guarantee_slowdown
 
 
+def test_a_serving_job_takes_the_slowest_kind_that_meets_its_load() -> None:
+    devices = _pool("bbaa")  # b: 4x slower than a, listed first; one b carries the load
+    models = _models(["serve", "train"], {"serve": {"a": 1e-4, "b": 4e-4},
+                                          "train": {"a": 1e-4, "b": 4e-4}})
+    serve = JobView(job_id="serve", kind=JobKind.SERVE, priority=1, min_workers=1,
+                    max_workers=2, offered_requests_per_s=5.0)
+    plan = allocate([serve, _train("train", 1, 1e5)], devices, models, {})
+    check_allocation(plan, [serve, _train("train", 1, 1e5)], devices)
+    assert [d.kind for d in devices if d.device_id in plan["serve"]] == ["b"]
+    assert {"d2", "d3"} <= set(plan["train"])  # the fast ones go to training
+
+
 def test_an_urgent_arrival_never_takes_a_serving_jobs_devices() -> None:
     devices = _pool("aaaa")
     models = _models(["serve", "sweep", "urgent"], {"serve": {"a": 1e-3}, "sweep": {"a": 1e-4},

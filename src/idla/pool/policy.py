@@ -29,10 +29,8 @@ devices, J jobs and K device classes.
 Urgent jobs (priority ≥ ``guarantee_priority``) are served first, after the devices running
 serving jobs hold: each gets the fewest devices (its current ones when they suffice) giving it
 1/``guarantee_slowdown`` of its utility alone on the whole pool, while its work left takes at
-most ``guarantee_max_s`` alone; the others then share the rest by Σ pᵢ·Uᵢ. Measured on
-saturn/workload-1 (Sia's 64 GPUs): strict priority classes met the issue's "p=4 within 1.2x
-alone" for 84 % of p=4 jobs but doubled the average JCT; this floor meets it for 75-85 %
-at +2-5 % average JCT.
+most ``guarantee_max_s`` alone; the others then share the rest by Σ pᵢ·Uᵢ. (Saturn-1:
+strict priority classes bring 84 % of p=4 jobs within 1.2x alone at twice the average JCT.)
 
 Hysteresis: rigid running jobs keep their devices; for the rest, the re-plan is compared with
 "stay" (every running job keeps its devices, free ones are filled) over the horizon, each job
@@ -41,69 +39,14 @@ whose devices change losing its measured resize cost, and the re-plan wins only 
 
 from __future__ import annotations
 
-import enum
 import heapq
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
-from idla.errors import ConfigError
 from idla.pool.model import Allocation, Device, JobKind, JobView, PerfModels
+from idla.pool.policy_config import PolicyConfig, Utility
 
-
-class Utility(str, enum.Enum):
-    """What Uᵢ means (module docstring)."""
-
-    WORK_FRACTION = "work_fraction"
-    LOG_SPEEDUP = "log_speedup"
-
-
-@dataclass(kw_only=True, slots=True)
-class PolicyConfig:
-    """Settings of `allocate`."""
-
-    horizon_s: float = 600.0
-    """H: seconds over which a re-plan must pay for its resizes (about the re-plan interval)."""
-    margin: float = 0.02
-    """Relative gain of Σ pᵢ·Uᵢ a re-plan must add beyond its resize costs to be applied."""
-    work_exponent: float = 0.4
-    """γ in Uᵢ = rateᵢ·H / workᵢ · (workᵢ / W)^(1−γ), W = ``unknown_work_s`` on one best device:
-    1 is Smith's rule, smaller values favour long jobs (0: maximum throughput). 0.4 cut the
-    makespan on the Sia workloads by 3-4 % at equal or better average JCT than 1."""
-    unknown_work_s: float = 3600.0
-    """Work assumed left, in seconds on one device of its best kind, for a job that does not
-    report its remaining work."""
-    utility: Utility = Utility.WORK_FRACTION
-    """The utility of a job (module docstring)."""
-    serve_weight: float = 1000.0
-    """Utility of a serving job that meets its latency target, in units of a training job
-    doing all its remaining work within the horizon: large, so that latency targets are met
-    before any training job is sped up (a target is a promise, not a trade-off)."""
-    one_kind_per_job: bool = False
-    """Keep each job on one device kind (as Pollux, Sia and Gavel do); idla need not."""
-    guarantee_priority: float = 4.0
-    """Jobs of at least this priority are guaranteed first (``math.inf``: nobody)."""
-    guarantee_slowdown: float = 1.1
-    """A guaranteed job gets, before any other job gains a device, the devices that give it at
-    least 1/guarantee_slowdown of its rate alone on the whole pool (rounds, resizes and epochs
-    eat the rest of the 1.2x the issue allows)."""
-    guarantee_max_s: float = 3600.0
-    """A job is guaranteed only while its remaining work takes at most this long alone: a
-    guarantee holds devices from every other job for that long, so a long urgent job relies on
-    its weight pᵢ alone until its tail is this short."""
-
-    def __post_init__(self) -> None:
-        if not self.horizon_s > 0:
-            raise ConfigError(f"policy.horizon_s must be positive, got {self.horizon_s}")
-        if self.margin < 0:
-            raise ConfigError(f"policy.margin must be >= 0, got {self.margin}")
-        if not self.guarantee_slowdown >= 1:
-            raise ConfigError("policy.guarantee_slowdown must be >= 1, got "
-                              f"{self.guarantee_slowdown}")
-        if not 0 <= self.work_exponent <= 1:
-            raise ConfigError(f"policy.work_exponent must be in [0, 1], got {self.work_exponent}")
-        if not self.unknown_work_s > 0:
-            raise ConfigError(f"policy.unknown_work_s must be positive, got {self.unknown_work_s}")
+__all__ = ["PolicyConfig", "Utility", "allocate"]
 
 
 class _Scorer:
@@ -130,6 +73,9 @@ class _Scorer:
                 reference = best * config.unknown_work_s
                 stretch = (work / reference) ** (1 - config.work_exponent) if reference > 0 else 1
                 self._scale[job.job_id] = stretch / work
+
+    def rate_per_s(self, job_id: str, devices: Sequence[Device]) -> float:
+        return self._models.rate_per_s(job_id, devices)
 
     def seconds_left(self, job_id: str, devices: Sequence[Device]) -> float:
         """Seconds ``job_id`` needs to finish on ``devices`` (inf when its work is unknown)."""
@@ -227,18 +173,20 @@ def _greedy(jobs: Sequence[JobView], pool: _Pool, scorer: _Scorer,
             return
         need = job.min_workers if not mine else 1
         kinds = {_class_key(d) for d in mine}
-        best: tuple[float, tuple[str, int]] | None = None
+        best: tuple[float, float, tuple[str, int]] | None = None
         for key, sample in classes.items():
             if pool.count[key] < need or sample.memory_bytes < job.memory_bytes_per_worker:
                 continue
             if config.one_kind_per_job and kinds and key not in kinds:
                 continue
             gain = (scorer.utility(job.job_id, mine + [sample] * need) - base[job.job_id]) / need
-            if best is None or gain > best[0]:
-                best = (gain, key)
+            # Equal gains: a serving job (its target met either way) takes the slower kind.
+            slower = -scorer.rate_per_s(job.job_id, [sample]) if job.kind is JobKind.SERVE else 0
+            if best is None or (gain, slower) > best[:2]:
+                best = (gain, slower, key)
         if best is not None and best[0] * job.priority > 0:
             heapq.heappush(heap, (-best[0] * job.priority, order[job.job_id], job.job_id,
-                                  best[1], version[job.job_id]))
+                                  best[2], version[job.job_id]))
 
     for job in jobs:
         push(job)
