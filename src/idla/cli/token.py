@@ -12,9 +12,8 @@ import os
 import secrets
 import stat
 from collections.abc import Mapping
-from pathlib import Path
 
-from idla.errors import ConfigError
+from idla.errors import ConfigError, read_user_text
 
 ENV = "IDLA_TOKEN"
 FLAG_WARNING = ("idla serve: warning: --token is visible to every user of this machine in the "
@@ -36,19 +35,8 @@ def read_token_file(path: str) -> tuple[str, str | None]:
     """The token in ``path`` (surrounding white space dropped) and a warning when other users
     may read the file; a `ConfigError` of one line when it is missing, unreadable or empty."""
     where = f"--token-file {path}"
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise ConfigError(f"{where}: no such file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{where}: is a directory, not a file") from None
-    except PermissionError:
-        raise ConfigError(f"{where}: not readable (permission denied)") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{where}: not UTF-8 text") from None
-    except OSError as error:
-        raise ConfigError(f"{where}: cannot be read ({error.strerror})") from None
+    text = read_user_text(path, where)
+    mode = os.stat(path).st_mode
     warning = None
     if mode & (stat.S_IRGRP | stat.S_IROTH):
         warning = (f"idla serve: warning: {where} is readable by other users (mode "

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from idla.errors import ConfigError
+from idla.errors import ConfigError, read_user_text
 from idla.pool.model import JobKind, JobView
 
 if sys.version_info >= (3, 11):
@@ -273,17 +273,5 @@ def parse_spec(text: str, where: str, base: Path | None = None) -> JobSpec:
 def load_spec(path: str | Path) -> JobSpec:
     """The spec in the TOML file at ``path``; relative paths in it are from its folder."""
     file = Path(path)
-    try:
-        size = file.stat().st_size
-        if size > MAX_SPEC_BYTES:
-            raise ConfigError(f"{path}: larger than {MAX_SPEC_BYTES} bytes")
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a job spec") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot be read ({error.strerror})") from None
+    text = read_user_text(file, str(path), MAX_SPEC_BYTES)
     return parse_spec(text, file.name, file.resolve().parent)
