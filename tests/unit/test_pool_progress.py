@@ -1,5 +1,6 @@
 """JobProgress: a job's metrics files feed the models per device kind, say when the job is formed,
-and measure what a resize cost; SpeedPrior rates an unmeasured job by emulated speeds."""
+and measure what a resize cost; SpeedPrior rates an unmeasured job by emulated speeds and an
+unmeasured serving job by its offered load."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from typing import Any
 import pytest
 
 from idla.agent.pool_metrics import write_metrics
-from idla.pool.model import Device
+from idla.pool.model import Device, JobKind, JobView
 from idla.pool.perf import OnlineModels
+from idla.pool.policy import allocate
 from idla.pool.progress import JobProgress, SpeedPrior, kind_speed
 
 FAST, SLOW = Device("cpu0", "cpu@1", "h", 0), Device("cpu1", "cpu@0.25", "h", 0)
@@ -99,7 +101,32 @@ def test_an_unmeasured_job_is_rated_like_the_measured_ones_per_unit_of_speed(
     prior = SpeedPrior(models)
     assert prior.rate_per_s("new", [FAST]) == 1.0  # nothing measured: the configured prior
 
-    prior.refresh(["old", "new"], ["cpu@1", "cpu@0.25"])
+    prior.refresh([_train("old"), _train("new")], ["cpu@1", "cpu@0.25"])
 
     assert prior.rate_per_s("new", [FAST]) == pytest.approx(128 / 0.5)
     assert prior.rate_per_s("new", [SLOW]) == pytest.approx(128 / 0.5 * 0.25)
+
+
+def _train(job_id: str) -> JobView:
+    return JobView(job_id=job_id, kind=JobKind.TRAIN, priority=1, min_workers=1, max_workers=2)
+
+
+def test_an_unmeasured_serving_job_starts_on_the_slowest_kind_then_goes_by_its_capacity(
+        tmp_path: Path) -> None:
+    models = OnlineModels()
+    progress = JobProgress("old", tmp_path, started_wall_s=0.0, pool_kinds=["cpu@1", "cpu@0.25"])
+    _row(tmp_path, 0, FAST, time_s=1.0, world=1, step=3, samples=384, compute_s=0.5,
+         local_batch=128)
+    progress.update({"cpu0": FAST}, models)
+    serve = JobView(job_id="web", kind=JobKind.SERVE, priority=1, min_workers=1, max_workers=2,
+                    offered_requests_per_s=10.0)
+    prior = SpeedPrior(models)
+    prior.refresh([_train("old"), serve], ["cpu@1", "cpu@0.25"])
+    # Not the training jobs' samples/s: its offered load on its one device, whatever the kind.
+    assert prior.rate_per_s("web", [FAST]) == prior.rate_per_s("web", [SLOW]) == 10.0
+    assert allocate([serve], [FAST, SLOW], prior, {}) == {"web": ("cpu1",)}
+
+    prior.set_capacity("web", "cpu@0.25", 6.0)  # measured: the slow device carries 6 of 10
+
+    assert prior.rate_per_s("web", [SLOW]) == 6.0
+    assert allocate([serve], [FAST, SLOW], prior, {"web": ("cpu1",)}) == {"web": ("cpu0", "cpu1")}

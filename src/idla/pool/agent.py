@@ -308,7 +308,7 @@ class PoolAgent:
                                     else self.config.form_timeout_s)
                      for j, r in self._runs.items() if j in held and r.finished_s is None]
         self._next_plan_s = min([self._next_plan_s, *[t for t in holds_end if t > now]])
-        self.models.refresh(records, {d.kind for d in devices})
+        self.models.refresh(views, {d.kind for d in devices})
         target = {j: tuple(d) for j, d in self.policy(views, devices, self.models,
                                                        current).items()}
         chosen = target

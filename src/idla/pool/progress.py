@@ -19,7 +19,8 @@ one small JSON file per worker, rewritten at most once a second) and `JobProgres
 - counts the samples done (newest row), so the policy sees the spec's samples minus those.
 
 `SpeedPrior` rates a job nothing has been measured for by its devices' emulated speeds, and a
-serving job by its workers' measured capacities.
+serving job by its workers' measured capacities (before any: its offered load on its minimum
+of devices, whatever their kind).
 Cost per tick and job: one read of each worker's file (~0.5 kB), O(workers) arithmetic.
 """
 
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from idla.agent.pool_metrics import read_job_metrics
-from idla.pool.model import Device
+from idla.pool.model import Device, JobKind, JobView
 from idla.pool.perf import OnlineModels
 
 
@@ -164,20 +165,31 @@ class JobProgress:
 class SpeedPrior:
     """`OnlineModels`, except that a job with nothing measured yet (or on a kind no fit covers)
     is rated ``prior_rate_per_s`` × the sum of its devices' emulated speeds, so that a new job
-    is first placed on the fast devices. Implements `idla.pool.model.PerfModels`."""
+    is first placed on the fast devices. A serving job is rated by its router's measured
+    capacity per device; until there is one, it is assumed to carry its offered load on its
+    ``min_workers`` devices of any kind (requests/s, not a training job's samples/s), so that
+    the policy starts it on the slowest kind and grows it once the router has measured it.
+    Implements `idla.pool.model.PerfModels`."""
 
     def __init__(self, online: OnlineModels, prior_rate_per_s: float = 1.0) -> None:
         self.online, self.prior_rate_per_s = online, prior_rate_per_s
         self._capacity: dict[str, dict[str, float]] = {}
+        self._serving_prior: dict[str, float] = {}
 
-    def refresh(self, job_ids: Iterable[str], kinds: Iterable[str]) -> None:
-        """Rate a job not measured yet like a typical one: ``prior_rate_per_s`` becomes the
-        median, over the jobs measured so far, of their one-device rate per unit of emulated
-        speed (kept when none is). A prior of a few samples/s against measured thousands would
-        make a new job look worthless to a policy that divides by its work. O(jobs × kinds)."""
+    def refresh(self, views: Iterable[JobView], kinds: Iterable[str]) -> None:
+        """Rate a training job not measured yet like a typical one: ``prior_rate_per_s``
+        becomes the median, over the jobs measured so far, of their one-device rate per unit of
+        emulated speed (kept when none is). A prior of a few samples/s against measured
+        thousands would make a new job look worthless to a policy that divides by its work.
+        A serving job with an offered load gets its own prior (class docstring).
+        O(jobs × kinds)."""
         kinds = list(kinds)
         rates = []
-        for job_id in job_ids:
+        for view in views:
+            job_id = view.job_id
+            if view.kind is JobKind.SERVE and view.offered_requests_per_s > 0:
+                self._serving_prior[job_id] = view.offered_requests_per_s / view.min_workers
+                continue
             if job_id in self._capacity:
                 continue
             per_kind = [self.online.rate_per_s(job_id, [Device("probe", kind, "probe", 0)])
@@ -204,6 +216,8 @@ class SpeedPrior:
                 return sum(c * kind_speed(kind) / kind_speed(k)
                            for k, c in capacity.items()) / len(capacity)
             return sum(per_device(d.kind) for d in devices)
+        if job_id in self._serving_prior:
+            return self._serving_prior[job_id] * len(devices)
         if math.isinf(self.online.step_s(job_id, devices)):
             return self.prior_rate_per_s * sum(kind_speed(d.kind) for d in devices)
         return self.online.rate_per_s(job_id, devices)
