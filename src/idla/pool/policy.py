@@ -19,12 +19,16 @@ time the target holds when capacity is steady, times ``serve_weight`` (targets f
 knowledge of the work left) drives the Pollux-style baseline.
 
 The search is greedy on marginal utility with a heap (lazy re-evaluation): a queued job's first
-step is a bundle of ``min_workers`` devices of one kind, then one device at a time of whichever
-kind adds most (devices of several kinds per job are allowed unless ``one_kind_per_job``). For a
+step is a bundle of ``min_workers`` devices of one kind, then devices of whichever kind add
+most (devices of several kinds per job are allowed unless ``one_kind_per_job``). For a
 concave objective over a matroid-like budget this is the classical greedy, within (1 − 1/e) of
 the optimum for monotone submodular objectives (Nemhauser, Wolsey & Fisher 1978); the tests
-check it against brute force on small pools. Cost: O((D + J)·K·(log J + rate cost)) for D
-devices, J jobs and K device classes.
+check it against brute force on small pools. Measured rates are not concave in the device count
+(in the Pollux/Sia traces, deepspeech2 runs faster on 3 A100s than on 4 at some epochs), and a
+one-device-at-a-time greedy stops at the first dip; so each step weighs bundles of 1, 2, 4, 8 …
+devices of a kind and takes the largest gain per device (the smaller bundle on a tie). Cost:
+O((D + J)·K·log M·(log J + rate cost)) for D devices, J jobs, K device classes and M the
+largest ``max_workers``.
 
 Urgent jobs (priority ≥ ``guarantee_priority``) are served first, after the devices running
 serving jobs hold: each gets the fewest devices (its current ones when they suffice) giving it
@@ -164,36 +168,38 @@ def _greedy(jobs: Sequence[JobView], pool: _Pool, scorer: _Scorer,
     base = {job_id: scorer.utility(job_id, mine) for job_id, mine in held.items()}
     version: dict[str, int] = dict.fromkeys(held, 0)
     by_id = {job.job_id: job for job in jobs}
-    heap: list[tuple[float, int, str, tuple[str, int], int]] = []
+    heap: list[tuple[float, int, str, tuple[str, int], int, int]] = []
     order = {job.job_id: index for index, job in enumerate(jobs)}
 
     def push(job: JobView) -> None:
         mine = held[job.job_id]
-        if len(mine) >= job.max_workers or base[job.job_id] >= enough.get(job.job_id, math.inf):
+        room = job.max_workers - len(mine)
+        if room <= 0 or base[job.job_id] >= enough.get(job.job_id, math.inf):
             return
-        need = job.min_workers if not mine else 1
+        first = job.min_workers if not mine else 1
         kinds = {_class_key(d) for d in mine}
-        best: tuple[float, float, tuple[str, int]] | None = None
+        best: tuple[float, float, int, tuple[str, int]] | None = None
         for key, sample in classes.items():
-            if pool.count[key] < need or sample.memory_bytes < job.memory_bytes_per_worker:
+            if pool.count[key] < first or sample.memory_bytes < job.memory_bytes_per_worker:
                 continue
             if config.one_kind_per_job and kinds and key not in kinds:
                 continue
-            gain = (scorer.utility(job.job_id, mine + [sample] * need) - base[job.job_id]) / need
             # Equal gains: a serving job (its target met either way) takes the slower kind.
             slower = -scorer.rate_per_s(job.job_id, [sample]) if job.kind is JobKind.SERVE else 0
-            if best is None or (gain, slower) > best[:2]:
-                best = (gain, slower, key)
+            for size in _bundle_sizes(first, min(room, pool.count[key])):
+                gain = (scorer.utility(job.job_id, mine + [sample] * size)
+                        - base[job.job_id]) / size
+                if best is None or (gain, slower, -size) > best[:3]:
+                    best = (gain, slower, -size, key)
         if best is not None and best[0] * job.priority > 0:
             heapq.heappush(heap, (-best[0] * job.priority, order[job.job_id], job.job_id,
-                                  best[2], version[job.job_id]))
+                                  best[3], -best[2], version[job.job_id]))
 
     for job in jobs:
         push(job)
     while heap:
-        _, _, job_id, key, seen = heapq.heappop(heap)
+        _, _, job_id, key, need, seen = heapq.heappop(heap)
         job = by_id[job_id]
-        need = job.min_workers if not held[job_id] else 1
         if seen != version[job_id] or pool.count[key] < need:
             if seen == version[job_id]:
                 push(job)
@@ -206,6 +212,19 @@ def _greedy(jobs: Sequence[JobView], pool: _Pool, scorer: _Scorer,
         version[job_id] += 1
         push(job)
     return {job_id: devices for job_id, devices in held.items() if devices}
+
+
+def _bundle_sizes(first: int, most: int) -> list[int]:
+    """Devices one greedy step may add: ``first``, then first + 1, 3, 7, … (bundles of 2, 4,
+    8 … beyond it), and ``most`` itself."""
+    sizes, extra = [], 1
+    size = first
+    while size <= most:
+        sizes.append(size)
+        size, extra = first + 2 * extra - 1, 2 * extra
+    if sizes and sizes[-1] < most:
+        sizes.append(most)
+    return sizes
 
 
 def allocate(jobs: Sequence[JobView], devices: Sequence[Device], models: PerfModels,
