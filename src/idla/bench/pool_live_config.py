@@ -33,8 +33,11 @@ class LiveJob:
     """Devices it may use at most (its minimum is 1)."""
 
 
-MODELS = {"digits": (128, (30, 15, 15)), "resnet": (256, (15, 8, 8))}
-"""Per workload: its global batch and the three jobs' epochs (the p=1 job about 60 s alone)."""
+MODELS = {"digits": (128, (90, 45, 45)), "resnet": (256, (15, 8, 8))}
+"""Per workload: its global batch and the three jobs' epochs. Digits: the p=1 job takes about
+60 s alone on its best three devices and the others about 35 s, so that each is still running
+when the next one arrives (at 30/15/15 epochs, 23 and 17 s, the jobs barely overlapped and a
+worker's ~7 s start-up on a throttled slot was a third of a job)."""
 
 
 def default_jobs(model: str = "digits") -> list[LiveJob]:
