@@ -91,13 +91,19 @@ def test_a_worker_that_left_does_not_count_and_an_unmeasured_job_goes_by_speed(
     assert prior.rate_per_s("j", []) == 0.0
 
 
-def test_an_unmeasured_job_is_rated_like_the_measured_ones_per_unit_of_speed(
-        tmp_path: Path) -> None:
+def _one_measured_job(directory: Path) -> OnlineModels:
+    """Models that have seen job "old" do 128 samples in 0.5 s on a speed-1 device."""
     models = OnlineModels()
-    progress = JobProgress("old", tmp_path, started_wall_s=0.0, pool_kinds=["cpu@1", "cpu@0.25"])
-    _row(tmp_path, 0, FAST, time_s=1.0, world=1, step=3, samples=384, compute_s=0.5,
+    progress = JobProgress("old", directory, started_wall_s=0.0, pool_kinds=["cpu@1", "cpu@0.25"])
+    _row(directory, 0, FAST, time_s=1.0, world=1, step=3, samples=384, compute_s=0.5,
          local_batch=128)
     progress.update({"cpu0": FAST}, models)
+    return models
+
+
+def test_an_unmeasured_job_is_rated_like_the_measured_ones_per_unit_of_speed(
+        tmp_path: Path) -> None:
+    models = _one_measured_job(tmp_path)
     prior = SpeedPrior(models)
     assert prior.rate_per_s("new", [FAST]) == 1.0  # nothing measured: the configured prior
 
@@ -113,11 +119,7 @@ def _train(job_id: str) -> JobView:
 
 def test_an_unmeasured_serving_job_starts_on_the_slowest_kind_then_goes_by_its_capacity(
         tmp_path: Path) -> None:
-    models = OnlineModels()
-    progress = JobProgress("old", tmp_path, started_wall_s=0.0, pool_kinds=["cpu@1", "cpu@0.25"])
-    _row(tmp_path, 0, FAST, time_s=1.0, world=1, step=3, samples=384, compute_s=0.5,
-         local_batch=128)
-    progress.update({"cpu0": FAST}, models)
+    models = _one_measured_job(tmp_path)
     serve = JobView(job_id="web", kind=JobKind.SERVE, priority=1, min_workers=1, max_workers=2,
                     offered_requests_per_s=10.0)
     prior = SpeedPrior(models)
