@@ -21,7 +21,8 @@ def run_cases(cases: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]]) -> li
 
 
 def launch_cases(cases: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]],
-                 world_size: int) -> dict[str, list[Any]]:
-    """Each case's per-rank results (rank order), from one launch of `world_size` workers."""
-    per_rank = launch_local(run_cases, (list(cases.values()),), world_size)
+                 world_size: int, timeout_s: float = 300.0) -> dict[str, list[Any]]:
+    """Each case's per-rank results (rank order), from one launch of `world_size` workers;
+    a launch still running after `timeout_s` fails."""
+    per_rank = launch_local(run_cases, (list(cases.values()),), world_size, timeout_s=timeout_s)
     return {name: [results[i] for results in per_rank] for i, name in enumerate(cases)}
