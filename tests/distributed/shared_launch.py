@@ -6,16 +6,24 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+
 from idla.runtime.group import Group
 from idla.runtime.launch import launch_local
 
 
 def run_cases(cases: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]]) -> list[Any]:
     """In a worker: every (function, args) in order, under one process group that the
-    functions' own groups join (they leave it initialized when they close)."""
+    functions' own groups join (they leave it initialized when they close). Each case starts
+    at torch's default dtype, whatever the one before it set."""
     owner = Group()
+    dtype = torch.get_default_dtype()
+    results = []
     try:
-        return [fn(*args) for fn, args in cases]
+        for fn, args in cases:
+            torch.set_default_dtype(dtype)
+            results.append(fn(*args))
+        return results
     finally:
         owner.close()
 
