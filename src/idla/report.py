@@ -12,8 +12,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 # A component under this fraction of the median step time is too small to blame for a slow step.
 NEGLIGIBLE_FRACTION = 0.05
@@ -126,6 +124,11 @@ def plot_history(history: dict[str, Any], path: str | Path) -> None:
     an empty history give a figure with a note instead of an error; series shorter than
     ``step`` are drawn over their first steps.
     """
+    # Imported here, not at the top: every worker imports this module, and matplotlib costs
+    # about half a second of each one's start.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     steps = list(history.get("step", []))
     shares = list(history.get("shares", []))[: len(steps)]
     samples_per_s = list(history.get("samples_per_s", []))[: len(steps)]

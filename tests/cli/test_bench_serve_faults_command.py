@@ -2,7 +2,8 @@
 behind a real HTTP server, open-loop load from another process, the table and the JSON.
 
 The trials that wait out the servers' own timeouts (strangers: the workers' 5 s handshake
-timeout; slow clients: uvicorn's 5 s keep-alive timeout) are left out to stay within ~40 s;
+timeout; slow clients: uvicorn's 5 s keep-alive timeout) are left out, and each trial's load
+lasts 1 s (the kill and the rollouts run as long as they need), to stay within ~20 s;
 tests/distributed/test_serve_recovery.py covers the workers' side of both."""
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def test_serving_faults_fail_no_request_keep_the_old_model_and_leave_the_service
 
     result = subprocess.run(
         [sys.executable, "-m", "idla.cli", "bench", "faults", "--serving", "--workers", "2",
-         "--duration", "2", "--rate", "20", "--load-timeout", "0.5",
+         "--duration", "1", "--rate", "20", "--load-timeout", "0.5",
          "--trials", ",".join(TRIALS), "--json", str(out)],
         capture_output=True, text=True, timeout=180,
     )

@@ -7,22 +7,34 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
-def test_train_writes_report_and_plot(tmp_path: Path) -> None:
-    out = tmp_path / "run"
+TRAIN = [sys.executable, "-m", "idla.cli", "train", "--workers", "2", "--emulate-speeds", "none",
+         "--global-batch", "256", "--quiet"]
 
-    result = subprocess.run(
-        [sys.executable, "-m", "idla.cli", "train", "--workers", "2", "--emulate-speeds",
-         "none", "--epochs", "3", "--global-batch", "256", "--out", str(out), "--quiet"],
-        capture_output=True, text=True, timeout=300,
-    )
 
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One 2-epoch run (each start of `idla train` costs seconds here) that writes its report,
+    plot and model to out/ and a checkpoint per epoch to ckpt/; two tests read it."""
+    root = tmp_path_factory.mktemp("train")
+    result = subprocess.run([*TRAIN, "--epochs", "2", "--checkpoint-dir", str(root / "ckpt"),
+                             "--out", str(root / "out")], capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "test accuracy" in result.stdout
+    (root / "stdout.txt").write_text(result.stdout)
+    return root
+
+
+def test_train_writes_report_and_plot(first_run: Path) -> None:
+    out = first_run / "out"
+
     report = json.loads((out / "report.json").read_text())
+
+    assert "test accuracy" in (first_run / "stdout.txt").read_text()
     assert report["world_size"] == 2
     assert sum(report["shares"]) == 256
-    assert len(report["history"]["shares"]) == report["steps"]
+    assert report["steps"] == 12 and len(report["history"]["shares"]) == report["steps"]
     assert (out / "training.png").stat().st_size > 1000
 
 
@@ -62,19 +74,13 @@ def test_train_in_a_relaxed_sync_mode_reports_staleness_or_rounds(tmp_path: Path
             assert all(w["rounds"] == report["workers"][0]["rounds"] for w in report["workers"])
 
 
-def test_train_checkpoints_every_epoch_and_resumes(tmp_path: Path) -> None:
-    checkpoints = tmp_path / "ckpt"
-    common = [sys.executable, "-m", "idla.cli", "train", "--workers", "2", "--emulate-speeds",
-              "none", "--global-batch", "256", "--no-rebalance", "--quiet"]
+def test_train_checkpoints_every_epoch_and_resumes(first_run: Path, tmp_path: Path) -> None:
+    checkpoints = first_run / "ckpt"
 
-    first = subprocess.run([*common, "--epochs", "2", "--checkpoint-dir", str(checkpoints),
-                            "--out", str(tmp_path / "a")], capture_output=True, text=True,
-                           timeout=300)
-    resumed = subprocess.run([*common, "--epochs", "3", "--resume", str(checkpoints),
+    resumed = subprocess.run([*TRAIN, "--epochs", "3", "--resume", str(checkpoints),
                               "--out", str(tmp_path / "b")], capture_output=True, text=True,
                              timeout=300)
 
-    assert first.returncode == 0, first.stderr[-3000:]
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (checkpoints / "latest").read_text().strip() == "step-12"  # 2 epochs × 6 steps
     report = json.loads((tmp_path / "b" / "report.json").read_text())

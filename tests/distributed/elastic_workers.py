@@ -26,12 +26,27 @@ from idla.elastic.rendezvous import open_store
 from idla.jobs.train import TrainConfig
 
 FORGED_STEP = 1000
+AWAIT_STEP = 3
+"""The step before which `honest_worker` waits for the join requests it expects (the first
+join check is at step 5)."""
+
+
+def _await_joins(count: int, timeout_s: float = 120.0) -> None:
+    """Wait until `count` newcomers have asked to join (the store's join counter; a forged
+    request counts too), or `timeout_s` passed (the test's assertions then say what is missing)."""
+    store = open_store(os.environ["IDLA_RENDEZVOUS"], timeout_s)
+    key = f"{store_prefix()}/join/count"
+    deadline = time.monotonic() + timeout_s
+    while int(store.add(key, 0)) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, epochs: int,
-           poison_at: int | None = None) -> Any:
+           poison_at: int | None = None, await_joins: int = 0) -> Any:
     def train(agent: Agent, state: ElasticState) -> None:
         for x, y in state.batches(epochs):
+            if await_joins and state.step == AWAIT_STEP:
+                _await_joins(await_joins)
             agent.backward(F.cross_entropy(model(x), y))
             optimizer.step()
             state.commit()
@@ -49,6 +64,21 @@ def _result(report: Any, model: torch.nn.Module, test_set: Any) -> dict[str, Any
                   param_digest=parameter_digest(model),
                   finite=all(bool(torch.isfinite(p).all()) for p in model.parameters()))
     return result
+
+
+def honest_worker(config: TrainConfig, await_joins: int) -> dict[str, Any]:
+    """An honest worker of the demo on idla's elastic loop, unchanged, except that before step
+    AWAIT_STEP it waits until `await_joins` newcomers have asked to join: the first join check
+    then sees every request, however slowly the joiners' processes start (the whole run takes
+    about a second once formed, less than a loaded machine may take to start a joiner)."""
+    torch.set_num_threads(config.threads)
+    train_set, test_set = load_digits_split(seed=config.agent.seed)
+    torch.manual_seed(config.agent.seed)
+    model = DigitsCNN()
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    report = run_elastic(_train(model, optimizer, config.epochs, await_joins=await_joins),
+                         model, optimizer, train_set, config.agent)
+    return _result(report, model, test_set)
 
 
 def poisoned_survivor_worker(config: TrainConfig, poison_member: int, poison_at: int

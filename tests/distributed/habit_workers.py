@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import TensorDataset
 
 from idla import Agent, AgentConfig, GradientError
-from idla.errors import ConfigError
+from idla.errors import ConfigError, IdlaError
 from idla.plan.topology import Topology
 from idla.runtime.data import GlobalBatchSampler, local_slice
 from idla.runtime.group import Group
@@ -316,6 +316,15 @@ def trainable_mismatch() -> dict[str, Any]:
         optimizer.step()
     agent.close()
     return {}
+
+
+def trainable_mismatch_error() -> str:
+    """`trainable_mismatch` with its error caught: this rank's message ("" if it went on)."""
+    try:
+        trainable_mismatch()
+    except IdlaError as error:
+        return f"{type(error).__name__}: {error}"
+    return ""
 
 
 def local_errors() -> dict[str, str]:

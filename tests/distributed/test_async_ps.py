@@ -14,6 +14,7 @@ from idla.runtime.launch import launch_local
 from idla.sync.async_ps import AsyncConfig
 from idla.sync.delay_comp import dc_asgd, ssp_staleness_bound
 from tests.distributed import async_workers
+from tests.distributed.shared_launch import launch_cases
 
 
 def clock_gaps(arrivals: list[dict[str, Any]], workers: list[int]) -> list[int]:
@@ -53,21 +54,26 @@ def test_ssp_bounds_staleness_under_a_worker_eight_times_slower() -> None:
     assert bounded["test_accuracy"] > 0.2 and free["test_accuracy"] > 0.2  # chance: 0.1
 
 
-@pytest.mark.parametrize(
-    ("steps", "batches_per_worker", "applied"),
-    [(40, 40, 40), (100, 5, 15)],
-    ids=["step-budget", "workers-run-out-of-data"],
-)
-def test_server_parameters_equal_a_single_process_replay_in_arrival_order(
-    steps: int, batches_per_worker: int, applied: int
-) -> None:
-    # Prepare: DC-ASGD on, momentum SGD on the server, three unthrottled workers
-    config = AsyncConfig(staleness_bound=1, delay_compensation=2.0)
+REPLAY_CONFIG = AsyncConfig(staleness_bound=1, delay_compensation=2.0)
+REPLAYS = {"step-budget": (40, 40), "workers-run-out-of-data": (100, 5)}  # steps, batches
 
-    # Execute
-    results = launch_local(
-        async_workers.tiny_run, (config, steps, batches_per_worker), 4, timeout_s=60
-    )
+
+@pytest.fixture(scope="module")
+def replay_runs() -> dict[str, list[Any]]:
+    """DC-ASGD on, momentum SGD on the server, three unthrottled workers: both runs in one
+    launch, one after the other (the start-up of 4 processes dominates)."""
+    return launch_cases({name: (async_workers.tiny_run, (REPLAY_CONFIG, steps, batches))
+                         for name, (steps, batches) in REPLAYS.items()}, 4, timeout_s=90)
+
+
+@pytest.mark.parametrize(("name", "applied"), [("step-budget", 40),
+                                               ("workers-run-out-of-data", 15)],
+                         ids=list(REPLAYS))
+def test_server_parameters_equal_a_single_process_replay_in_arrival_order(
+    replay_runs: dict[str, list[Any]], name: str, applied: int
+) -> None:
+    config, (steps, _) = REPLAY_CONFIG, REPLAYS[name]
+    results = replay_runs[name]
 
     # Assert: the run ends at the step budget or when every worker is done; the wire delivered
     # each worker's gradients, in its order
@@ -110,11 +116,13 @@ def test_dead_and_silent_workers_do_not_stall_the_others() -> None:
 
     # Execute
     results = launch_local(
-        async_workers.faulty_job, (config, steps, faults, dead_after_s + 1.5), 4, timeout_s=80
+        async_workers.faulty_job, (config, steps, faults, dead_after_s + 1.5), 4, timeout_s=80,
+        allow_lost=True,
     )
 
     # Assert: the run completed on the survivors
     report = results[0]
+    assert "lost" not in report and "lost" not in results[1], (report, results[1])
     assert report["completed"] and report["version"] == steps
     assert report["pushes"][2] == 3 and report["pushes"][3] == 5
     assert report["pushes"][1] == steps - 8
@@ -125,7 +133,7 @@ def test_dead_and_silent_workers_do_not_stall_the_others() -> None:
     assert exited["declared_at_s"] - exited["last_heard_s"] <= dead_after_s + margin_s
     assert hung["reason"].startswith("silent")
     assert dead_after_s <= hung["declared_at_s"] - hung["last_heard_s"] <= dead_after_s + margin_s
-    assert results[2]["exitcode"] == 1 and results[3]["exitcode"] == 1
+    assert results[2] is None and results[3] is None  # both died without a result
     # ... and the survivor's pair kept working after both others failed
     last_declared_s = max(exited["declared_at_s"], hung["declared_at_s"])
     assert any(a["worker"] == 1 and a["at_s"] > last_declared_s for a in report["arrivals"])

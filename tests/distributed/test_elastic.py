@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from idla.agent.elastic import ElasticState, run_elastic
 from idla.jobs.elastic import elastic_worker
 from idla.jobs.train import TrainConfig
 from idla.runtime.launch import launch_local
+from tests.distributed.elastic_workers import honest_worker
 
 CONFIG = TrainConfig(workers=3, emulate_speeds=None, epochs=3,
                      agent=AgentConfig(global_batch_size=128), out=None)
@@ -53,14 +53,15 @@ def test_a_newcomer_with_the_job_secret_joins_a_running_job_and_adopts_its_state
     spec = f"file:{tmp_path / 'rendezvous'}"
     joined: list[Any] = []
 
-    def newcomer() -> None:
-        time.sleep(3)  # after the job has started
+    def newcomer() -> None:  # it asks to join once the founders' store exists
         joined.extend(launch_local(elastic_worker, (CONFIG,), 1, allow_lost=True, timeout_s=240,
                                    env={"IDLA_RENDEZVOUS": spec, "IDLA_JOIN": "1", **secret}))
 
     thread = threading.Thread(target=newcomer)
     thread.start()
-    results = launch_local(elastic_worker, (CONFIG,), CONFIG.workers, allow_lost=True,
+    # The founders run steps 0-2, then wait for the newcomer's request (however late its
+    # process starts), so the join check at step 5 answers it in a running job.
+    results = launch_local(honest_worker, (CONFIG, 1), CONFIG.workers, allow_lost=True,
                            timeout_s=240, env={"IDLA_RENDEZVOUS": spec, "IDLA_FAULTS": "kill:2@5",
                                                **secret})
     thread.join()

@@ -11,10 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from idla.agent import AgentConfig
-from idla.jobs.elastic import elastic_worker
 from idla.jobs.train import TrainConfig
 from idla.runtime.launch import launch_local
-from tests.distributed.elastic_workers import FORGED_STEP, forged_joiner, poisoned_survivor_worker
+from tests.distributed.elastic_workers import (
+    FORGED_STEP,
+    forged_joiner,
+    honest_worker,
+    poisoned_survivor_worker,
+)
 
 CONFIG = TrainConfig(workers=3, emulate_speeds=None, epochs=3,
                      agent=AgentConfig(global_batch_size=128), out=None)
@@ -46,7 +50,8 @@ def test_forged_joiners_change_nothing_and_a_newcomer_never_supplies_state(
     for thread in threads:
         thread.start()
     try:
-        honest = launch_local(elastic_worker, (CONFIG,), CONFIG.workers, allow_lost=True,
+        honest = launch_local(honest_worker, (CONFIG, len(forgers)), CONFIG.workers,
+                              allow_lost=True,
                               timeout_s=300, env={"IDLA_RENDEZVOUS": spec,
                                                   "IDLA_JOB_SECRET": SECRET})
     finally:

@@ -1,8 +1,10 @@
 """Every PyTorch habit gives what one process gives (float64, 1e-9), or fails loudly.
 
-One launch per world runs every habit (shared processes keep the module fast); each habit's
-idla run is compared with a single-process reference computed in the worker from the same
-initial model and the same global batches in the same order.
+Two launches run every case (shared processes keep the module fast): one process for the
+one-process world and the local mistakes, two for the other worlds, the lossy exchanges and the
+trainable-parameter mismatch. Each habit's idla run is compared with a single-process reference
+computed in the worker from the same initial model and the same global batches in the same
+order.
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ from typing import Any
 
 import pytest
 
-from idla.errors import IdlaError
-from idla.runtime.launch import launch_local
 from tests.distributed import habit_workers
 from tests.distributed.habit_workers import (
     BATCHES,
@@ -23,22 +23,38 @@ from tests.distributed.habit_workers import (
     OWN_SHARES,
     K,
 )
+from tests.distributed.shared_launch import launch_cases
 
 WORLDS: dict[str, tuple[int, list[int] | None, dict[int, int]]] = {
     "one-process": (1, None, {}), "two-equal": (2, None, {}), "two-uneven": (2, [9, 3], {}),
     "two-hub-leaf": (2, [9, 3], {1: 0}),  # rank 1 sends its buffer to rank 0 and back
     "two-rebalancing": (2, None, {}),  # the planner on, shares moved at every step
 }
-_results: dict[str, list[dict[str, Any]]] = {}
+CODECS = ["fp16", "powersgd:2", "topk:0.25"]
+_results: dict[str, list[Any]] = {}
+
+
+def _habits_case(world: str) -> tuple[Any, tuple[Any, ...]]:
+    _, shares, leaves = WORLDS[world]
+    fp16, reshare = world == "two-uneven", world == "two-rebalancing"
+    return habit_workers.run_habits, (HABITS, shares, leaves, fp16, reshare)
+
+
+def _launches() -> dict[str, list[Any]]:
+    """Every case's per-rank results, from one launch per world size (made at first use)."""
+    if not _results:
+        _results.update(launch_cases({"one-process": _habits_case("one-process"),
+                                      "mistakes": (habit_workers.local_errors, ())}, 1))
+        two = {world: _habits_case(world) for world, (size, _, _) in WORLDS.items() if size == 2}
+        _results.update(launch_cases({
+            **two, "compressed": (habit_workers.compressed_habits, (CODECS, [9, 3])),
+            # last: it stops every rank's agent with an error
+            "mismatch": (habit_workers.trainable_mismatch_error, ())}, 2))
+    return _results
 
 
 def _run(world: str) -> list[dict[str, Any]]:
-    if world not in _results:
-        size, shares, leaves = WORLDS[world]
-        fp16, reshare = world == "two-uneven", world == "two-rebalancing"
-        _results[world] = launch_local(habit_workers.run_habits,
-                                       (HABITS, shares, leaves, fp16, reshare), size)
-    return _results[world]
+    return _launches()[world]
 
 
 LOSSY_TOLERANCE = {"fp16": 1e-3, "powersgd:2": 0.15, "topk:0.25": 0.2}
@@ -97,17 +113,11 @@ def test_fp16_codec_ignores_zero_grad_set_to_none() -> None:
     assert all(r["fp16"]["equal"] for r in results)
 
 
-CODECS = ["fp16", "powersgd:2", "topk:0.25"]
-_compressed: list[dict[str, Any]] = []
-
-
 @pytest.mark.parametrize("habit", COMPRESSED_HABITS)
 @pytest.mark.parametrize("codec", CODECS)
 def test_habit_under_a_lossy_exchange_keeps_replicas_identical(codec: str, habit: str) -> None:
-    # Execute: one launch for every case (uneven shares; the replica check runs every step)
-    if not _compressed:
-        _compressed.extend(launch_local(habit_workers.compressed_habits, (CODECS, [9, 3]), 2))
-    runs = [r[f"{codec}/{habit}"] for r in _compressed]
+    # Execute: uneven shares; the replica check runs every step
+    runs = [r[f"{codec}/{habit}"] for r in _run("compressed")]
 
     # Assert: one model on every rank, one step per exchange, near one process's
     assert runs[0]["params"] == runs[1]["params"]
@@ -116,13 +126,14 @@ def test_habit_under_a_lossy_exchange_keeps_replicas_identical(codec: str, habit
 
 
 def test_ranks_that_disagree_on_trainable_parameters_stop() -> None:
-    with pytest.raises(IdlaError, match="train a different set of parameters"):
-        launch_local(habit_workers.trainable_mismatch, (), 2)
+    messages = _run("mismatch")
+
+    assert all("train a different set of parameters" in m for m in messages), messages
 
 
 def test_mistakes_fail_loudly_with_their_cause() -> None:
     # Execute
-    messages = launch_local(habit_workers.local_errors, (), 1)[0]
+    messages = _run("mistakes")[0]
 
     # Assert
     assert messages["bad_reduction"].startswith("ConfigError: reduction must be")

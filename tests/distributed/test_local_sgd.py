@@ -11,7 +11,6 @@ from torch import nn
 
 from idla.errors import ConfigError
 from idla.runtime.group import Group
-from idla.runtime.launch import launch_local
 from idla.sync.local_sgd import DiLoCo, PeriodicAveraging
 from tests.distributed import local_sgd_workers as workers
 from tests.distributed.shared_launch import launch_cases
@@ -27,6 +26,22 @@ def _period_one() -> dict[str, list[Any]]:
                          for name, shares in PERIOD_ONE_SHARES.items()}, 3)
 
 
+INNER_STEPS, BATCH_SIZES = [4, 2], [2, 6]
+"""Heterogeneous DiLoCo: rank 0 does 4 inner steps of 2 samples, rank 1 2 steps of 6."""
+
+
+@functools.cache
+def _two_ranks() -> dict[str, list[Any]]:
+    """Every two-process case, in one launch (each start of a process group costs seconds)."""
+    return launch_cases({
+        "torch-averager": (workers.against_torch_averager, ([32, 32], 3, 7)),
+        "diloco-vs-periodic": (workers.diloco_vs_periodic, ([40, 24], 3, 2)),
+        "heterogeneous-diloco": (workers.heterogeneous_diloco, (INNER_STEPS, BATCH_SIZES, 2)),
+        "bytes-plain": (workers.count_bytes, (False, 2, 5)),
+        "bytes-batchnorm": (workers.count_bytes, (True, 2, 5)),
+    }, 2)
+
+
 @pytest.mark.parametrize("shares", list(PERIOD_ONE_SHARES))
 def test_period_one_with_sample_weights_is_one_global_batch_step(shares: str) -> None:
     # Execute
@@ -39,7 +54,7 @@ def test_period_one_with_sample_weights_is_one_global_batch_step(shares: str) ->
 
 
 def test_equal_shares_match_pytorch_periodic_model_averager() -> None:
-    results = launch_local(workers.against_torch_averager, ([32, 32], 3, 7), 2)
+    results = _two_ranks()["torch-averager"]
 
     assert len({r["hash"] for r in results}) == 1
     assert results[0]["syncs"] == 3  # after steps 1, 4 and 7, as PyTorch's averager
@@ -48,7 +63,7 @@ def test_equal_shares_match_pytorch_periodic_model_averager() -> None:
 
 
 def test_diloco_with_outer_lr_1_and_no_momentum_is_periodic_averaging() -> None:
-    results = launch_local(workers.diloco_vs_periodic, ([40, 24], 3, 2), 2)
+    results = _two_ranks()["diloco-vs-periodic"]
 
     for result in results:
         assert result["syncs"] == [2, 2, 2]
@@ -89,13 +104,12 @@ def _hand_diloco(
 
 
 def test_diloco_heterogeneous_inner_steps_weights_by_samples() -> None:
-    # Prepare: rank 0 does 4 inner steps of 2 samples, rank 1 2 steps of 6 samples
-    inner_steps, batch_sizes = [4, 2], [2, 6]
-    expected = _hand_diloco(inner_steps, batch_sizes, 2, sample_weights=True)
-    unweighted = _hand_diloco(inner_steps, batch_sizes, 2, sample_weights=False)
+    # Prepare
+    expected = _hand_diloco(INNER_STEPS, BATCH_SIZES, 2, sample_weights=True)
+    unweighted = _hand_diloco(INNER_STEPS, BATCH_SIZES, 2, sample_weights=False)
 
     # Execute
-    results = launch_local(workers.heterogeneous_diloco, (inner_steps, batch_sizes, 2), 2)
+    results = _two_ranks()["heterogeneous-diloco"]
 
     # Assert
     assert [r["local_steps"] for r in results] == [8, 4]
@@ -116,7 +130,7 @@ def test_diloco_heterogeneous_inner_steps_weights_by_samples() -> None:
 )
 def test_bytes_sent_counts_one_payload_per_sync(batchnorm: bool, payload_bytes: int) -> None:
     # Execute: period 2 for 5 steps (syncs after steps 2 and 4), then sync_now
-    results = launch_local(workers.count_bytes, (batchnorm, 2, 5), 2)
+    results = _two_ranks()["bytes-batchnorm" if batchnorm else "bytes-plain"]
 
     # Assert
     for result in results:

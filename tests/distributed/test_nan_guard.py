@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 
-from idla.runtime.launch import launch_local
 from tests.distributed import workers
 from tests.distributed.shared_launch import launch_cases
 
@@ -30,15 +29,22 @@ def test_nan_rank_is_left_out_and_the_rest_reweighted(optimizer_name: str) -> No
     assert result["nonfinite_steps"] == [0, 1, 0]
 
 
+@functools.cache
+def _two_ranks() -> dict[str, list[Any]]:
+    """Both ranks non-finite in one step, and rank 1 non-finite at every step; one launch."""
+    return launch_cases({"all-nan": (workers.nan_step, ([50, 50], [0, 1], "adam")),
+                         "repeat-offender": (workers.nan_every_step_on_rank_1, (8,))}, 2)
+
+
 def test_all_ranks_nan_leaves_the_model_unchanged() -> None:
-    result = launch_local(workers.nan_step, ([50, 50], [0, 1], "adam"), 2)[0]
+    result = _two_ranks()["all-nan"][0]
 
     assert result["unchanged"]
     assert result["finite"]
 
 
 def test_a_repeat_offender_is_dropped_from_the_plan() -> None:
-    result = launch_local(workers.nan_every_step_on_rank_1, (8,), 2)[0]
+    result = _two_ranks()["repeat-offender"][0]
 
     assert result["dropped"] == [1]
     assert result["shares"] == [40, 0]

@@ -35,7 +35,7 @@ class SteadyLoad:
     def __init__(self, port: int, token: str, rate_rps: float, clients: int, features: int,
                  seed: int) -> None:
         self.command = [sys.executable, "-I", str(CLIENT), "--port", str(port),
-                        "--token", token, "--rate", f"{rate_rps:g}", "--clients", str(clients),
+                        f"--token={token}", "--rate", f"{rate_rps:g}", "--clients", str(clients),
                         "--features", str(features), "--seed", str(seed)]
         self._process: subprocess.Popen[bytes] | None = None
 
