@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-from typing import Any
 
 import pytest
 import torch
 
 from idla import Agent, AgentConfig
 from idla.errors import ConfigError
+from tests.cli.cli_driver import run_many
 
 
 def run_idla(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -20,39 +19,6 @@ def run_idla(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
         [sys.executable, "-m", "idla.cli", *args], capture_output=True, text=True, timeout=120,
         env={**os.environ, **(env or {})},
     )
-
-
-DRIVER = """
-import contextlib, io, json, sys, traceback
-from idla.cli.app import main
-out = []
-for args in json.loads(sys.argv[1]):
-    err, std = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(std):
-        try:
-            code = main(args)
-        except SystemExit as stop:
-            code = stop.code
-        except BaseException:
-            code, err = 1, io.StringIO(traceback.format_exc())
-    out.append({"code": code, "stderr": err.getvalue(), "stdout": std.getvalue()})
-print(json.dumps(out))
-"""
-"""Runs many command lines through the CLI's `main` in one fresh interpreter (one start of
-Python and torch instead of one per case); an exception escaping `main` is recorded with
-its traceback, as the interpreter would print it."""
-_driven: dict[str, dict[str, Any]] = {}
-
-
-def run_many(commands: list[list[str]]) -> list[dict[str, Any]]:
-    key = [json.dumps(c) for c in commands]
-    missing = [c for c, k in zip(commands, key, strict=True) if k not in _driven]
-    if missing:
-        result = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(missing)],
-                                capture_output=True, text=True, timeout=300, check=True)
-        for command, outcome in zip(missing, json.loads(result.stdout), strict=True):
-            _driven[json.dumps(command)] = outcome
-    return [_driven[k] for k in key]
 
 
 BAD_INPUT = [
@@ -82,9 +48,15 @@ BAD_INPUT = [
 ]
 
 
+HELP = [["--help"], ["train", "--help"], ["profile", "--help"], ["bench", "hetero", "--help"],
+        ["bench", "plan", "--help"], ["bench", "data", "--help"]]
+DRIVEN = [*(args for args, _ in BAD_INPUT), ["train", "--workers", "zero"], *HELP]
+"""Every command line this module runs through the driver, in one interpreter."""
+
+
 @pytest.mark.parametrize(("args", "message"), BAD_INPUT)
 def test_bad_input_gives_one_line_and_exit_2(args: list[str], message: str) -> None:
-    result = run_many([a for a, _ in BAD_INPUT])[BAD_INPUT.index((args, message))]
+    result = run_many(DRIVEN)[DRIVEN.index(args)]
 
     assert result["code"] == 2
     assert "Traceback" not in result["stderr"]
@@ -102,18 +74,15 @@ def test_a_user_mistake_exits_2_from_the_real_command() -> None:
 
 
 def test_argparse_mistake_exits_2_without_traceback() -> None:
-    result = run_idla("train", "--workers", "zero")
+    result = run_many(DRIVEN)[DRIVEN.index(["train", "--workers", "zero"])]
 
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert "--workers" in result.stderr
+    assert result["code"] == 2
+    assert "Traceback" not in result["stderr"]
+    assert "--workers" in result["stderr"]
 
 
 def test_help_explains_every_option() -> None:
-    commands = [["--help"], ["train", "--help"], ["profile", "--help"],
-                ["bench", "hetero", "--help"], ["bench", "plan", "--help"],
-                ["bench", "data", "--help"]]
-    for result in run_many(commands):
+    for result in run_many(DRIVEN)[-len(HELP):]:
         assert result["code"] == 0
         assert "usage: idla" in result["stdout"]
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from idla.cli import main
+
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
 
@@ -28,6 +30,16 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
 def _idla(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "idla.cli", *args, "--home", str(home)],
                           capture_output=True, text=True, env=ENV, timeout=60)
+
+
+def _idla_here(capsys: pytest.CaptureFixture[str], home: Path, *args: str
+               ) -> subprocess.CompletedProcess[str]:
+    """`idla ARGS --home HOME` through the CLI's `main` in this process (a fresh interpreter
+    costs seconds of imports; `_idla` runs the real command where the process matters)."""
+    capsys.readouterr()  # what was printed before is not this command's
+    code = main([*args, "--home", str(home)])
+    printed = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, printed.out, printed.err)
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +89,10 @@ def _spec(tmp_path: Path, priority: str = "2", sleep_s: int = 60) -> Path:
 
 
 def test_submit_status_cancel_through_the_cli(agent: tuple[Path, dict[str, Any]],
-                                              tmp_path: Path) -> None:
+                                              tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
     home, state = agent
-    submitted = _idla(home, "submit", str(_spec(tmp_path)))
+    submitted = _idla(home, "submit", str(_spec(tmp_path)))  # the real command, once
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip()
 
@@ -88,14 +101,14 @@ def test_submit_status_cancel_through_the_cli(agent: tuple[Path, dict[str, Any]]
         assert time.monotonic() < deadline, row
         time.sleep(0.2)
     assert len(row["devices"]) == 1
-    table = _idla(home, "pool", "status")
+    table = _idla_here(capsys, home, "pool", "status")
     assert job_id in table.stdout and "waiter" in table.stdout and "running" in table.stdout
 
-    cancelled = _idla(home, "cancel", job_id)
+    cancelled = _idla_here(capsys, home, "cancel", job_id)
     assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
-    again = _idla(home, "cancel", job_id)
+    again = _idla_here(capsys, home, "cancel", job_id)
     assert again.returncode == 2 and "409" in again.stderr and "\n" not in again.stderr.strip()
-    bad = _idla(home, "submit", str(_spec(tmp_path, priority='"high"')))
+    bad = _idla_here(capsys, home, "submit", str(_spec(tmp_path, priority='"high"')))
     assert bad.returncode == 2
     assert bad.stderr.strip() == ('idla: error: job.toml: priority: must be a number >= 0, '
                                   'got "high"')
@@ -137,14 +150,14 @@ def test_the_api_refuses_bad_calls_and_changes_nothing(agent: tuple[Path, dict[s
 
 
 def test_a_device_is_drained_lost_and_restored_through_the_api_and_the_cli(
-        agent: tuple[Path, dict[str, Any]]) -> None:
+        agent: tuple[Path, dict[str, Any]], capsys: pytest.CaptureFixture[str]) -> None:
     home, state = agent
 
-    drained = _idla(home, "pool", "drain", "cpu1")
+    drained = _idla_here(capsys, home, "pool", "drain", "cpu1")
     lost = _http(state, "POST", "/devices/cpu0/drain", b'{"lost": true}',
                  content_type="application/json")
     listed = {d["id"]: d["state"] for d in _http(state, "GET", "/devices")[1]["devices"]}
-    restored = _idla(home, "pool", "restore", "cpu1")
+    restored = _idla_here(capsys, home, "pool", "restore", "cpu1")
     back = _http(state, "POST", "/devices/cpu0/restore")
     unknown = _http(state, "POST", "/devices/gpu7/restore")
 

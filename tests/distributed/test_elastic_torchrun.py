@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from idla.runtime.launch import free_port
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "train_elastic.py"
@@ -26,6 +28,15 @@ def _wait_for_report(path: Path, timeout_s: float) -> dict[str, Any]:
             return report
         time.sleep(0.5)
     raise AssertionError(f"no report in {path} after {timeout_s} s")
+
+
+def _wait_for_listener(port: int, timeout_s: float) -> None:
+    """Until something listens on ``port`` (looked up, not connected to)."""
+    deadline = time.monotonic() + timeout_s
+    while not any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                  for c in psutil.net_connections("tcp")):
+        assert time.monotonic() < deadline, f"nothing listens on port {port}"
+        time.sleep(0.1)
 
 
 def test_survivors_finish_under_torchrun_elastic(tmp_path: Path) -> None:
@@ -46,7 +57,7 @@ def test_survivors_finish_under_torchrun_elastic(tmp_path: Path) -> None:
                                 stderr=err, text=True)
 
     host = agent("host", {})
-    time.sleep(2)  # the first agent hosts the rendezvous store; the victim must not
+    _wait_for_listener(port, timeout_s=60)  # the first agent hosts the store; the victim must not
     other = agent("other", {})
     victim = agent("victim", {"IDLA_FAULTS": "kill:*@5"})
     try:

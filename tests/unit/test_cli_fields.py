@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 from dataclasses import dataclass, field
 
 import pytest
 
 from idla.cli import fields
 from idla.errors import ConfigError
+from tests.cli.cli_driver import run_many
 
 
 @dataclass(kw_only=True)
@@ -130,20 +129,19 @@ def test_command_parser_adds_deferred_options_when_used() -> None:
     assert parser.parse_args(["run", "--workers", "5"]).workers == 5
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["train", "--workers", "2", "--max-local-batch", "1,x"], "--max-local-batch"),
-        (["bench", "sync", "--speeds", "1,0"], "--speeds"),
-        (["fl", "simulate", "--alpha", "0"], "--alpha"),
-    ],
-)
+BAD_VALUES = [
+    (["train", "--workers", "2", "--max-local-batch", "1,x"], "--max-local-batch"),
+    (["bench", "sync", "--speeds", "1,0"], "--speeds"),
+    (["fl", "simulate", "--alpha", "0"], "--alpha"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_VALUES)
 def test_bad_values_through_generated_options_give_one_line_and_exit_2(
     args: list[str], message: str
 ) -> None:
-    result = subprocess.run([sys.executable, "-m", "idla.cli", *args], capture_output=True,
-                            text=True, timeout=120)
+    result = run_many([a for a, _ in BAD_VALUES])[BAD_VALUES.index((args, message))]
 
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2
-    assert len(lines) == 1 and message in lines[0], result.stderr
+    lines = [line for line in result["stderr"].splitlines() if line.strip()]
+    assert result["code"] == 2
+    assert len(lines) == 1 and message in lines[0], result["stderr"]
