@@ -12,7 +12,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-
 # A component under this fraction of the median step time is too small to blame for a slow step.
 NEGLIGIBLE_FRACTION = 0.05
 BUSY_RATIO = 1.2  # compute + communication above this × the median holds the others up
