@@ -75,8 +75,11 @@ def _child(
 
 def _enter_cgroup(procs_path: str) -> None:
     """Join this worker's throttled cgroup, after the imports: a worker at 1/8 of a core would
-    otherwise spend tens of seconds importing scipy (through scikit-learn's digits) before its
-    first step, which measures nothing but slows every launch."""
+    otherwise spend tens of seconds importing scipy (through scikit-learn's digits), and about
+    ten importing torch._dynamo (which torch imports at the first optimizer a process builds),
+    before its first step, which measures nothing but slows every launch."""
+    import torch._dynamo  # noqa: F401
+
     try:
         import sklearn.datasets
         import sklearn.model_selection  # noqa: F401
